@@ -1,0 +1,5 @@
+import sys
+
+from covidscan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,349 @@
+"""Typed run configuration: one YAML file plus a seed fully describes a run.
+
+Every section is a dataclass whose ``__post_init__`` rejects invalid values early (Lightning-style),
+so a typo in a config fails before any data is read, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key and what is allowed."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class WindowConfig:
+    """CT intensity window in Hounsfield units (lung window by default)."""
+
+    level: float = -600.0
+    width: float = 1500.0
+
+    def __post_init__(self) -> None:
+        _check(self.width > 0, f"data.window.width must be > 0, got {self.width}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, in the studies' Keras-style vocabulary; off at evaluation."""
+
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    zoom: float = 0.0  # relative, scale in [1 - zoom, 1 + zoom]
+    shift: float = 0.0  # fraction of width/height
+    hflip: bool = False
+    brightness: float = 0.0  # relative factor jitter
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.rotation <= 180, f"data.augment.rotation must be in [0, 180], got {self.rotation}")
+        for name in ("zoom", "shift", "brightness"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"data.augment.{name} must be in [0, 1), got {value}")
+
+
+SplitMethod = Literal["auto", "stratified", "grouped", "kfold", "predefined", "file"]
+
+
+@dataclass
+class SplitConfig:
+    """How samples are divided into train/val/test.
+
+    ``auto`` picks ``predefined`` when the manifest has a split column, ``grouped`` when patient ids
+    are known (no patient in two splits) and ``stratified`` otherwise.
+    """
+
+    method: SplitMethod = "auto"
+    ratios: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    folds: int = 5
+    fold: int = 0
+    file: str | None = None  # a splits.csv saved by an earlier run, for method "file"
+
+    def __post_init__(self) -> None:
+        _check(len(self.ratios) == 3, f"data.split.ratios needs 3 numbers (train, val, test), got {self.ratios}")
+        _check(all(r >= 0 for r in self.ratios), f"data.split.ratios must be >= 0, got {self.ratios}")
+        _check(abs(sum(self.ratios) - 1) < 1e-6, f"data.split.ratios must sum to 1, got {self.ratios}")
+        _check(self.ratios[0] > 0, "data.split.ratios: the train share must be > 0")
+        _check(self.folds >= 2, f"data.split.folds must be >= 2, got {self.folds}")
+        _check(0 <= self.fold < self.folds, f"data.split.fold must be in [0, {self.folds}), got {self.fold}")
+        _check(self.method != "file" or bool(self.file), "data.split.method 'file' needs data.split.file")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they become tensors."""
+
+    source: str = "sample"  # folder-per-class root, CSV manifest, or "sample" (generated demo set)
+    test_source: str | None = None  # optional separate labelled test set (folder or manifest)
+    classes: list[str] | None = None  # class order; discovered (sorted) when omitted
+    label_map: dict[str, str] = field(default_factory=dict)  # raw folder/label name -> class name
+    positive_class: str | None = None  # binary metrics' positive class; default: a class named like COVID
+    image_size: int = 224
+    channels: int = 3  # 1 = grayscale, 3 = grayscale stacked to RGB for ImageNet backbones
+    window: WindowConfig | None = None  # HU window applied to DICOM/NIfTI input
+    normalize: Literal["imagenet", "sample", "dataset", "none"] = "imagenet"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    max_per_class: int | None = None  # cap for quick runs on a subset
+    skip_bad: bool = False  # skip unreadable files (listed in the run dir) instead of failing
+    num_workers: int = 0
+    spatial_dims: Literal[2, 3] = 2
+    depth: int = 16  # slices per stack for 3D models
+
+    def __post_init__(self) -> None:
+        _check(16 <= self.image_size <= 2048, f"data.image_size must be in [16, 2048], got {self.image_size}")
+        _check(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
+        _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class must be > 0")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.depth >= 1, f"data.depth must be >= 1, got {self.depth}")
+
+
+@dataclass
+class ModelConfig:
+    """Which registry model to build (see ``covidscan.models.list_models()``)."""
+
+    name: str = "cnn1"
+    pretrained: bool = False
+    weights: str | None = None  # local weights file, used instead of downloading
+    head: Literal["softmax", "sigmoid"] = "softmax"  # softmax + CE, or sigmoid + BCE per class
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra model-specific arguments
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule; ``exponential`` decays per optimisation step as Keras does."""
+
+    name: Literal["constant", "step", "exponential"] = "constant"
+    step_size: int = 10  # epochs between x gamma for "step"
+    gamma: float = 0.1
+    decay_steps: int = 100_000  # for "exponential": lr * rate ** (step / decay_steps)
+    decay_rate: float = 0.96
+
+    def __post_init__(self) -> None:
+        _check(self.step_size >= 1, "scheduler.step_size must be >= 1")
+        _check(0 < self.gamma <= 1, "scheduler.gamma must be in (0, 1]")
+        _check(self.decay_steps >= 1, "scheduler.decay_steps must be >= 1")
+        _check(0 < self.decay_rate <= 1, "scheduler.decay_rate must be in (0, 1]")
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase; several phases run in order (study E: head only, then fine-tune)."""
+
+    epochs: int = 1
+    optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainable: str = "all"  # "all", "head" (frozen backbone) or "last:N" (last N layers + head)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"phase epochs must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, f"phase lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "phase weight_decay must be >= 0")
+        valid = self.trainable in ("all", "head") or (
+            self.trainable.startswith("last:") and self.trainable[5:].isdigit()
+        )
+        _check(valid, f"phase trainable must be 'all', 'head' or 'last:N', got {self.trainable!r}")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val_loss"
+    patience: int = 10
+    mode: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.patience >= 1, "training.early_stopping.patience must be >= 1")
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    class_weights: Literal["none", "balanced"] = "none"
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint_monitor: str = "val_loss"
+    checkpoint_mode: Literal["min", "max"] = "min"
+    grad_clip: float | None = None
+    amp: bool = True  # mixed precision, used on CUDA only
+    compile: bool = False
+    device: str = "auto"
+    deterministic: bool = True
+    strict_leakage: bool = False  # refuse to train when test shares near-duplicates with train
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"training.batch_size must be >= 1, got {self.batch_size}")
+        _check(len(self.phases) >= 1, "training.phases needs at least one phase")
+        _check(self.grad_clip is None or self.grad_clip > 0, "training.grad_clip must be > 0")
+
+
+@dataclass
+class RunConfig:
+    """The whole run: ``covidscan train --config FILE`` builds one of these."""
+
+    name: str = "run"
+    seed: int = 42
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _build(cls: Any, value: Any, key: str) -> Any:
+    """Turn plain YAML data into the annotated type, naming ``key`` on any mismatch."""
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(cls)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _build(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(cls)
+        _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), f"{key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(cls)
+        return [_build(item_type, item, f"{key}.{i}") for i, item in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(cls):
+        _check(isinstance(value, dict), f"{key or 'config'} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        _check(not unknown, f"unknown config key(s) {[f'{key}.{u}'.lstrip('.') for u in unknown]}; "
+               f"allowed under {key or 'the top level'}: {sorted(names)}")
+        kwargs = {name: _build(hints[name], item, f"{key}.{name}".lstrip(".")) for name, item in value.items()}
+        try:
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except TypeError as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
+    if cls is Any:
+        return value
+    if cls is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
+        return float(value)
+    if cls is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        return value
+    if cls is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if cls is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key} must be text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            _check(part.isdigit() and int(part) < len(node), f"--set {dotted}: no list index {part}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if node is None:
+                raise ConfigError(f"--set {dotted}: '{part}' is null in the config; set the whole section instead")
+    last = parts[-1]
+    if isinstance(node, list):
+        _check(last.isdigit() and int(last) < len(node), f"--set {dotted}: no list index {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML (numbers, bools, lists)."""
+    parsed = []
+    for item in overrides:
+        _check("=" in item, f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return parsed
+
+
+def _defaults_tree(raw: dict[str, Any]) -> dict[str, Any]:
+    """Full default config with ``raw`` laid over it, so --set can reach keys the file omits."""
+    defaults = RunConfig().to_dict()
+
+    def merge(base: Any, over: Any) -> Any:
+        if isinstance(base, dict) and isinstance(over, dict):
+            merged = dict(base)
+            for k, v in over.items():
+                merged[k] = merge(base.get(k), v) if k in base else v
+            return merged
+        return copy.deepcopy(over)
+
+    return merge(defaults, raw)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    tree = _defaults_tree(raw or {})
+    for key, value in parse_overrides(overrides or []):
+        _set_path(tree, key, value)
+    return _build(RunConfig, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        _check(isinstance(raw, dict), f"{path} must contain a mapping at the top level")
+        raw = _resolve_paths(raw, path.parent)
+    return config_from_dict(raw, overrides)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative data paths in a config file are relative to the *project root* (cwd) when they exist
+    there, otherwise to the config file's folder; ``sample`` is kept as the embedded-demo keyword."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    for key in ("source", "test_source"):
+        value = data.get(key)
+        if isinstance(value, str) and value != "sample" and not Path(value).is_absolute():
+            if not Path(value).exists() and (base / value).exists():
+                data[key] = str(base / value)
+    return raw

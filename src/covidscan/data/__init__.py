@@ -1,0 +1,22 @@
+"""Data layer: sources (folders, CSV manifests, DICOM, NIfTI), splits, leakage audit, datasets."""
+
+from covidscan.data.datasets import ImageDataset, build_dataset
+from covidscan.data.io import (
+    LUNG_WINDOW,
+    Volume,
+    apply_window,
+    read_dicom,
+    read_dicom_series,
+    read_image,
+    read_nifti,
+    read_volume,
+)
+from covidscan.data.records import DataError, Sample, SampleSet
+from covidscan.data.sources import list_inputs, load_samples
+from covidscan.data.transforms import NormStats, build_transform, fit_norm_stats
+
+__all__ = [
+    "LUNG_WINDOW", "DataError", "ImageDataset", "NormStats", "Sample", "SampleSet", "Volume",
+    "apply_window", "build_dataset", "build_transform", "fit_norm_stats", "list_inputs", "load_samples", "read_dicom",
+    "read_dicom_series", "read_image", "read_nifti", "read_volume",
+]

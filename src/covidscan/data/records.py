@@ -1,0 +1,48 @@
+"""The unit every loader produces: one labelled file (or series) with its patient and split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the offending file and how to fix or skip it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # an image file, a DICOM file, a DICOM series folder or a NIfTI file
+    label: str | None  # class name; None for unlabeled images (prediction only)
+    patient_id: str | None = None
+    split: str | None = None  # "train" / "val" / "test" once assigned
+
+    def with_split(self, split: str) -> "Sample":
+        return replace(self, split=split)
+
+
+@dataclass
+class SampleSet:
+    """Samples plus the class order that maps labels to indices (the run's label map)."""
+
+    samples: list[Sample]
+    class_names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) under --skip-bad
+
+    @property
+    def label_map(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.class_names)}
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(s.label for s in self.samples)
+        return {name: counts.get(name, 0) for name in self.class_names}
+
+    def has_patients(self) -> bool:
+        return any(s.patient_id for s in self.samples)
+
+    def subset(self, split: str) -> "SampleSet":
+        return SampleSet([s for s in self.samples if s.split == split], self.class_names)
+
+    def labels(self) -> list[int]:
+        mapping = self.label_map
+        return [mapping[s.label] for s in self.samples]

@@ -1,0 +1,172 @@
+"""Discover samples from a folder-per-class tree, a CSV manifest, or the embedded demo sample."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from covidscan.data.io import DICOM_EXTENSIONS, is_supported_file
+from covidscan.data.records import DataError, Sample, SampleSet
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
+SPLIT_NAMES = ("train", "val", "test")
+_IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def _is_series_folder(folder: Path) -> bool:
+    """A folder whose files are DICOM slices is one series (one scan, one patient)."""
+    return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in folder.iterdir())
+
+
+def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """``root/<class>/<file>`` images, or ``root/<class>/<patient>/`` DICOM series folders.
+
+    A series folder's name becomes its patient id. Unknown file types are an error naming the file
+    (or skipped and listed with ``skip_bad``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders; expected {root}/<class name>/<images>")
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for class_dir in class_dirs:
+        found = 0
+        for entry in sorted(class_dir.iterdir()):
+            if entry.name in _IGNORED_NAMES or entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if _is_series_folder(entry):
+                    samples.append(Sample(str(entry), class_dir.name, patient_id=entry.name))
+                    found += 1
+                continue
+            if not is_supported_file(entry):
+                reason = f"unknown file type {entry.suffix!r}"
+                if not skip_bad:
+                    raise DataError(f"{entry}: {reason}; remove it, convert it, or pass --skip-bad")
+                skipped.append((str(entry), reason))
+                continue
+            samples.append(Sample(str(entry), class_dir.name))
+            found += 1
+        if found == 0:
+            message = f"{class_dir}: class folder '{class_dir.name}' holds no images"
+            if not skip_bad:
+                raise DataError(message + "; add images, delete the folder, or pass --skip-bad")
+            skipped.append((str(class_dir), "empty class folder"))
+    return samples, skipped
+
+
+def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """CSV with columns ``path,label[,patient_id][,split]``; relative paths are relative to the CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise DataError(f"{path}: manifest lacks column(s) {missing}; expected header "
+                            f"path,label[,patient_id][,split], got {columns}")
+        samples, skipped = [], []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            file = Path(row["path"])
+            if not file.is_absolute():
+                file = path.parent / file
+            split = row.get("split") or None
+            problem = None
+            if not row["path"]:
+                problem = "empty path"
+            elif not file.exists():
+                problem = f"file not found: {file}"
+            elif split is not None and split not in SPLIT_NAMES:
+                problem = f"split {split!r} is not one of {list(SPLIT_NAMES)}"
+            if problem:
+                if not skip_bad:
+                    raise DataError(f"{path}, line {line}: {problem}; fix the row or pass --skip-bad")
+                skipped.append((str(file), problem))
+                continue
+            samples.append(Sample(str(file), row["label"] or None, row.get("patient_id") or None, split))
+    return samples, skipped
+
+
+def load_samples(
+    source: str | Path,
+    *,
+    classes: list[str] | None = None,
+    label_map: dict[str, str] | None = None,
+    skip_bad: bool = False,
+    max_per_class: int | None = None,
+    require_labels: bool = True,
+) -> SampleSet:
+    """Load a dataset description: folder tree, CSV manifest, or ``"sample"`` (embedded demo).
+
+    ``label_map`` renames raw labels (e.g. ``CT_NonCOVID -> non-COVID``) so external datasets line
+    up with a model's classes; ``classes`` fixes the class order (else sorted discovery order).
+    """
+    if str(source) == "sample":
+        from covidscan.data.sample import ensure_sample_dataset
+
+        source = ensure_sample_dataset()
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        samples, skipped = read_manifest(source, skip_bad=skip_bad)
+    elif source.is_dir():
+        samples, skipped = discover_folder(source, skip_bad=skip_bad)
+    else:
+        raise DataError(f"{source}: data source must be a folder of class sub-folders or a .csv manifest "
+                        "(path,label[,patient_id][,split]); not found or not one of those")
+    if label_map:
+        samples = [Sample(s.path, label_map.get(s.label, s.label) if s.label else None, s.patient_id, s.split)
+                   for s in samples]
+    if not samples:
+        raise DataError(f"{source}: no usable samples found")
+    present = sorted({s.label for s in samples if s.label is not None})
+    if require_labels:
+        unlabeled = [s.path for s in samples if s.label is None]
+        if unlabeled:
+            raise DataError(f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled rows); training and "
+                            "evaluation need a label for every sample")
+    if classes is not None:
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise DataError(f"{source}: labels {unknown} are not among the classes {classes}; map them with "
+                            "data.label_map (e.g. --label-map CT_NonCOVID=non-COVID) or drop them")
+        class_names = list(classes)
+    else:
+        class_names = present
+    if require_labels and len(present) < 2:
+        raise DataError(f"{source}: only one class ({present}) present; a classifier needs at least two")
+    if max_per_class is not None:
+        kept: dict[str, int] = {}
+        capped = []
+        for s in samples:
+            kept[s.label] = kept.get(s.label, 0) + 1
+            if kept[s.label] <= max_per_class:
+                capped.append(s)
+        samples = capped
+    if skipped:
+        logger.warning("skipped %d bad input(s); first: %s (%s)", len(skipped), *skipped[0])
+    return SampleSet(samples, class_names, skipped)
+
+
+def list_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Expand files and folders given for prediction into a sorted list of supported files."""
+    files: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_supported_file(p)))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: input not found")
+    if not files:
+        raise DataError(f"no supported images among {[str(i) for i in inputs]}")
+    return files

@@ -1,0 +1,91 @@
+"""Image tensors for training and evaluation: resize, study augmentations, channels, normalisation.
+
+Built on ``torchvision.transforms.v2`` (the pure-Python part, usable with ``covidscan.compat``).
+Augmentation runs only when ``train=True``; evaluation and serving share the exact same
+deterministic path, rebuilt from the config stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from covidscan import compat  # noqa: F401
+from torchvision.transforms import v2
+
+from covidscan.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Dataset-wide mean/std of [0, 1] grayscale pixels, fitted on the training split only."""
+
+    mean: float
+    std: float
+
+
+class PerSampleStandardize(torch.nn.Module):
+    """Keras' ``samplewise_center`` + ``samplewise_std_normalization``."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - image.mean()) / image.std().clamp(min=1e-6)
+
+
+def _normalizer(config: DataConfig, stats: NormStats | None) -> torch.nn.Module | None:
+    if config.normalize == "imagenet":
+        if config.channels == 3:
+            return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        return v2.Normalize([float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))])
+    if config.normalize == "sample":
+        return PerSampleStandardize()
+    if config.normalize == "dataset":
+        if stats is None:
+            raise ValueError("normalize: dataset needs NormStats fitted on the training split (fit_norm_stats)")
+        return v2.Normalize([stats.mean] * config.channels, [max(stats.std, 1e-6)] * config.channels)
+    return None
+
+
+def build_transform(config: DataConfig, *, train: bool, stats: NormStats | None = None) -> v2.Compose:
+    """Map a (H, W) float32 [0, 1] grayscale array to a normalised (C, S, S) tensor."""
+    size = config.image_size
+    steps: list[torch.nn.Module] = [v2.Lambda(_to_tensor), v2.Resize((size, size), antialias=True)]
+    aug = config.augment
+    if train:
+        if aug.rotation or aug.shift or aug.zoom:
+            steps.append(v2.RandomAffine(degrees=aug.rotation, translate=(aug.shift, aug.shift) if aug.shift else None,
+                                         scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None))
+        if aug.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if aug.brightness:
+            steps.append(v2.ColorJitter(brightness=aug.brightness))
+            steps.append(v2.Lambda(lambda t: t.clamp(0, 1)))
+    if config.channels == 3:
+        steps.append(v2.Lambda(lambda t: t.expand(3, -1, -1).contiguous()))
+    normalizer = _normalizer(config, stats)
+    if normalizer is not None:
+        steps.append(normalizer)
+    return v2.Compose(steps)
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+
+
+def fit_norm_stats(images: "list[np.ndarray] | torch.utils.data.Dataset", image_size: int) -> NormStats:
+    """Dataset-wide mean/std (Keras ``featurewise_center``) over resized training images."""
+    resize = v2.Resize((image_size, image_size), antialias=True)
+    total, total_sq, count = 0.0, 0.0, 0
+    for array in images:
+        pixels = resize(_to_tensor(array)).double()
+        total += float(pixels.sum())
+        total_sq += float((pixels**2).sum())
+        count += pixels.numel()
+    if count == 0:
+        raise ValueError("cannot fit normalisation statistics on an empty training split")
+    mean = total / count
+    return NormStats(mean=mean, std=max((total_sq / count - mean**2) ** 0.5, 1e-6))

@@ -1,0 +1,40 @@
+"""The shape every registry model shares: a feature-map backbone followed by a classifier head.
+
+Keeping the split explicit gives one place for everything that differs between studies: freezing
+("train the head only", "unfreeze the last N layers"), the head variant (GAP vs Flatten, study E's
+dense head), and the Grad-CAM target (the backbone's last feature map) for 2D and 3D alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassifierModel(nn.Module):
+    """``logits = head(backbone(x))``; ``backbone`` returns a (N, C, *spatial) feature map."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, spatial_dims: int = 2,
+                 cam_target: nn.Module | None = None) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.backbone = backbone
+        self.head = head
+        self.spatial_dims = spatial_dims
+        # default CAM target: the module producing the backbone's final feature map
+        self._cam_target_name = _module_name(self, cam_target) if cam_target is not None else "backbone"
+
+    @property
+    def cam_target(self) -> nn.Module:
+        return self.get_submodule(self._cam_target_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError("cam_target must be a submodule of the model")
