@@ -30,6 +30,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def item_samples(self) -> list[Sample]:
+        """The sample behind each item (one per image here; one per slice stack for volumes)."""
+        return self.samples
+
     def read(self, index: int) -> np.ndarray:
         return read_image(self.samples[index].path, self.window)
 
