@@ -13,10 +13,11 @@ from covidscan.data.io import (
 )
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.sources import list_inputs, load_samples
+from covidscan.data.splits import LeakageWarning, assign_splits, load_splits, save_splits, split_counts
 from covidscan.data.transforms import NormStats, build_transform, fit_norm_stats
 
 __all__ = [
-    "LUNG_WINDOW", "DataError", "ImageDataset", "NormStats", "Sample", "SampleSet", "Volume",
-    "apply_window", "build_dataset", "build_transform", "fit_norm_stats", "list_inputs", "load_samples", "read_dicom",
-    "read_dicom_series", "read_image", "read_nifti", "read_volume",
+    "LUNG_WINDOW", "DataError", "ImageDataset", "LeakageWarning", "NormStats", "Sample", "SampleSet", "Volume",
+    "apply_window", "assign_splits", "build_dataset", "build_transform", "fit_norm_stats", "list_inputs", "load_samples", "read_dicom",
+    "read_dicom_series", "read_image", "read_nifti", "read_volume", "load_splits", "save_splits", "split_counts",
 ]
