@@ -32,6 +32,26 @@ class ClassifierModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def train(self, mode: bool = True) -> "ClassifierModel":
+        """Like ``nn.Module.train``, but frozen BatchNorm layers stay in inference mode (Keras semantics)."""
+        super().train(mode)
+        if mode:
+            from covidscan.models.freezing import freeze_norm_stats
+
+            freeze_norm_stats(self)
+        return self
+
+    def l2_penalty(self) -> torch.Tensor:
+        """Sum of the per-layer L2 terms (Keras ``kernel_regularizer``) the trainer adds to the loss.
+
+        Layers opt in by defining ``l2_penalty()`` (e.g. study E's Dense 1024 with L2 0.01); the
+        result is a zero tensor when none do, so ``loss + model.l2_penalty()`` is always valid.
+        """
+        terms = [m.l2_penalty() for m in self.modules() if m is not self and hasattr(m, "l2_penalty")]
+        if not terms:
+            return torch.zeros((), device=next(self.parameters()).device)
+        return torch.stack(terms).sum()
+
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
     for name, module in root.named_modules():
