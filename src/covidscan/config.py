@@ -181,6 +181,8 @@ class TrainingConfig:
     checkpoint_mode: Literal["min", "max"] = "min"
     grad_clip: float | None = None
     amp: bool = True  # mixed precision, used on CUDA only
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # float16 adds loss scaling (GradScaler)
+    channels_last: bool = False  # channels-last memory format on CUDA (faster convolutions with AMP)
     compile: bool = False
     device: str = "auto"
     deterministic: bool = True
