@@ -82,6 +82,26 @@ class SplitConfig:
 
 
 @dataclass
+class VolumeConfig:
+    """3D input (``data.spatial_dims: 3``): how a CT scan becomes stacks of ``data.depth`` slices.
+
+    See docs/volumes.md. Stacks start every ``stride`` slices (default ``depth``: non-overlapping),
+    plus one stack ending on the last slice so no slice is left out.
+    """
+
+    z_spacing: float | None = None  # resample slices to this many mm apart; None keeps the scan's own
+    lung: Literal["none", "crop", "mask"] = "none"  # crop in-plane to the lungs, or blank outside them
+    short_scan: Literal["pad", "refuse"] = "pad"  # scan with fewer slices than depth: edge-pad or error
+    stride: int | None = None  # slices between stack starts; None = depth
+    cache_scans: int = 4  # preprocessed scans kept in RAM per dataset (LRU), per DataLoader worker
+
+    def __post_init__(self) -> None:
+        _check(self.z_spacing is None or self.z_spacing > 0, f"data.volume.z_spacing must be > 0, got {self.z_spacing}")
+        _check(self.stride is None or self.stride >= 1, f"data.volume.stride must be >= 1, got {self.stride}")
+        _check(self.cache_scans >= 1, f"data.volume.cache_scans must be >= 1, got {self.cache_scans}")
+
+
+@dataclass
 class DataConfig:
     """Where images come from and how they become tensors."""
 
@@ -101,6 +121,7 @@ class DataConfig:
     num_workers: int = 0
     spatial_dims: Literal[2, 3] = 2
     depth: int = 16  # slices per stack for 3D models
+    volume: VolumeConfig = field(default_factory=VolumeConfig)  # 3D stacking, resampling, lung crop
 
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 2048, f"data.image_size must be in [16, 2048], got {self.image_size}")
