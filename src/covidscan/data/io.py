@@ -146,13 +146,18 @@ class Volume:
     source: str
 
 
-def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...] = ("CT",)) -> Volume:
-    """Read every DICOM file in ``folder`` as one series, sorted by slice position, in HU."""
+def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...] = ("CT",),
+                      pixels: bool = True) -> Volume:
+    """Read every DICOM file in ``folder`` as one series, sorted by slice position, in HU.
+
+    ``pixels=False`` reads headers only (``hu`` has shape (D, 0, 0)): it validates the series and
+    gives its slice count and spacing cheaply, e.g. to index slice stacks before decoding.
+    """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix))
     if not files:
         raise DataError(f"{folder}: no DICOM files (*.dcm) in this series folder")
-    slices = [(f, read_dicom(f)) for f in files]
+    slices = [(f, read_dicom(f, pixels=pixels)) for f in files]
     modalities = {s.modality for _, s in slices if s.modality}
     bad = modalities - set(allowed_modalities)
     if allowed_modalities and bad:
