@@ -277,6 +277,11 @@ def _build(cls: Any, value: Any, key: str) -> Any:
     if cls is Any:
         return value
     if cls is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as text; accept it as the number it is
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
         return float(value)
     if cls is int:
