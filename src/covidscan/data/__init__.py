@@ -1,5 +1,6 @@
 """Data layer: sources (folders, CSV manifests, DICOM, NIfTI), splits, leakage audit, datasets."""
 
+from covidscan.data.audit import audit_samples, check_split_leakage
 from covidscan.data.datasets import ImageDataset, build_dataset
 from covidscan.data.io import (
     LUNG_WINDOW,
@@ -12,12 +13,13 @@ from covidscan.data.io import (
     read_volume,
 )
 from covidscan.data.records import DataError, Sample, SampleSet
-from covidscan.data.sources import list_inputs, load_samples
+from covidscan.data.sources import list_inputs, load_samples, parse_label_map, write_skipped
 from covidscan.data.splits import LeakageWarning, assign_splits, load_splits, save_splits, split_counts
 from covidscan.data.transforms import NormStats, build_transform, fit_norm_stats
 
 __all__ = [
     "LUNG_WINDOW", "DataError", "ImageDataset", "LeakageWarning", "NormStats", "Sample", "SampleSet", "Volume",
-    "apply_window", "assign_splits", "build_dataset", "build_transform", "fit_norm_stats", "list_inputs", "load_samples", "read_dicom",
-    "read_dicom_series", "read_image", "read_nifti", "read_volume", "load_splits", "save_splits", "split_counts",
+    "apply_window", "assign_splits", "audit_samples", "build_dataset", "build_transform", "check_split_leakage",
+    "fit_norm_stats", "list_inputs", "load_samples", "load_splits", "parse_label_map", "read_dicom",
+    "read_dicom_series", "read_image", "read_nifti", "read_volume", "save_splits", "split_counts", "write_skipped",
 ]

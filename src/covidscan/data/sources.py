@@ -12,6 +12,13 @@ from covidscan.data.records import DataError, Sample, SampleSet
 logger = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
+# Other names public manifests use for the same columns (case-insensitive); the first match wins.
+COLUMN_ALIASES = {
+    "path": ("path", "filepath", "file_path", "filename", "file_name", "file", "image", "image_path"),
+    "label": ("label", "class", "class_name", "target", "diagnosis"),
+    "patient_id": ("patient_id", "patientid", "patient", "subject_id", "subject", "case_id"),
+    "split": ("split", "subset", "fold_name", "partition"),
+}
 SPLIT_NAMES = ("train", "val", "test")
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
@@ -21,15 +28,32 @@ def _is_series_folder(folder: Path) -> bool:
     return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in folder.iterdir())
 
 
+def _split_dirs(root: Path) -> list[Path]:
+    """``root/train``, ``root/val``, ``root/test`` when the tree is already split (e.g. covid19-xray)."""
+    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if subdirs and all(p.name.lower() in SPLIT_NAMES for p in subdirs):
+        return sorted(subdirs)
+    return []
+
+
 def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
     """``root/<class>/<file>`` images, or ``root/<class>/<patient>/`` DICOM series folders.
 
-    A series folder's name becomes its patient id. Unknown file types are an error naming the file
-    (or skipped and listed with ``skip_bad``).
+    A series folder's name becomes its patient id. A tree split as ``root/{train,val,test}/<class>/``
+    keeps that split (``predefined``). Unknown file types are an error naming the file (or skipped
+    and listed with ``skip_bad``).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
+    split_dirs = _split_dirs(root)
+    if split_dirs:
+        samples, skipped = [], []
+        for split_dir in split_dirs:
+            found, bad = discover_folder(split_dir, skip_bad=skip_bad)
+            samples += [s.with_split(split_dir.name.lower()) for s in found]
+            skipped += bad
+        return samples, skipped
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders; expected {root}/<class name>/<images>")
@@ -68,18 +92,14 @@ def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sam
         raise DataError(f"{path}: manifest not found")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("path", "label") if c not in columns]
-        if missing:
-            raise DataError(f"{path}: manifest lacks column(s) {missing}; expected header "
-                            f"path,label[,patient_id][,split], got {columns}")
+        rename = _manifest_columns(path, reader.fieldnames or [])
         samples, skipped = [], []
         for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            row = {rename.get((k or "").strip(), ""): (v or "").strip() for k, v in row.items()}
             file = Path(row["path"])
             if not file.is_absolute():
                 file = path.parent / file
-            split = row.get("split") or None
+            split = (row.get("split") or "").lower() or None
             problem = None
             if not row["path"]:
                 problem = "empty path"
@@ -94,6 +114,51 @@ def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sam
                 continue
             samples.append(Sample(str(file), row["label"] or None, row.get("patient_id") or None, split))
     return samples, skipped
+
+
+def _manifest_columns(path: Path, header: list[str]) -> dict[str, str]:
+    """Map the CSV's own column names to path/label/patient_id/split (see ``COLUMN_ALIASES``)."""
+    lowered = {name.strip().lower(): name.strip() for name in header if name}
+    rename = {}
+    for column, aliases in COLUMN_ALIASES.items():
+        match = next((lowered[a] for a in aliases if a in lowered), None)
+        if match is not None:
+            rename[match] = column
+    missing = [c for c in ("path", "label") if c not in rename.values()]
+    if missing:
+        raise DataError(f"{path}: manifest lacks column(s) {missing}; expected header "
+                        f"path,label[,patient_id][,split] (or aliases such as filename/class/patient), "
+                        f"got {[h.strip() for h in header]}; rename the columns")
+    return rename
+
+
+def parse_label_map(items: list[str] | dict[str, str] | None) -> dict[str, str]:
+    """``["CT_NonCOVID=non-COVID", ...]`` (CLI form) or a mapping -> ``{raw: class}``."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    mapping = {}
+    for item in items:
+        raw, sep, name = item.partition("=")
+        if not sep or not raw.strip() or not name.strip():
+            raise DataError(f"label map entry {item!r} must look like RAW=CLASS, e.g. CT_NonCOVID=non-COVID")
+        mapping[raw.strip()] = name.strip()
+    return mapping
+
+
+def write_skipped(skipped: list[tuple[str, str]], path: str | Path) -> Path | None:
+    """Write the ``--skip-bad`` list (path,reason) atomically, e.g. to ``<run>/skipped.csv``."""
+    if not skipped:
+        return None
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("path", "reason"))
+        writer.writerows(skipped)
+    tmp.replace(path)
+    return path
 
 
 def load_samples(

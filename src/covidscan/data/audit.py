@@ -1,0 +1,277 @@
+"""Leakage guard: what is in a dataset, and what its splits share.
+
+``audit_samples`` reports class counts, image sizes and modes, unreadable files, exact duplicates
+(SHA-256 of the file bytes) and near-duplicates (perceptual hash, ImageHash ``phash``, within a
+Hamming distance) inside the dataset and across train/val/test, plus patients that span splits.
+``check_split_leakage`` is the trainer's guard: it warns, or raises with ``strict``, when val/test
+share near-duplicates or patients with train.
+
+Volumes (DICOM series folders, NIfTI files) are hashed on their middle slice, lung-windowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_volume
+from covidscan.data.records import DataError, Sample, SampleSet
+from covidscan.data.splits import SPLIT_NAMES, warn_once
+
+# A 16x16 phash (256 bits) within 24 bits: on covid-ct such pairs are the same patient or the same
+# figure re-used under two labels; the 8x8 hash matched different patients' slices (docs/data.md).
+DEFAULT_HASH_SIZE = 16
+DEFAULT_NEAR_THRESHOLD = 24
+_HASH_DECODE_SIZE = 128  # JPEG draft size: phash looks at 4 * hash_size pixels, so skip full decodes
+_MAX_LISTED_PAIRS = 2000
+
+
+@dataclass
+class ImageFacts:
+    """What the audit learns about one sample; ``error`` is set when it could not be read."""
+
+    sample: Sample
+    sha256: str | None = None
+    phash: np.ndarray | None = None  # uint64 words of the perceptual hash
+    size: str | None = None  # "WxH" for images, "DxHxW" for volumes
+    mode: str | None = None
+    error: str | None = None
+
+
+def _file_digest(path: Path) -> str:
+    if path.is_dir():  # a DICOM series: digest of its files' digests, in name order
+        combined = hashlib.sha256()
+        for file in sorted(p for p in path.iterdir() if p.is_file()):
+            combined.update(_file_digest(file).encode())
+        return combined.hexdigest()
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _hash_words(image: Image.Image, hash_size: int) -> np.ndarray:
+    import imagehash
+
+    bits = imagehash.phash(image, hash_size=hash_size).hash.flatten()
+    return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8").astype(np.uint64)
+
+
+def _gray_to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+
+
+def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageFacts:
+    """Hash and describe one sample; never raises on bad files (the error is recorded instead)."""
+    facts = ImageFacts(sample)
+    path = Path(sample.path)
+    try:
+        facts.sha256 = _file_digest(path)
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            with Image.open(path) as image:
+                facts.size, facts.mode = f"{image.width}x{image.height}", image.mode
+                image.draft("L", (_HASH_DECODE_SIZE, _HASH_DECODE_SIZE))
+                image.load()
+                facts.phash = _hash_words(image, hash_size)
+        elif suffix in DICOM_EXTENSIONS:
+            array = read_image(path)
+            facts.size, facts.mode = f"{array.shape[1]}x{array.shape[0]}", "DICOM"
+            facts.phash = _hash_words(_gray_to_pil(array), hash_size)
+        else:
+            volume = read_volume(path)
+            facts.size, facts.mode = "x".join(map(str, volume.hu.shape)), "volume"
+            facts.phash = _hash_words(_gray_to_pil(apply_window(volume.hu[len(volume.hu) // 2])), hash_size)
+    except DataError as exc:
+        facts.error = str(exc)
+    except Exception as exc:  # PIL/pydicom raise many types for corrupt files; the audit reports them all
+        facts.error = f"{path}: unreadable ({type(exc).__name__}: {exc})"
+    return facts
+
+
+def inspect_samples(samples: Sequence[Sample], hash_size: int = DEFAULT_HASH_SIZE,
+                    progress: bool = True) -> list[ImageFacts]:
+    from tqdm import tqdm
+
+    if hash_size < 8 or (hash_size * hash_size) % 64:
+        raise ValueError(f"hash_size must be 8, 16, 24, ... (hash bits a multiple of 64), got {hash_size}")
+    return [inspect_sample(s, hash_size) for s in tqdm(samples, desc="hashing images", unit="img",
+                                                       disable=not progress, leave=False)]
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int, block: int = 512) -> np.ndarray:
+    """All pairs ``i < j`` with Hamming distance <= ``threshold``, as an (n, 3) int array (i, j, d).
+
+    ``hashes`` is (N, words) uint64; XOR + ``np.bitwise_count`` compares a block of rows against
+    all rows at once, so 2,500 images take well under a second and memory stays O(block * N).
+    """
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    if hashes.ndim != 2:
+        raise ValueError(f"hashes must be (N, words) uint64, got shape {hashes.shape}")
+    found = []
+    for start in range(0, len(hashes), block):
+        rows = hashes[start:start + block]
+        distance = np.bitwise_count(rows[:, None, :] ^ hashes[None, :, :]).sum(axis=-1, dtype=np.int32)
+        i, j = np.nonzero(distance <= threshold)
+        i = i + start
+        keep = i < j
+        found.append(np.stack([i[keep], j[keep], distance[i[keep] - start, j[keep]]], axis=1))
+    return np.concatenate(found) if found else np.zeros((0, 3), np.int64)
+
+
+def _split_pair(a: Sample, b: Sample) -> str:
+    order = {name: k for k, name in enumerate(SPLIT_NAMES)}
+    first, second = sorted((a.split or "none", b.split or "none"), key=lambda n: order.get(n, 9))
+    return f"{first}-{second}"
+
+
+def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndarray) -> dict[str, Any]:
+    """Val/test samples with a near-duplicate or a patient in train (the figures that matter).
+
+    ``pairs`` index into ``hashed`` (the readable samples); split sizes and patients use ``samples``.
+    """
+    cross = Counter(_split_pair(hashed[i], hashed[j]) for i, j, _ in pairs if hashed[i].split != hashed[j].split)
+    with_train_twin: set[str] = set()
+    for i, j, _ in pairs:
+        for a, b in ((hashed[i], hashed[j]), (hashed[j], hashed[i])):
+            if a.split in ("val", "test") and b.split == "train":
+                with_train_twin.add(a.path)
+    splits_of: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        if s.patient_id:
+            splits_of[s.patient_id].add(s.split or "none")
+    spanning = sorted(p for p, names in splits_of.items() if len(names) > 1)
+    result: dict[str, Any] = {"cross_split_near_duplicate_pairs": dict(sorted(cross.items()))}
+    for name in ("val", "test"):
+        members = [s.path for s in samples if s.split == name]
+        leaked = [p for p in members if p in with_train_twin]
+        result[f"{name}_size"] = len(members)
+        result[f"{name}_with_train_near_duplicate"] = len(leaked)
+        result[f"{name}_with_train_near_duplicate_fraction"] = round(len(leaked) / len(members), 4) if members else 0.0
+        result[f"{name}_examples"] = leaked[:10]
+    result["patients_spanning_splits"] = len(spanning)
+    result["patients_spanning_splits_examples"] = spanning[:20]
+    return result
+
+
+def audit_samples(sample_set: SampleSet, *, threshold: int = DEFAULT_NEAR_THRESHOLD,
+                  hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True) -> dict[str, Any]:
+    """The full audit as a JSON-ready dict (see the module docstring for what it covers)."""
+    if threshold < 0:
+        raise ValueError(f"near-duplicate threshold must be >= 0 bits, got {threshold}")
+    facts = inspect_samples(sample_set.samples, hash_size, progress)
+    readable = [f for f in facts if f.error is None]
+    has_splits = any(f.sample.split for f in facts)
+    report: dict[str, Any] = {
+        "n_samples": len(facts),
+        "classes": sample_set.class_counts(),
+        "patients": len({f.sample.patient_id for f in facts if f.sample.patient_id}) or None,
+        "splits": ({name: dict(Counter(f.sample.label for f in facts if f.sample.split == name))
+                    for name in SPLIT_NAMES} if has_splits else None),
+        "image_sizes": _size_summary([f.size for f in readable]),
+        "modes": dict(Counter(f.mode for f in readable).most_common()),
+        "unreadable": [{"path": f.sample.path, "reason": f.error} for f in facts if f.error],
+        "skipped_at_load": [{"path": p, "reason": r} for p, r in sample_set.skipped],
+    }
+    by_digest: dict[str, list[ImageFacts]] = defaultdict(list)
+    for f in readable:
+        by_digest[f.sha256].append(f)
+    groups = [g for g in by_digest.values() if len(g) > 1]
+    report["exact_duplicates"] = {
+        "n_groups": len(groups),
+        "n_redundant_files": sum(len(g) - 1 for g in groups),
+        "n_groups_with_conflicting_labels": sum(len({f.sample.label for f in g}) > 1 for g in groups),
+        "groups": [[f.sample.path for f in g] for g in groups[:200]],
+    }
+    hashed = [f for f in readable if f.phash is not None]
+    pairs = near_duplicate_pairs(np.stack([f.phash for f in hashed]), threshold) if hashed else np.zeros((0, 3), int)
+    involved = np.unique(pairs[:, :2]) if len(pairs) else []
+    report["near_duplicates"] = {
+        "hash": f"phash {hash_size}x{hash_size} ({hash_size * hash_size} bits)",
+        "threshold_bits": threshold,
+        "n_pairs": int(len(pairs)),
+        "n_images_involved": int(len(involved)),
+        "n_pairs_with_conflicting_labels": int(sum(hashed[i].sample.label != hashed[j].sample.label
+                                                   for i, j, _ in pairs)),
+        "pairs": [{"a": hashed[i].sample.path, "b": hashed[j].sample.path, "distance": int(d)}
+                  for i, j, d in sorted(pairs.tolist(), key=lambda p: p[2])[:_MAX_LISTED_PAIRS]],
+    }
+    if has_splits:
+        report["leakage"] = _leakage([f.sample for f in facts], [f.sample for f in hashed], pairs)
+    return report
+
+
+def _size_summary(sizes: Sequence[str | None]) -> dict[str, Any]:
+    sizes = [s for s in sizes if s]
+    if not sizes:
+        return {}
+    dims = np.array([[int(v) for v in s.split("x")] for s in sizes if s.count("x") == 1])
+    summary: dict[str, Any] = {"distinct": len(set(sizes)), "most_common": Counter(sizes).most_common(5)}
+    if len(dims):
+        summary["width_range"] = [int(dims[:, 0].min()), int(dims[:, 0].max())]
+        summary["height_range"] = [int(dims[:, 1].min()), int(dims[:, 1].max())]
+    return summary
+
+
+def check_split_leakage(sample_set: SampleSet, strict: bool = False, report_path: str | Path | None = None, *,
+                        threshold: int = DEFAULT_NEAR_THRESHOLD, hash_size: int = DEFAULT_HASH_SIZE,
+                        progress: bool = False) -> dict[str, Any]:
+    """Warn (or raise ``DataError`` when ``strict``) if val/test share near-duplicates or patients with
+    train; return the findings, also written to ``report_path`` as JSON when given."""
+    from covidscan.runtime import write_json
+
+    if not any(s.split for s in sample_set.samples):
+        raise ValueError("check_split_leakage needs samples with splits assigned (assign_splits first)")
+    report = audit_samples(sample_set, threshold=threshold, hash_size=hash_size, progress=progress)
+    findings = {"hash": report["near_duplicates"]["hash"], "threshold_bits": threshold, **report["leakage"]}
+    if report_path is not None:
+        write_json(report_path, findings)
+    problems = []
+    for name in ("test", "val"):
+        count = findings[f"{name}_with_train_near_duplicate"]
+        if count:
+            problems.append(f"{count} of {findings[f'{name}_size']} {name} images have a near-duplicate "
+                            f"(phash distance <= {threshold}) in train, e.g. {findings[f'{name}_examples'][0]}")
+    if findings["patients_spanning_splits"]:
+        problems.append(f"{findings['patients_spanning_splits']} patients appear in more than one split, e.g. "
+                        f"{findings['patients_spanning_splits_examples'][0]}")
+    if problems:
+        message = ("possible leakage between splits: " + "; ".join(problems)
+                   + ". Use a patient-grouped split (manifest with patient_id) or remove the duplicates; "
+                   "see `covidscan data audit`")
+        if strict:
+            raise DataError(message + " (refused because of --strict / training.strict_leakage)")
+        warn_once(message, message)
+    return findings
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A short human summary of :func:`audit_samples`' report (the JSON holds the details)."""
+    near, exact = report["near_duplicates"], report["exact_duplicates"]
+    sizes = report["image_sizes"]
+    lines = [
+        f"samples: {report['n_samples']}  classes: {report['classes']}  patients: {report['patients'] or 'unknown'}",
+        f"sizes: {sizes.get('distinct', 0)} distinct, width {sizes.get('width_range')}, height "
+        f"{sizes.get('height_range')}, most common {sizes.get('most_common', [])[:3]}  modes: {report['modes']}",
+        f"unreadable: {len(report['unreadable'])}  skipped at load: {len(report['skipped_at_load'])}",
+        f"exact duplicates: {exact['n_groups']} groups, {exact['n_redundant_files']} redundant files, "
+        f"{exact['n_groups_with_conflicting_labels']} with conflicting labels",
+        f"near-duplicates ({near['hash']}, distance <= {near['threshold_bits']}): {near['n_pairs']} pairs over "
+        f"{near['n_images_involved']} images, {near['n_pairs_with_conflicting_labels']} with conflicting labels",
+    ]
+    for item in report["unreadable"][:5]:
+        lines.append(f"  unreadable: {item['reason']}")
+    if report.get("splits"):
+        lines.append(f"splits: {report['splits']}")
+        leak = report["leakage"]
+        lines.append(f"across splits: near-duplicate pairs {leak['cross_split_near_duplicate_pairs']}; "
+                     f"test images with a train near-duplicate: {leak['test_with_train_near_duplicate']}/"
+                     f"{leak['test_size']} ({leak['test_with_train_near_duplicate_fraction']:.1%}); val: "
+                     f"{leak['val_with_train_near_duplicate']}/{leak['val_size']}; patients spanning splits: "
+                     f"{leak['patients_spanning_splits']}")
+    return "\n".join(lines)

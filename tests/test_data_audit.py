@@ -1,0 +1,124 @@
+"""Leakage audit: planted duplicates and near-duplicates across splits are found; clean data is clean."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidscan.cli import main
+from covidscan.config import SplitConfig
+from covidscan.data import splits as splits_module
+from covidscan.data.audit import audit_samples, check_split_leakage, near_duplicate_pairs
+from covidscan.data.records import DataError, Sample, SampleSet
+from covidscan.data.splits import LeakageWarning, assign_splits, save_splits
+
+
+@pytest.fixture(autouse=True)
+def _reset_warn_once():
+    splits_module._warned.clear()
+
+
+def _blobs(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """Distinct smooth structures, so unrelated images are far apart in perceptual hash."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    image = np.zeros((size, size))
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+        image += rng.uniform(0.3, 1) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+    return (255 * image / image.max()).astype(np.uint8)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """Train/test images where test holds one exact copy and one brightened copy of train images."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for label in ("COVID", "normal"):
+        (tmp_path / label).mkdir()
+        for i in range(8):
+            path = tmp_path / label / f"{label} ({i}).png"
+            Image.fromarray(_blobs(rng)).save(path)
+            samples.append(Sample(str(path), label, split="test" if i >= 6 else "train"))
+    exact = tmp_path / "COVID" / "copy of (0).png"
+    shutil.copy(samples[0].path, exact)
+    near = tmp_path / "normal" / "brighter (1).png"
+    pixels = np.asarray(Image.open(samples[9].path), dtype=np.float32)
+    Image.fromarray(np.clip(pixels * 0.9 + 12, 0, 255).astype(np.uint8)).save(near)
+    samples += [Sample(str(exact), "COVID", split="test"), Sample(str(near), "normal", split="test")]
+    return SampleSet(samples, ["COVID", "normal"])
+
+
+def test_near_duplicate_pairs_matches_brute_force():
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2**63, size=(60, 4), dtype=np.uint64)
+    hashes[10] = hashes[3]
+    hashes[10, 0] ^= np.uint64(0b1011)  # 3 bits apart
+    pairs = near_duplicate_pairs(hashes, threshold=120, block=7)
+    bits = np.unpackbits(hashes.view(np.uint8), axis=1)
+    expected = {(i, j, int((bits[i] != bits[j]).sum())) for i in range(60) for j in range(i + 1, 60)
+                if (bits[i] != bits[j]).sum() <= 120}
+    assert {tuple(map(int, p)) for p in pairs} == expected
+    assert (3, 10, 3) in expected
+
+
+def test_audit_finds_planted_exact_and_near_duplicates_across_splits(planted):
+    report = audit_samples(planted, progress=False)
+    assert report["exact_duplicates"]["n_groups"] == 1
+    assert set(report["exact_duplicates"]["groups"][0]) == {planted.samples[0].path, planted.samples[-2].path}
+    found = {frozenset((p["a"], p["b"])) for p in report["near_duplicates"]["pairs"]}
+    assert frozenset((planted.samples[9].path, planted.samples[-1].path)) in found
+    assert report["leakage"]["test_with_train_near_duplicate"] == 2
+    assert report["leakage"]["cross_split_near_duplicate_pairs"] == {"train-test": 2}
+    assert report["image_sizes"]["width_range"] == [64, 64] and report["modes"] == {"L": 18}
+
+
+def test_audit_reports_unreadable_files_without_stopping(planted, tmp_path):
+    broken = tmp_path / "COVID" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = SampleSet(planted.samples + [Sample(str(broken), "COVID", split="train")], planted.class_names)
+    report = audit_samples(data, progress=False)
+    assert [item["path"] for item in report["unreadable"]] == [str(broken)]
+    assert "broken.png" in report["unreadable"][0]["reason"]
+
+
+def test_check_split_leakage_warns_or_refuses(planted, tmp_path):
+    with pytest.warns(LeakageWarning, match="2 of 6 test images"):
+        findings = check_split_leakage(planted, strict=False, report_path=tmp_path / "leakage.json")
+    assert findings["test_with_train_near_duplicate"] == 2
+    assert json.loads((tmp_path / "leakage.json").read_text())["test_size"] == 6
+    with pytest.raises(DataError, match="strict"):
+        check_split_leakage(planted, strict=True)
+
+
+def test_check_split_leakage_reports_patients_spanning_splits(planted):
+    clean = [s for s in planted.samples if "copy" not in s.path and "brighter" not in s.path]
+    shared = [Sample(s.path, s.label, patient_id="p1" if i in (0, 7) else f"q{i}", split=s.split)
+              for i, s in enumerate(clean)]
+    with pytest.raises(DataError, match="1 patients appear in more than one split"):
+        check_split_leakage(SampleSet(shared, planted.class_names), strict=True)
+
+
+def test_clean_grouped_split_passes_quietly(planted):
+    clean = [s for s in planted.samples if "copy" not in s.path and "brighter" not in s.path]
+    with_patients = SampleSet([Sample(s.path, s.label, f"p{i}") for i, s in enumerate(clean)], planted.class_names)
+    split = assign_splits(with_patients, SplitConfig(method="grouped", ratios=[0.5, 0.25, 0.25]), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LeakageWarning)
+        findings = check_split_leakage(split, strict=True)
+    assert findings["patients_spanning_splits"] == 0
+
+
+def test_cli_audit_with_splits_file(planted, tmp_path, capsys):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(f"{s.path},{s.label}\n" for s in planted.samples))
+    splits = save_splits(planted, tmp_path / "splits.csv")
+    out = tmp_path / "report" / "audit.json"
+    assert main(["data", "audit", str(manifest), "--splits", str(splits), "--out", str(out)]) == 0
+    assert "test images with a train near-duplicate: 2/6" in capsys.readouterr().out
+    assert json.loads(out.read_text())["leakage"]["test_with_train_near_duplicate"] == 2
+    assert main(["data", "audit", str(manifest), "--splits", str(splits), "--strict"]) == 2
