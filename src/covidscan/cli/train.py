@@ -1,0 +1,52 @@
+"""``covidscan train``: train a model from a YAML config (also under ``torchrun`` for DDP)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from covidscan.cli import add_config_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a model from a config file",
+        description="Train a model from a YAML run config. Writes a run directory (splits, history, plots, "
+                    "checkpoints, metrics.json) and evaluates the best checkpoint on the test split. "
+                    "Runs unchanged under `torchrun --nproc_per_node N` for distributed training.")
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir", help="write the run here instead of <output_dir>/<name>-<timestamp>")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from RUN_DIR/checkpoints/last.pt; its config.yaml is "
+                             "used unless --config is given (--set overrides still apply)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse to train when val/test share patients or near-duplicate images with train")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from covidscan.config import load_config
+    from covidscan.training import train
+
+    if args.resume and args.run_dir:
+        raise ValueError("--resume RUN_DIR already names the run directory; drop --run-dir")
+    config_path = args.config or (str(Path(args.resume) / "config.yaml") if args.resume else None)
+    config = load_config(config_path, args.overrides)
+    if args.strict:
+        config.training.strict_leakage = True
+    result = train(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {result.run_dir}")
+        summary = {"best": result.best_metrics, "test": _headline(result.test_metrics)}
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _headline(metrics: dict | None) -> dict | None:
+    """The top-level scalar test metrics (the full report is under evaluation/test/)."""
+    if metrics is None:
+        return None
+    return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}

@@ -1,0 +1,165 @@
+"""The trainer: schedules, early stopping, class weights, heads, phases with freezing, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidscan.config import ConfigError, PhaseConfig, SchedulerConfig, config_from_dict
+from covidscan.training import Callback, ClassificationLoss, EarlyStopping, balanced_class_weights, train
+from covidscan.training.optim import build_optimizer, build_schedule
+
+
+def tiny_config(source: Path, tmp_path: Path, overrides: list[str] = ()):  # type: ignore[assignment]
+    """32 px grayscale, cnn1, no test split (evaluation is covered by the demo test)."""
+    raw = {
+        "name": "tiny", "output_dir": str(tmp_path / "runs"),
+        "data": {"source": str(source), "image_size": 32, "channels": 1, "normalize": "sample",
+                 "split": {"method": "stratified", "ratios": [0.75, 0.25, 0.0]}},
+        "model": {"name": "cnn1"},
+        "training": {"batch_size": 8, "phases": [{"epochs": 2, "lr": 0.001}]},
+    }
+    return config_from_dict(raw, list(overrides))
+
+
+def _steps(optimizer: torch.optim.Optimizer, schedule, n: int) -> None:
+    for _ in range(n):
+        optimizer.step()
+        schedule.step_batch()
+
+
+def test_exponential_schedule_matches_keras_formula():
+    param = torch.nn.Parameter(torch.zeros(1))
+    phase = PhaseConfig(lr=0.015, scheduler=SchedulerConfig(name="exponential", decay_steps=100, decay_rate=0.96))
+    optimizer = build_optimizer(phase, [param])
+    schedule = build_schedule(phase.scheduler, optimizer)
+    _steps(optimizer, schedule, 37)
+    schedule.step_epoch()  # per-step schedules ignore epoch ends
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.015 * 0.96 ** (37 / 100))
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_size_epochs():
+    param = torch.nn.Parameter(torch.zeros(1))
+    phase = PhaseConfig(lr=1e-3, scheduler=SchedulerConfig(name="step", step_size=3, gamma=0.1))
+    optimizer = build_optimizer(phase, [param])
+    schedule = build_schedule(phase.scheduler, optimizer)
+    lrs = []
+    for _ in range(7):
+        _steps(optimizer, schedule, 2)  # per-epoch schedules ignore steps
+        lrs.append(optimizer.param_groups[0]["lr"])
+        schedule.step_epoch()
+    assert lrs == pytest.approx([1e-3] * 3 + [1e-4] * 3 + [1e-5])
+
+
+def test_early_stopping_waits_patience_epochs_after_the_best():
+    stopper = EarlyStopping("val_loss", patience=2, mode="min", min_delta=0.05)
+    losses = [1.0, 0.9, 0.88, 0.87]  # 0.88 and 0.87 improve by less than min_delta
+    stops = [stopper.update(epoch, {"val_loss": value}) for epoch, value in enumerate(losses, 1)]
+    assert stops == [False, False, False, True]
+    assert stopper.monitor.best_epoch == 2
+
+    maximise = EarlyStopping("val_accuracy", patience=1, mode="max")
+    assert [maximise.update(e, {"val_accuracy": v}) for e, v in enumerate([0.5, 0.6, 0.6], 1)] == [False, False, True]
+
+
+def test_balanced_class_weights_and_weighted_loss():
+    weights = balanced_class_weights([0, 0, 0, 1], ["COVID", "normal"])
+    assert weights.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1)])
+    with pytest.raises(ValueError, match="normal"):
+        balanced_class_weights([0, 0], ["COVID", "normal"])
+
+    logits, targets = torch.randn(4, 2), torch.tensor([0, 0, 0, 1])
+    plain = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    weighted = ClassificationLoss("softmax", 2, weights)(logits, targets)
+    assert weighted.item() == pytest.approx((plain * weights[targets]).mean().item(), rel=1e-6)
+
+
+def test_sigmoid_head_uses_binary_cross_entropy_on_one_hot_targets():
+    logits, targets = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.nn.functional.one_hot(targets, 3).float())
+    assert ClassificationLoss("sigmoid", 3)(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_train_with_sigmoid_head_exponential_decay_and_class_weights(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path, [
+        "model.head=sigmoid", "training.class_weights=balanced", "training.grad_clip=1.0",
+        "training.phases.0.scheduler={name: exponential, decay_steps: 5, decay_rate: 0.5}"])
+    result = train(config)
+    steps_per_epoch = math.ceil(18 / 8)  # 24 images, 75% train
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    for row in result.history:
+        assert row["lr"] == pytest.approx(0.001 * 0.5 ** (row["epoch"] * steps_per_epoch / 5))
+        assert math.isfinite(row["loss"]) and 0 <= row["val_accuracy"] <= 1
+    for name in ("config.yaml", "splits.csv", "label_map.json", "history.csv", "metrics.json",
+                 "checkpoints/best.pt", "checkpoints/last.pt", "plots/accuracy.png", "plots/loss.png"):
+        assert (result.run_dir / name).is_file(), name
+
+
+class StateRecorder(Callback):
+    """Keeps the weights saved in last.pt after each epoch."""
+
+    def on_train_start(self, run_dir, config):
+        self.run_dir, self.states = run_dir, {}
+
+    def on_epoch_end(self, epoch, metrics):
+        payload = torch.load(self.run_dir / "checkpoints" / "last.pt", weights_only=False)
+        self.states[epoch] = payload["state_dict"]
+
+
+def test_head_only_phase_leaves_the_backbone_unchanged(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path, [
+        "training.phases=[{epochs: 2, lr: 0.01, trainable: head}, {epochs: 1, lr: 0.01, optimizer: sgd}]"])
+    recorder = StateRecorder()
+    result = train(config, callbacks=[recorder])
+    assert [row["phase"] for row in result.history] == [1, 1, 2]
+    first, second, third = (recorder.states[e] for e in (1, 2, 3))
+    backbone = [k for k in first if k.startswith("backbone.")]
+    head = [k for k in first if k.startswith("head.") and k.endswith("weight")]
+    assert backbone and head
+    assert all(torch.equal(first[k], second[k]) for k in backbone)  # frozen in phase 1
+    assert any(not torch.equal(first[k], second[k]) for k in head)
+    assert any(not torch.equal(second[k], third[k]) for k in backbone)  # trained in phase 2
+
+
+def test_early_stopping_ends_the_phase(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path, [
+        "training.phases.0.epochs=6", "training.phases.0.lr=1e-9",
+        "training.early_stopping={monitor: val_accuracy, mode: max, patience: 1, min_delta: 0.5}"])
+    result = train(config)
+    assert len(result.history) == 2
+
+
+class Interrupt(Callback):
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_after_an_interruption_with_nothing_lost(image_folder, tmp_path):
+    overrides = ["training.phases=[{epochs: 2, lr: 0.003, trainable: head}, {epochs: 2, lr: 0.001}]",
+                 "data.augment.hflip=true"]
+    reference = train(tiny_config(image_folder, tmp_path, overrides), run_dir=tmp_path / "reference")
+    config = tiny_config(image_folder, tmp_path, overrides)
+    run_dir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run_dir=run_dir, callbacks=[Interrupt()])
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    resumed = train(config, run_dir=run_dir, resume=True)
+
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
+    with (run_dir / "history.csv").open() as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4]
+    for got, want in zip(resumed.history, reference.history):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+
+
+def test_val_monitor_without_validation_split_is_a_config_error(image_folder, tmp_path):
+    config = tiny_config(image_folder, tmp_path, ["data.split.ratios=[1.0, 0.0, 0.0]"])
+    with pytest.raises(ConfigError, match="checkpoint_monitor"):
+        train(config)
