@@ -1,0 +1,22 @@
+"""Serving: HTTP API + web page, batch prediction to CSV, ONNX / TorchScript export.
+
+Heavy optional dependencies (FastAPI, ONNX Runtime) are imported only by the modules that need them.
+"""
+
+from covidscan.serving.engine import ModelCard, OnnxPredictor, Predictor, TorchPredictor, load_predictor
+from covidscan.serving.export import ExportResult, export_model
+from covidscan.serving.predict import PredictSummary, predict_files
+from covidscan.serving.upload import UploadError, UploadLimits, decode_upload
+
+
+def create_app(*args, **kwargs):
+    """See :func:`covidscan.serving.app.create_app` (imported lazily: FastAPI is an optional extra)."""
+    from covidscan.serving.app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+__all__ = [
+    "ExportResult", "ModelCard", "OnnxPredictor", "PredictSummary", "Predictor", "TorchPredictor", "UploadError",
+    "UploadLimits", "create_app", "decode_upload", "export_model", "load_predictor", "predict_files",
+]

@@ -1,0 +1,182 @@
+"""The HTTP API and web page: ``create_app(checkpoint)`` -> a FastAPI app (``covidscan serve``).
+
+The model is loaded once, in the app's lifespan. Decoding runs in worker threads; inference and
+Grad-CAM share one capacity limiter because they run the same module (CAM hooks must not see
+another request's forward pass) and two parallel forward passes on a CPU only fight for its cores.
+Every refusal is a 4xx with ``{"error": code, "detail": message}``; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from covidscan import __version__
+from covidscan.checkpoint import LoadedModel
+from covidscan.serving.engine import Predictor, TorchPredictor, load_predictor, preprocessing
+from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, decode_upload, to_png
+
+log = logging.getLogger(__name__)
+STATIC_DIR = Path(str(resources.files("covidscan.serving") / "static"))
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
+
+
+@dataclass
+class ServedModel:
+    """What the app holds between requests."""
+
+    predictor: Predictor
+    explain_model: LoadedModel | None  # PyTorch model for Grad-CAM (absent when serving ONNX alone)
+    transform: Any
+    limiter: anyio.CapacityLimiter
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_batch(self.transform(pixels)[None])[0]
+
+
+def create_app(checkpoint: str | Path | None = None, *, onnx: str | Path | None = None,
+               limits: UploadLimits = UploadLimits(), threads: int | None = None) -> FastAPI:
+    """An app serving ``checkpoint`` (PyTorch) or ``onnx`` (ONNX Runtime; Grad-CAM still uses the
+    checkpoint when both are given). Loading happens at start-up, not here."""
+    if checkpoint is None and onnx is None:
+        raise ValueError("create_app needs a checkpoint (run directory or .pt) or an exported .onnx model")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        predictor = load_predictor(None if onnx else checkpoint, onnx, threads=threads)
+        explain_model = (predictor.loaded if isinstance(predictor, TorchPredictor)
+                         else load_predictor(checkpoint, threads=threads).loaded if checkpoint else None)
+        app.state.served = ServedModel(predictor, explain_model, preprocessing(predictor), anyio.CapacityLimiter(1))
+        log.info("serving %s (%s, version %s)", predictor.card.model_id, predictor.engine, predictor.card.version)
+        yield
+
+    app = FastAPI(title="covidscan", version=__version__, lifespan=lifespan,
+                  description="COVID-19 classification of chest CT / X-ray images. Research use only — "
+                              "not a diagnosis.")
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def refuse_oversized_bodies(request: Request, call_next):
+        """Answer 413 from Content-Length before a byte of an oversized body is parsed."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limits.max_bytes + MULTIPART_OVERHEAD:
+            return _error(413, "upload_too_large",
+                          f"request body of {int(length) / 2**20:.1f} MB exceeds the {limits.max_bytes / 2**20:.1f} MB limit")
+        return await call_next(request)
+
+    async def read_upload(request: Request, file: UploadFile) -> DecodedImage:
+        data = await file.read(limits.max_bytes + 1)
+        served: ServedModel = request.app.state.served
+        return await anyio.to_thread.run_sync(partial(
+            decode_upload, data, filename=file.filename or "upload", content_type=file.content_type,
+            limits=limits, window=served.predictor.config.data.window))
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @app.get("/healthz", summary="Liveness: the model is loaded")
+    async def healthz(request: Request) -> dict[str, str]:
+        return {"status": "ok", "model_id": request.app.state.served.predictor.card.model_id}
+
+    @app.get("/v1/model", summary="The served model: classes, input size, version, training metrics")
+    async def model_info(request: Request) -> dict[str, Any]:
+        served: ServedModel = request.app.state.served
+        return {**served.predictor.card.to_dict(), "engine": served.predictor.engine,
+                "explain_available": served.explain_model is not None,
+                "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels}}
+
+    @app.post("/v1/predict", summary="Class probabilities for one PNG, JPEG or DICOM image")
+    async def predict(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM")) -> dict[str, Any]:
+        served: ServedModel = request.app.state.served
+        start = time.perf_counter()
+        image = await read_upload(request, file)
+        decoded = time.perf_counter()
+        probabilities = await anyio.to_thread.run_sync(served.predict, image.pixels, limiter=served.limiter)
+        done = time.perf_counter()
+        card = served.predictor.card
+        return {
+            "predicted_label": card.class_names[int(np.argmax(probabilities))],
+            "probabilities": {name: float(p) for name, p in zip(card.class_names, probabilities)},
+            "model_id": card.model_id,
+            "model_version": card.version,
+            "engine": served.predictor.engine,
+            "image": {"format": image.format, "height": image.pixels.shape[0], "width": image.pixels.shape[1]},
+            "timing_ms": {"decode": round(1000 * (decoded - start), 2), "inference": round(1000 * (done - decoded), 2),
+                          "total": round(1000 * (done - start), 2)},
+        }
+
+    @app.post("/v1/explain", summary="Grad-CAM heatmap overlaid on the image (PNG)",
+              responses={200: {"content": {"image/png": {}}}})
+    async def explain(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM"),
+                      method: str = Query("gradcam", description="gradcam, gradcampp or smoothgradcampp"),
+                      target: str | None = Query(None, description="class to explain (default: the predicted one)"),
+                      ) -> Response:
+        served: ServedModel = request.app.state.served
+        if served.explain_model is None:
+            raise UploadError(409, "explain_unavailable",
+                              "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM")
+        from covidscan.explain import CAM_METHODS, explain_image
+
+        if method not in CAM_METHODS:
+            raise UploadError(400, "invalid_argument", f"method must be one of {list(CAM_METHODS)}, got {method!r}")
+        if target is not None and target not in served.predictor.card.class_names:
+            raise UploadError(400, "invalid_argument",
+                              f"target must be one of {served.predictor.card.class_names}, got {target!r}")
+        image = await read_upload(request, file)
+        explanation = await anyio.to_thread.run_sync(
+            partial(explain_image, served.explain_model, image.pixels, method=method, target_class=target),
+            limiter=served.limiter)
+        return Response(explanation.overlay_png_bytes, media_type="image/png",
+                        headers={"X-Model-Version": served.predictor.card.version,
+                                 "X-Predicted-Label": explanation.predicted})
+
+    @app.post("/v1/preview", summary="The decoded (CT-windowed) image as PNG, e.g. to show a DICOM in a browser",
+              responses={200: {"content": {"image/png": {}}}})
+    async def preview(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM")) -> Response:
+        image = await read_upload(request, file)
+        return Response(await anyio.to_thread.run_sync(to_png, image.pixels), media_type="image/png")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _error(status: int, code: str, detail: Any) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """One JSON error shape for everything: refusals, validation errors, unknown routes, bugs."""
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return _error(422, "invalid_request", "; ".join(problems) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
