@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class ClassifierModel(nn.Module):
@@ -51,6 +52,18 @@ class ClassifierModel(nn.Module):
         if not terms:
             return torch.zeros((), device=next(self.parameters()).device)
         return torch.stack(terms).sum()
+
+
+def keras_parameter_count(model: nn.Module) -> int:
+    """The "Total params" Keras' ``model.summary()`` prints for the same network.
+
+    Keras counts every weight, trainable or not, including BatchNorm's moving mean and variance
+    (4 numbers per channel); PyTorch keeps those two as buffers, so they are added here.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    moving = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
+                 if isinstance(m, _BatchNorm) and m.track_running_stats)
+    return params + moving
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:

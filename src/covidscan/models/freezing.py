@@ -5,7 +5,8 @@ the new head (``"head"``), then unfreeze the last N layers at a lower learning r
 
 What a "layer" is
     A *layer* is a module that directly owns parameters (convolution, BatchNorm, linear, ...),
-    counted in registration order, which for every backbone in the zoo is forward order. Keras also
+    counted in registration order, which is forward order up to the place of a residual block's
+    shortcut convolution (timm lists it first; it belongs to the same block either way). Keras also
     counts parameter-free layers (ReLU, ZeroPadding, Add, MaxPool), so Keras' "last 150 layers"
     of ResNet101V2 is the same cut point as ``"last:81"`` here: both start at the third convolution
     of the 13th-from-last block of stage 4 and include everything after it (see docs/models.md).

