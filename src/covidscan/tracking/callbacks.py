@@ -1,0 +1,107 @@
+"""What the tracking callbacks share: rank-0 gating, config flattening, and the ``--track`` switch.
+
+The trainer already calls callbacks on the main process only; the rank check here is a second
+guard so a tracker built by hand inside a ``torchrun`` worker never writes one run per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed as dist
+
+from covidscan.training.callbacks import Callback
+
+TRACKERS = ("mlflow", "tensorboard")
+
+
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0 inside it."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"training": {"phases": [{"lr": 1e-3}]}}`` -> ``{"training.phases.0.lr": 1e-3}``: the
+    same dotted keys ``--set`` and sweep spaces use, so a logged param can be pasted back."""
+    if isinstance(tree, dict) and tree:
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)) and tree and any(isinstance(v, (dict, list)) for v in tree):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics row (trackers reject NaN, text and nested values)."""
+    numbers = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            numbers[key] = float(value)
+    return numbers
+
+
+class TrackingCallback(Callback):
+    """A trainer callback that records a run elsewhere; ``close(status)`` ends it after a failure."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and end the tracked run (idempotent)."""
+
+
+def make_trackers(names: Sequence[str], tracking_uri: str | None = None, experiment: str | None = None,
+                  tags: dict[str, str] | None = None) -> list[TrackingCallback]:
+    """The callbacks for ``--track mlflow tensorboard`` (``tags`` label the MLflow run);
+    unknown names are a ValueError."""
+    unknown = sorted(set(names) - set(TRACKERS))
+    if unknown:
+        raise ValueError(f"unknown tracker(s) {unknown}; choose from {list(TRACKERS)}")
+    trackers: list[TrackingCallback] = []
+    if "mlflow" in names:
+        from covidscan.tracking.mlflow import MLflowCallback
+
+        trackers.append(MLflowCallback(tracking_uri=tracking_uri, experiment=experiment, tags=tags))
+    if "tensorboard" in names:
+        from covidscan.tracking.tensorboard import TensorBoardCallback
+
+        trackers.append(TensorBoardCallback())
+    return trackers
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--track`` / ``--tracking-uri`` / ``--experiment``, shared by ``train`` and ``sweep``."""
+    group = parser.add_argument_group("experiment tracking")
+    group.add_argument("--track", nargs="+", choices=TRACKERS, default=[], metavar="{mlflow,tensorboard}",
+                       help="log params, per-epoch metrics and artefacts to MLflow and/or TensorBoard")
+    group.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (a server such as http://host:5000, or sqlite:///file.db); "
+                            "default sqlite:///<output_dir>/mlflow.db")
+    group.add_argument("--experiment", default=None,
+                       help="MLflow experiment name (default: the config's name)")
+
+
+def callbacks_from_args(args: argparse.Namespace) -> list[TrackingCallback]:
+    """The trackers a parsed command line asks for (none when ``--track`` is absent)."""
+    return make_trackers(getattr(args, "track", None) or [], getattr(args, "tracking_uri", None),
+                         getattr(args, "experiment", None))
+
+
+@contextmanager
+def closing_on_error(callbacks: Sequence[Callback]) -> Iterator[None]:
+    """End tracked runs as KILLED (interrupt, pruned trial) or FAILED when training raises, so
+    the MLflow UI never shows a dead run as still running."""
+    try:
+        yield
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrialPruned" else "FAILED"
+        for callback in callbacks:
+            if isinstance(callback, TrackingCallback):
+                callback.close(status)
+        raise
+
