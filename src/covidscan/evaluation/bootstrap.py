@@ -1,0 +1,176 @@
+"""Vectorised nonparametric bootstrap confidence intervals for every metric.
+
+A resample is represented by how many times it draws each item (a row of a count matrix), so one
+matrix product gives every resample's confusion counts at once, and a rank-based AUC / average
+precision works on the score order computed once for all resamples. The patient-level bootstrap
+draws patients instead of items (all items of a drawn patient come along), which is the right
+resampling unit when slices of one patient are correlated.
+
+Percentile intervals: the (alpha/2, 1 - alpha/2) quantiles of the resampled metric, over the
+resamples in which the metric is defined (e.g. AUC needs both classes in the resample).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from covidscan.evaluation.metrics import MetricValue, PredictionSet, metric_names, predict_labels
+
+_CHUNK_CELLS = 1_000_000  # resamples x items per chunk: small enough to stay in CPU cache
+
+
+def _resample_counts(n_units: int, n_resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Chunks of a (n_resamples, n_units) float32 matrix: how often each unit is drawn per resample."""
+    chunk = max(1, _CHUNK_CELLS // max(n_units, 1))
+    for start in range(0, n_resamples, chunk):
+        rows = min(chunk, n_resamples - start)
+        draws = rng.integers(0, n_units, size=(rows, n_units))
+        draws += np.arange(rows)[:, None] * n_units
+        yield np.bincount(draws.ravel(), minlength=rows * n_units).reshape(rows, n_units).astype(np.float32)
+
+
+class _RankedScores:
+    """Items sorted by descending score, for weighted ROC AUC and average precision in O(N) per row.
+
+    Within a group of tied scores, negatives are placed before positives, so an item-level cumulative
+    sum counts every tied negative as "above" a positive; the exact tie terms (half a win per tied
+    pair for AUC, one shared threshold per distinct score for AP, as scikit-learn uses) are then
+    corrected on the few tied items only. Weights given to :meth:`auc_and_ap` list items in ``order``.
+    """
+
+    def __init__(self, scores: np.ndarray, is_pos: np.ndarray) -> None:
+        self.order = np.lexsort((is_pos, -scores))
+        sorted_scores = scores[self.order]
+        self.is_neg = (~is_pos[self.order]).astype(np.float32)
+        new_group = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
+        group = np.cumsum(new_group) - 1
+        size = np.bincount(group)
+        tied = np.flatnonzero(size[group] > 1)
+        self.tied = tied if tied.size else None
+        if self.tied is not None:
+            tied_group = group[tied]
+            self.tied_starts = np.flatnonzero(np.r_[True, tied_group[1:] != tied_group[:-1]])
+            self.tied_last = tied[np.r_[self.tied_starts[1:], tied.size] - 1]
+
+    def auc_and_ap(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ROC AUC, average precision) per resample row; NaN where one class has no weight."""
+        neg = weights * self.is_neg
+        pos = weights - neg
+        cum_neg = np.cumsum(neg, axis=1)
+        cum_all = np.cumsum(weights, axis=1)
+        total_neg = cum_neg[:, -1].astype(np.float64)
+        total_pos = cum_all[:, -1].astype(np.float64) - total_neg
+        # Mann-Whitney U counted as losses: negatives scored at or above each positive.
+        losses = np.sum(pos * cum_neg, axis=1, dtype=np.float64)
+        precision = (cum_all - cum_neg) / np.maximum(cum_all, 1)
+        hits = np.sum(pos * precision, axis=1, dtype=np.float64)
+        if self.tied is not None:
+            tied_pos = pos[:, self.tied]
+            group_pos = np.add.reduceat(tied_pos, self.tied_starts, axis=1)
+            group_neg = np.add.reduceat(neg[:, self.tied], self.tied_starts, axis=1)
+            losses -= 0.5 * np.sum(group_pos * group_neg, axis=1, dtype=np.float64)
+            hits -= np.sum(tied_pos * precision[:, self.tied], axis=1, dtype=np.float64)
+            hits += np.sum(group_pos * precision[:, self.tied_last], axis=1, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            auc = 1 - losses / (total_pos * total_neg)
+            ap = hits / total_pos
+        undefined = (total_pos == 0) | (total_neg == 0)
+        auc[undefined] = np.nan
+        ap[undefined] = np.nan
+        return auc, ap
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+class BatchMetrics:
+    """Every metric of :func:`metric_names` for many weightings of one prediction set at once.
+
+    Weight columns follow ``self.order`` (items sorted by positive-class score), not input order.
+    """
+
+    def __init__(self, predictions: PredictionSet, positive: int, threshold: float | None = None) -> None:
+        y, proba = predictions.y_true, predictions.proba
+        self.k, self.positive = predictions.num_classes, positive
+        self.ranked = _RankedScores(proba[:, positive], y == positive)
+        self.order = self.ranked.order
+        y, proba = y[self.order], proba[self.order]
+        pred = predict_labels(proba, positive, threshold)
+        # One indicator column per confusion cell (true, predicted): weights @ cells = confusion counts.
+        self.cells = np.zeros((len(y), self.k * self.k), dtype=np.float32)
+        self.cells[np.arange(len(y)), y * self.k + pred] = 1.0
+        self.per_class = [_RankedScores(proba[:, c], y == c) for c in range(self.k)] if self.k > 2 else []
+
+    def __call__(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Metric arrays of shape (R,) for float32 weights of shape (R, N) in ``self.order``."""
+        k, p = self.k, self.positive
+        confusion = (weights @ self.cells).astype(np.float64).reshape(-1, k, k)
+        total = confusion.sum(axis=(1, 2))
+        tp = confusion[:, p, p]
+        actual_pos, predicted_pos = confusion[:, p, :].sum(axis=1), confusion[:, :, p].sum(axis=1)
+        fn, fp = actual_pos - tp, predicted_pos - tp
+        tn = total - tp - fn - fp
+        out = {
+            "accuracy": _safe_divide(np.trace(confusion, axis1=1, axis2=2), total),
+            "sensitivity": _safe_divide(tp, actual_pos),
+            "specificity": _safe_divide(tn, tn + fp),
+            "precision": _safe_divide(tp, predicted_pos),
+            "f1": _safe_divide(2 * tp, 2 * tp + fp + fn),
+        }
+        out["roc_auc"], out["pr_auc"] = self.ranked.auc_and_ap(weights)
+        if k > 2:
+            diag = np.diagonal(confusion, axis1=1, axis2=2)
+            denom = confusion.sum(axis=2) + confusion.sum(axis=1)
+            class_f1 = np.where(denom > 0, 2 * diag / np.where(denom > 0, denom, 1), 0.0)  # zero_division=0
+            out["macro_f1"] = class_f1.mean(axis=1)
+            out["macro_auroc"] = np.mean([ranked.auc_and_ap(weights[:, ranked.order])[0]
+                                          for ranked in self.per_class], axis=0)
+        return out
+
+
+def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples: int = 1000,
+                      confidence: float = 0.95, seed: int = 0, by_patient: bool | None = None,
+                      threshold: float | None = None) -> dict[str, dict[str, float | int | None]]:
+    """Percentile bootstrap CIs for every metric: ``{name: {ci_low, ci_high, n_defined}}``.
+
+    ``by_patient`` resamples patients (default: whenever patient ids exist), so correlated slices of
+    one patient are never treated as independent evidence.
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if by_patient is None:
+        by_patient = predictions.has_patients()
+    rng = np.random.default_rng(seed)
+    batch = BatchMetrics(predictions, positive, threshold)
+    if by_patient:
+        _, unit_of_item = np.unique(predictions.groups()[batch.order], return_inverse=True)
+        n_units = int(unit_of_item.max()) + 1
+    else:
+        unit_of_item, n_units = None, len(predictions)
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in metric_names(predictions.num_classes)}
+    for counts in _resample_counts(n_units, n_resamples, rng):
+        weights = counts if unit_of_item is None else counts[:, unit_of_item]
+        for name, values in batch(weights).items():
+            samples[name].append(values)
+    alpha = (1 - confidence) / 2
+    intervals = {}
+    for name, chunks in samples.items():
+        values = np.concatenate(chunks)
+        finite = values[np.isfinite(values)]
+        low, high = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size else (np.nan, np.nan))
+        intervals[name] = {"ci_low": None if np.isnan(low) else float(low),
+                           "ci_high": None if np.isnan(high) else float(high), "n_defined": int(finite.size)}
+    return intervals
+
+
+def attach_intervals(values: dict[str, MetricValue], intervals: dict[str, dict[str, float | int | None]]) -> None:
+    """Fill the CI of each defined metric in place; an undefined metric keeps no interval."""
+    for name, metric in values.items():
+        if metric.value is not None and name in intervals:
+            metric.ci_low, metric.ci_high = intervals[name]["ci_low"], intervals[name]["ci_high"]

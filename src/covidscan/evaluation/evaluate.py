@@ -1,0 +1,297 @@
+"""Evaluate a trained run on its own test split or on an external dataset, and write the report.
+
+``evaluate_run`` is the one entry point the trainer, the CLI and ``compare`` share. It predicts
+every item, computes point metrics (scikit-learn) with bootstrap CIs, picks an operating point on
+the validation split, measures calibration, aggregates to patients when patient ids exist and
+writes ``metrics.json``, ``predictions.csv``, figures and ``report.html`` / ``report.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from covidscan.checkpoint import LoadedModel, load_model
+from covidscan.data import build_dataset, load_samples
+from covidscan.data.records import DataError, Sample
+from covidscan.data.splits import load_splits
+from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
+from covidscan.evaluation.bootstrap import attach_intervals, bootstrap_metrics
+from covidscan.evaluation.calibration import apply_temperature, fit_temperature, reliability_table
+from covidscan.evaluation.metrics import (
+    MetricValue,
+    PredictionSet,
+    compute_metrics,
+    confusion_counts,
+    normalise_confusion,
+    per_class_report,
+    predict_labels,
+    resolve_positive_class,
+)
+from covidscan.evaluation.operating_point import OperatingPoint, choose_threshold
+from covidscan.runtime import write_json
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_WARNING = (
+    "External evaluation: this dataset was never seen in training. A drop from the internal test "
+    "metrics measures domain shift (scanner, protocol, population, image source); a model that scored "
+    "well internally but not here may have learned shortcuts (source-specific text, borders, image "
+    "statistics) rather than disease.")
+
+
+@dataclass
+class EvaluationSet:
+    """What is evaluated: the samples and a plain description of where they came from."""
+
+    samples: list[Sample]
+    dataset: str  # the --data spec, or the run's own data source
+    split: str  # "test", "val", ... or "all" when the data has no split column
+    name: str  # the output folder name under <run>/evaluation/
+    external: bool
+    label_map: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """Everything one evaluation produced; ``payload`` is what ``metrics.json`` holds."""
+
+    payload: dict[str, Any]
+    predictions: PredictionSet
+    predicted: np.ndarray  # arg-max class index per item
+    loaded: LoadedModel
+    out_dir: Path
+
+
+def _dataset_name(spec: str) -> str:
+    path = Path(spec)
+    return path.parent.name if path.suffix.lower() == ".csv" else (path.name or str(spec))
+
+
+def _run_splits(run_dir: Path) -> Path:
+    path = run_dir / "splits.csv"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no splits.csv in this run directory, so its test split is unknown; "
+                        "pass --data with a dataset to evaluate on")
+    return path
+
+
+def select_samples(loaded: LoadedModel, data: str | Path | None, split: str, label_map: dict[str, str] | None,
+                   external: bool) -> EvaluationSet:
+    """The run's own split (``data`` None) or a dataset spec, checked against the model's classes."""
+    run_dir = loaded.run_dir
+    mapping = {**loaded.config.data.label_map, **(label_map or {})}
+    if data is None:
+        if external:
+            raise DataError("--external needs --data: the dataset the model never saw")
+        sample_set = load_splits(_run_splits(run_dir))
+        samples = [s for s in sample_set.samples if s.split == split]
+        if mapping:
+            samples = [Sample(s.path, mapping.get(s.label, s.label), s.patient_id, s.split) for s in samples]
+        dataset, used_split, name = loaded.config.data.source, split, split
+    else:
+        sample_set = load_samples(data, label_map=mapping, require_labels=False)
+        has_splits = all(s.split for s in sample_set.samples)
+        samples = [s for s in sample_set.samples if s.split == split] if has_splits else sample_set.samples
+        used_split = split if has_splits else "all"
+        dataset = str(data)
+        base = _dataset_name(dataset)
+        name = f"external-{base}" if external else f"{base}-{used_split}"
+    if not samples:
+        raise DataError(f"{dataset}: split {split!r} holds no samples; nothing to evaluate. Choose another "
+                        "--split (train/val/test) or check the run's splits.csv")
+    unlabeled = [s.path for s in samples if s.label is None]
+    if unlabeled:
+        raise DataError(f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled items); evaluation needs labels "
+                        "(use `covidscan predict` for unlabeled images)")
+    unknown = sorted({s.label for s in samples} - set(loaded.class_names))
+    if unknown:
+        raise DataError(f"{dataset}: labels {unknown} are not among the model's classes {loaded.class_names}; map "
+                        f"them with --label-map, e.g. --label-map {unknown[0]}={loaded.class_names[0]}")
+    return EvaluationSet(samples, dataset, used_split, name, external, mapping)
+
+
+def predict(loaded: LoadedModel, samples: Sequence[Sample], batch_size: int | None = None,
+            desc: str = "evaluate") -> PredictionSet:
+    """Class probabilities for every item of ``samples`` (one item per image or per slice stack)."""
+    config = loaded.config
+    dataset = build_dataset(config.data, list(samples), loaded.class_names, train=False, stats=loaded.norm_stats)
+    if len(dataset) == 0:
+        raise DataError("the evaluation set is empty after loading (no image or slice stack could be built)")
+    loader = DataLoader(dataset, batch_size=batch_size or config.training.batch_size, shuffle=False,
+                        num_workers=config.data.num_workers)
+    probabilities, labels = [], []
+    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
+        probabilities.append(loaded.predict_batch(images))
+        labels.append(torch.as_tensor(targets).numpy())
+    items = dataset.item_samples
+    return PredictionSet(np.concatenate(labels), np.concatenate(probabilities), list(loaded.class_names),
+                         paths=[s.path for s in items], patient_ids=[s.patient_id for s in items])
+
+
+def _metrics_with_ci(predictions: PredictionSet, positive: int, n_bootstrap: int, seed: int,
+                     threshold: float | None = None) -> tuple[dict[str, MetricValue], dict[str, Any]]:
+    values = compute_metrics(predictions, positive, threshold)
+    by_patient = predictions.has_patients()
+    if n_bootstrap > 0:
+        attach_intervals(values, bootstrap_metrics(predictions, positive, n_resamples=n_bootstrap, seed=seed,
+                                                   by_patient=by_patient, threshold=threshold))
+    info = {"n_resamples": n_bootstrap, "confidence": 0.95, "method": "nonparametric percentile",
+            "unit": "patient" if by_patient else "item", "seed": seed}
+    return values, info
+
+
+def _confusion(predictions: PredictionSet, positive: int, threshold: float | None = None) -> dict[str, Any]:
+    counts = confusion_counts(predictions, positive, threshold)
+    return {"counts": counts.tolist(), "normalised": normalise_confusion(counts).round(4).tolist()}
+
+
+def _write_predictions(path: Path, predictions: PredictionSet, predicted: np.ndarray,
+                       at_threshold: np.ndarray | None) -> None:
+    names = predictions.class_names
+    header = ["path", "patient_id", "true", "predicted"] + [f"prob_{n}" for n in names]
+    if at_threshold is not None:
+        header.append("predicted_at_threshold")
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in range(len(predictions)):
+            row = [predictions.paths[i], predictions.patient_ids[i] or "", names[predictions.y_true[i]],
+                   names[predicted[i]], *(f"{p:.6f}" for p in predictions.proba[i])]
+            if at_threshold is not None:
+                row.append(names[at_threshold[i]])
+            writer.writerow(row)
+    tmp.replace(path)
+
+
+def _validation_predictions(loaded: LoadedModel, batch_size: int | None) -> PredictionSet | None:
+    """The run's own validation split, where thresholds and temperatures are fitted."""
+    path = loaded.run_dir / "splits.csv"
+    if not path.is_file():
+        return None
+    samples = [s for s in load_splits(path).samples if s.split == "val"]
+    samples = [s for s in samples if s.label in loaded.class_names]
+    return predict(loaded, samples, batch_size, desc="validation") if samples else None
+
+
+def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test", out_dir: str | Path | None = None,
+             label_map: dict[str, str] | None = None, n_bootstrap: int = 1000, external: bool = False, *,
+             positive_class: str | None = None, target_sensitivity: float | None = None,
+             temperature_scaling: bool = False, aggregation: Aggregation = "mean", batch_size: int | None = None,
+             seed: int = 0, make_report: bool = True) -> Evaluation:
+    """Full evaluation of one run; see :func:`evaluate_run` for the arguments."""
+    loaded = load_model(run)
+    chosen = select_samples(loaded, data, split, label_map, external)
+    positive = resolve_positive_class(loaded.class_names, positive_class or loaded.config.data.positive_class)
+    predictions = predict(loaded, chosen.samples, batch_size)
+    warnings: list[str] = []
+    if chosen.external:
+        warnings.append(EXTERNAL_WARNING)
+    absent = [c for i, c in enumerate(loaded.class_names) if not np.any(predictions.y_true == i)]
+    if absent:
+        warnings.append(f"class(es) {absent} do not occur in this set; metrics needing them are undefined")
+    if not predictions.has_patients():
+        warnings.append("no patient ids: CIs resample images as if independent; slices of one patient are "
+                        "correlated, so the intervals may be too narrow")
+
+    validation = _validation_predictions(loaded, batch_size)
+    calibration: dict[str, Any] = {"ece_before_scaling": reliability_table(predictions.proba,
+                                                                           predictions.y_true).ece}
+    if temperature_scaling:
+        if validation is None:
+            raise DataError(f"{loaded.run_dir}: temperature scaling needs the run's validation split "
+                            "(splits.csv with val rows)")
+        temperature = fit_temperature(validation.proba, validation.y_true)
+        predictions.proba = apply_temperature(predictions.proba, temperature)
+        validation.proba = apply_temperature(validation.proba, temperature)
+        calibration["temperature"] = temperature
+    reliability = reliability_table(predictions.proba, predictions.y_true)
+    calibration.update(ece=reliability.ece, reliability=reliability.to_dict(), bins="15 equal-width bins of "
+                       "top-class confidence")
+
+    values, bootstrap_info = _metrics_with_ci(predictions, positive, n_bootstrap, seed)
+    predicted = predict_labels(predictions.proba, positive)
+    payload: dict[str, Any] = {
+        "run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint_path), "model": loaded.config.model.name,
+        "dataset": chosen.dataset, "split": chosen.split, "external": chosen.external,
+        "label_map": chosen.label_map, "class_names": loaded.class_names,
+        "positive_class": loaded.class_names[positive], "n_items": len(predictions),
+        "n_patients": int(len(np.unique(predictions.groups()))) if predictions.has_patients() else None,
+        "class_counts": dict(Counter(loaded.class_names[y] for y in predictions.y_true)),
+        "metrics": {name: metric.to_dict() for name, metric in values.items()},
+        "bootstrap": bootstrap_info,
+        "confusion_matrix": _confusion(predictions, positive),
+        "per_class": per_class_report(predictions, positive),
+        "calibration": calibration,
+        "warnings": warnings,
+    }
+
+    at_threshold = None
+    operating = _operating_point(validation, positive, target_sensitivity)
+    if isinstance(operating, OperatingPoint):
+        op_values, _ = _metrics_with_ci(predictions, positive, n_bootstrap, seed, operating.threshold)
+        at_threshold = predict_labels(predictions.proba, positive, operating.threshold)
+        payload["operating_point"] = {**operating.to_dict(),
+                                      "metrics": {n: m.to_dict() for n, m in op_values.items()},
+                                      "confusion_matrix": _confusion(predictions, positive, operating.threshold)}
+    else:
+        payload["operating_point"] = {"skipped": operating}
+
+    if predictions.has_patients() and len(np.unique(predictions.groups())) < len(predictions):
+        patients = aggregate_by_patient(predictions, aggregation)
+        patient_values, patient_info = _metrics_with_ci(patients, positive, n_bootstrap, seed)
+        payload["patient_level"] = {"aggregation": aggregation, "n_patients": len(patients),
+                                    "metrics": {n: m.to_dict() for n, m in patient_values.items()},
+                                    "bootstrap": patient_info, "confusion_matrix": _confusion(patients, positive)}
+
+    out = Path(out_dir) if out_dir is not None else loaded.run_dir / "evaluation" / chosen.name
+    out.mkdir(parents=True, exist_ok=True)
+    _write_predictions(out / "predictions.csv", predictions, predicted, at_threshold)
+    if make_report:
+        from covidscan.evaluation.report import write_evaluation_report
+
+        payload["figures"] = write_evaluation_report(payload, predictions, reliability, out)
+    write_json(out / "metrics.json", payload)
+    logger.info("evaluation of %s on %s (%s): %s", loaded.run_dir, chosen.dataset, chosen.split,
+                ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None))
+    return Evaluation(payload, predictions, predicted, loaded, out)
+
+
+def _operating_point(validation: PredictionSet | None, positive: int,
+                     target_sensitivity: float | None) -> OperatingPoint | str:
+    """The val-chosen threshold, or the reason there is none."""
+    if validation is None:
+        return "no validation split in the run's splits.csv"
+    is_positive = validation.y_true == positive
+    if is_positive.all() or not is_positive.any():
+        return "the validation split holds only one class"
+    method = "sensitivity" if target_sensitivity is not None else "youden"
+    return choose_threshold(is_positive, validation.proba[:, positive], method=method,
+                            target_sensitivity=target_sensitivity or 0.95,
+                            chosen_on=f"val ({len(validation)} items)")
+
+
+def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "test",
+                 out_dir: str | Path | None = None, label_map: dict[str, str] | None = None,
+                 n_bootstrap: int = 1000, external: bool = False, **options: Any) -> dict[str, Any]:
+    """Evaluate a run directory (or checkpoint) and write ``metrics.json``, ``predictions.csv``,
+    figures and ``report.html``/``report.md`` under ``<run>/evaluation/<name>/``; return the metrics.
+
+    ``data`` None evaluates the run's own ``split`` from its ``splits.csv``; otherwise any dataset
+    spec ``load_samples`` takes (folder or manifest), whose ``split`` is used when it has a split
+    column and all of it otherwise. ``label_map`` renames raw labels to the model's classes.
+    ``options``: ``positive_class``, ``target_sensitivity`` (else Youden's J), ``temperature_scaling``,
+    ``aggregation`` ("mean"/"max" per patient), ``batch_size``, ``seed``.
+    """
+    return evaluate(run, data, split, out_dir, label_map, n_bootstrap, external, **options).payload

@@ -1,0 +1,103 @@
+"""Figures for evaluation reports (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve  # noqa: E402
+
+from covidscan.evaluation.calibration import ReliabilityTable  # noqa: E402
+from covidscan.evaluation.metrics import PredictionSet, normalise_confusion  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    """Atomic save: a report never points at a half-written PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> Path:
+    """Counts and row-normalised rates side by side (rows = true class)."""
+    size = max(4.0, 1.2 * len(class_names) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    ConfusionMatrixDisplay(counts, display_labels=class_names).plot(ax=axes[0], colorbar=False, cmap="Blues",
+                                                                    values_format="d")
+    ConfusionMatrixDisplay(normalise_confusion(counts), display_labels=class_names).plot(
+        ax=axes[1], colorbar=False, cmap="Blues", values_format=".2f")
+    axes[0].set_title("counts")
+    axes[1].set_title("normalised by true class")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_roc_pr(predictions: PredictionSet, path: Path, title: str = "") -> Path:
+    """One-vs-rest ROC and precision-recall curves per class (classes absent from the set skipped)."""
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5))
+    classes = range(predictions.num_classes) if predictions.num_classes > 2 else [1]
+    for c in classes:
+        is_c = predictions.y_true == c
+        if is_c.all() or not is_c.any():
+            continue
+        name = predictions.class_names[c]
+        fpr, tpr, _ = roc_curve(is_c, predictions.proba[:, c])
+        precision, recall, _ = precision_recall_curve(is_c, predictions.proba[:, c])
+        roc_ax.plot(fpr, tpr, label=f"{name} vs rest")
+        pr_ax.step(recall, precision, where="post", label=f"{name} vs rest (prevalence {is_c.mean():.2f})")
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+    roc_ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+               title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall",
+              xlim=(0, 1), ylim=(0, 1.01))
+    for ax in (roc_ax, pr_ax):
+        ax.legend(loc="lower right" if ax is roc_ax else "lower left", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_reliability(table: ReliabilityTable, path: Path, title: str = "") -> Path:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, with bin counts."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centers = (table.edges[:-1] + table.edges[1:]) / 2
+    width = table.edges[1] - table.edges[0]
+    filled = table.count > 0
+    ax.bar(centers[filled], table.accuracy[filled], width=width * 0.95, color="tab:blue", alpha=0.7,
+           label="accuracy in bin")
+    ax.plot(table.confidence[filled], table.accuracy[filled], "o", color="tab:orange", markersize=4,
+            label="(mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    ax.set(ylabel="accuracy", title=f"Reliability (ECE = {table.ece:.3f})", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(centers, table.count, width=width * 0.95, color="grey")
+    hist.set(xlabel="top-class confidence", ylabel="items")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_prediction_grid(images: Sequence[np.ndarray], true_labels: Sequence[str], predicted: Sequence[str],
+                         path: Path, confidences: Sequence[float] | None = None, columns: int = 4) -> Path:
+    """Images titled 'pred X / true Y', green when right and red when wrong (study D)."""
+    if not images:
+        raise ValueError("prediction grid needs at least one image")
+    rows = int(np.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, (image, true, pred) in enumerate(zip(images, true_labels, predicted)):
+        ax = axes.ravel()[i]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        confidence = f" ({confidences[i]:.2f})" if confidences is not None else ""
+        ax.set_title(f"pred {pred}{confidence}\ntrue {true}", color="green" if pred == true else "red", fontsize=9)
+    return _save(fig, path)
