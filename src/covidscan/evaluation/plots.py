@@ -42,10 +42,11 @@ def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path, t
     return _save(fig, path)
 
 
-def plot_roc_pr(predictions: PredictionSet, path: Path, title: str = "") -> Path:
-    """One-vs-rest ROC and precision-recall curves per class (classes absent from the set skipped)."""
+def plot_roc_pr(predictions: PredictionSet, positive: int, path: Path, title: str = "") -> Path:
+    """ROC and precision-recall curves: the positive class for binary models, every class one-vs-rest
+    otherwise (classes absent from the set are skipped)."""
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5))
-    classes = range(predictions.num_classes) if predictions.num_classes > 2 else [1]
+    classes = range(predictions.num_classes) if predictions.num_classes > 2 else [positive]
     for c in classes:
         is_c = predictions.y_true == c
         if is_c.all() or not is_c.any():

@@ -64,7 +64,8 @@ def write_evaluation_report(payload: dict[str, Any], predictions: PredictionSet,
     title = f"{payload['model']} on {payload['dataset']} ({payload['split']})"
     plot_confusion(np.array(payload["confusion_matrix"]["counts"]), predictions.class_names,
                    out_dir / FIGURES["confusion_matrix"], title)
-    plot_roc_pr(predictions, out_dir / FIGURES["roc_pr_curves"], title)
+    positive = predictions.class_names.index(payload["positive_class"])
+    plot_roc_pr(predictions, positive, out_dir / FIGURES["roc_pr_curves"], title)
     plot_reliability(reliability, out_dir / FIGURES["reliability_diagram"], title)
     context = {"r": payload, "title": title, "figures": FIGURES, "out_dir": out_dir}
     write_text(out_dir / "report.html", render("evaluation.html.j2", **context))

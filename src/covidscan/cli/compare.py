@@ -1,0 +1,49 @@
+"""``covidscan compare``: study A's table of models with CIs, pairwise tests and prediction grids."""
+
+from __future__ import annotations
+
+import argparse
+
+from covidscan.cli.evaluate import parse_label_map
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="compare trained runs on the same test items (metrics with CIs + pairwise tests)",
+        description="Evaluate every run on the same items and write comparison.html/.md/.csv/.json: one row per "
+                    "model with each metric and its 95%% CI, runtime and parameter count, ranked by --metric; "
+                    "McNemar, Fisher's exact and DeLong tests for every pair; a grid of test images with "
+                    "predicted vs true labels per model.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories or checkpoint files (two or more)")
+    parser.add_argument("--data", help="common dataset (class folders or CSV manifest); default: each run's own "
+                                       "split, which must hold the same items for every run")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
+    parser.add_argument("--external", action="store_true", help="--data is an external dataset")
+    parser.add_argument("--label-map", nargs="+", default=[], metavar="DATASET_LABEL=CLASS",
+                        help="rename dataset labels to the models' classes")
+    parser.add_argument("--metric", default="f1",
+                        help="rank by this metric: accuracy, sensitivity, specificity, precision, f1, roc_auc, "
+                             "pr_auc (and macro_f1, macro_auroc for 3+ classes); default f1")
+    parser.add_argument("--positive-class", help="positive class for binary metrics (default: COVID-like class)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    parser.add_argument("--grid-size", type=int, default=16, help="images per prediction grid (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap and grid seed (default 0)")
+    parser.add_argument("--out", help="output folder (default: comparisons/ beside the first run)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from covidscan.evaluation.compare import compare_runs
+    from covidscan.evaluation.report import format_metric
+
+    result = compare_runs(args.runs, args.data, args.split, args.metric, args.out, args.bootstrap,
+                          parse_label_map(args.label_map), args.external, positive_class=args.positive_class,
+                          grid_size=args.grid_size, seed=args.seed)
+    print(f"ranked by {args.metric} on {result['dataset']} ({result['split']}, {result['n_items']} items):")
+    for row in result["rows"]:
+        print(f"  {row['rank']}. {row['run']:<32} {format_metric(row['metrics'][args.metric])}")
+    for pair in result["pairs"]:
+        tests = ", ".join(f"{t['test'].split(' ')[0]} p={t['p_value']:.3g}{t['stars']}" for t in pair["tests"])
+        print(f"  {pair['a']} vs {pair['b']}: {tests}")
+    print(f"report: {result['out_dir']}/comparison.html")
+    return 0
