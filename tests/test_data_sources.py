@@ -10,7 +10,7 @@ from conftest import write_image_folder
 from covidscan.cli import main
 from covidscan.data import load_samples, read_dicom, read_dicom_series, read_image, read_nifti, read_volume
 from covidscan.data.records import DataError
-from covidscan.data.sources import parse_label_map, write_skipped
+from covidscan.data.sources import parse_label_map
 from covidscan.data.synthetic import write_dicom_series, write_dicom_slice
 
 
@@ -43,8 +43,6 @@ def test_unknown_extension_is_an_error_or_skipped_and_listed(tmp_path):
         load_samples(root)
     data = load_samples(root, skip_bad=True)
     assert len(data.samples) == 4 and data.skipped[0][0].endswith("notes.txt")
-    listed = write_skipped(data.skipped, tmp_path / "skipped.csv")
-    assert "notes.txt" in listed.read_text()
 
 
 def test_split_folder_tree_keeps_its_splits(tmp_path):
@@ -111,6 +109,14 @@ def test_dicom_series_sorted_by_position_with_hu_rescale(tmp_path):
     np.testing.assert_allclose(volume.hu, hu)  # anatomical order restored, stored values rescaled to HU
     assert volume.spacing == (2.0, 0.7, 0.7)
     assert read_volume(tmp_path / "series").hu.shape == (depth, 16, 16)
+
+
+def test_dicom_series_with_mixed_slice_sizes_is_an_error(tmp_path):
+    write_dicom_slice(tmp_path / "a.dcm", np.zeros((8, 8)), 0.0)
+    write_dicom_slice(tmp_path / "b.dcm", np.zeros((8, 6)), 1.0)
+    with pytest.raises(DataError, match=r"b\.dcm: slice size"):
+        read_dicom_series(tmp_path)
+    assert read_dicom_series(tmp_path, pixels=False).hu.shape == (2, 0, 0)
 
 
 def test_dicom_slope_other_than_one(tmp_path):

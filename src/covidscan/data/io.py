@@ -150,14 +150,16 @@ def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...]
                       pixels: bool = True) -> Volume:
     """Read every DICOM file in ``folder`` as one series, sorted by slice position, in HU.
 
-    ``pixels=False`` reads headers only (``hu`` has shape (D, 0, 0)): it validates the series and
-    gives its slice count and spacing cheaply, e.g. to index slice stacks before decoding.
+    Headers are read and validated first, then slices are decoded straight into one preallocated
+    (D, H, W) array, so peak memory is about the volume itself rather than twice it.
+    ``pixels=False`` stops after the headers (``hu`` has shape (D, 0, 0)): it validates the series
+    and gives its slice count and spacing cheaply, e.g. to index slice stacks before decoding.
     """
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix))
     if not files:
         raise DataError(f"{folder}: no DICOM files (*.dcm) in this series folder")
-    slices = [(f, read_dicom(f, pixels=pixels)) for f in files]
+    slices = [(f, read_dicom(f, pixels=False)) for f in files]
     modalities = {s.modality for _, s in slices if s.modality}
     bad = modalities - set(allowed_modalities)
     if allowed_modalities and bad:
@@ -167,9 +169,6 @@ def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...]
     if len(orientations) > 1:
         raise DataError(f"{folder}: slices have {len(orientations)} different orientations; split the "
                         "folder into one series per orientation")
-    shapes = {s.pixels.shape for _, s in slices}
-    if len(shapes) > 1:
-        raise DataError(f"{folder}: slices have different sizes {sorted(shapes)}; not one series")
     if any(s.position is None for _, s in slices):
         missing = next(str(f) for f, s in slices if s.position is None)
         raise DataError(f"{missing}: no ImagePositionPatient or SliceLocation; cannot order the series")
@@ -185,7 +184,18 @@ def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...]
                       "slices may be missing", stacklevel=2)
     first = slices[0][1]
     spacing = (z, *first.spacing) if first.spacing else None
-    return Volume(np.stack([s.pixels for _, s in slices]), spacing, str(folder))
+    if not pixels:
+        return Volume(np.zeros((len(slices), 0, 0), np.float32), spacing, str(folder))
+    hu: np.ndarray | None = None
+    for index, (file, _) in enumerate(slices):
+        image = read_dicom(file).pixels
+        if hu is None:
+            hu = np.empty((len(slices), *image.shape), np.float32)
+        elif image.shape != hu.shape[1:]:
+            raise DataError(f"{file}: slice size {image.shape} differs from the series' {hu.shape[1:]}; "
+                            "not one series")
+        hu[index] = image
+    return Volume(hu, spacing, str(folder))
 
 
 def read_nifti(path: str | Path) -> np.ndarray:

@@ -147,20 +147,6 @@ def parse_label_map(items: list[str] | dict[str, str] | None) -> dict[str, str]:
     return mapping
 
 
-def write_skipped(skipped: list[tuple[str, str]], path: str | Path) -> Path | None:
-    """Write the ``--skip-bad`` list (path,reason) atomically, e.g. to ``<run>/skipped.csv``."""
-    if not skipped:
-        return None
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("path", "reason"))
-        writer.writerows(skipped)
-    tmp.replace(path)
-    return path
-
-
 def load_samples(
     source: str | Path,
     *,
