@@ -1,7 +1,7 @@
 """Compare several trained runs on the same test items: study A's table plus pairwise tests.
 
-Each run is evaluated with :func:`~covidscan.evaluation.evaluate.evaluate` (so each also gets its
-own full report); the comparison then checks that every run scored exactly the same items, ranks
+Each run is evaluated with :func:`~covidscan.evaluation.evaluate.evaluate` without writing into
+the run (``covidscan evaluate`` gives each run its full report); the comparison then checks that every run scored exactly the same items, ranks
 the runs by one metric and tests every pair (McNemar, Fisher's exact, DeLong).
 """
 
@@ -99,7 +99,7 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
     if len(runs) < 2:
         raise ValueError("compare needs at least two runs")
     evaluations = [evaluate(run, data, split, None, label_map, n_bootstrap, external,
-                            positive_class=positive_class, seed=seed) for run in runs]
+                            positive_class=positive_class, seed=seed, write=False) for run in runs]
     names = metric_names(evaluations[0].predictions.num_classes)
     if metric not in names:
         raise ValueError(f"--metric {metric!r} is not one of {list(names)}")
@@ -110,8 +110,7 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
 
     rows = []
     for evaluation in evaluations:
-        rows.append({**_run_info(evaluation), "metrics": evaluation.payload["metrics"],
-                     "report": str(evaluation.out_dir / "report.html")})
+        rows.append({**_run_info(evaluation), "metrics": evaluation.payload["metrics"]})
     rows.sort(key=lambda row: -(row["metrics"][metric]["value"] if row["metrics"][metric]["value"] is not None
                                 else -np.inf))
     for rank, row in enumerate(rows, start=1):

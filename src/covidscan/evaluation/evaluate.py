@@ -189,8 +189,9 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
              label_map: dict[str, str] | None = None, n_bootstrap: int = 1000, external: bool = False, *,
              positive_class: str | None = None, target_sensitivity: float | None = None,
              temperature_scaling: bool = False, aggregation: Aggregation = "mean", batch_size: int | None = None,
-             seed: int = 0, make_report: bool = True) -> Evaluation:
-    """Full evaluation of one run; see :func:`evaluate_run` for the arguments."""
+             seed: int = 0, write: bool = True) -> Evaluation:
+    """Full evaluation of one run; see :func:`evaluate_run` for the arguments. ``write=False`` only
+    computes (``compare`` uses it, so comparing never overwrites a run's own evaluation files)."""
     loaded = load_model(run)
     chosen = select_samples(loaded, data, split, label_map, external)
     positive = resolve_positive_class(loaded.class_names, positive_class or loaded.config.data.positive_class)
@@ -256,13 +257,13 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
                                     "bootstrap": patient_info, "confusion_matrix": _confusion(patients, positive)}
 
     out = Path(out_dir) if out_dir is not None else loaded.run_dir / "evaluation" / chosen.name
-    out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / "predictions.csv", predictions, predicted, at_threshold)
-    if make_report:
+    if write:
         from covidscan.evaluation.report import write_evaluation_report
 
+        out.mkdir(parents=True, exist_ok=True)
+        _write_predictions(out / "predictions.csv", predictions, predicted, at_threshold)
         payload["figures"] = write_evaluation_report(payload, predictions, reliability, out)
-    write_json(out / "metrics.json", payload)
+        write_json(out / "metrics.json", payload)
     logger.info("evaluation of %s on %s (%s): %s", loaded.run_dir, chosen.dataset, chosen.split,
                 ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None))
     return Evaluation(payload, predictions, predicted, loaded, out)

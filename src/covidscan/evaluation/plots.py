@@ -61,8 +61,9 @@ def plot_roc_pr(predictions: PredictionSet, positive: int, path: Path, title: st
                title="ROC", xlim=(0, 1), ylim=(0, 1.01))
     pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall",
               xlim=(0, 1), ylim=(0, 1.01))
-    for ax in (roc_ax, pr_ax):
-        ax.legend(loc="lower right" if ax is roc_ax else "lower left", fontsize=8)
+    for ax, corner in ((roc_ax, "lower right"), (pr_ax, "lower left")):
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when one class is absent
+            ax.legend(loc=corner, fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)

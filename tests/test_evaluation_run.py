@@ -1,0 +1,177 @@
+"""evaluate_run / compare_runs / CLI on tiny synthetic checkpoints: files, report, errors."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidscan.checkpoint import save_checkpoint
+from covidscan.cli import main
+from covidscan.config import config_from_dict
+from covidscan.data import load_samples
+from covidscan.data.records import DataError, SampleSet
+from covidscan.data.splits import save_splits
+from covidscan.evaluation import evaluate_run
+from covidscan.evaluation.compare import compare_runs
+from covidscan.models import create_model
+from conftest import write_image_folder
+
+
+class ImageCollector(HTMLParser):
+    """Collects <img src> values; parsing fails loudly on broken markup via the strict checks below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def parse_html(path: Path) -> ImageCollector:
+    parser = ImageCollector()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert {"html", "body", "table", "h1"} <= set(parser.tags)
+    return parser
+
+
+def assert_embedded_pngs(images: list[str], expected: int) -> None:
+    assert len(images) == expected
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root: Path, name: str, model: str, images: Path, classes=("COVID", "normal"), seed: int = 0) -> Path:
+    """A checkpoint of an untrained tiny model plus a splits.csv (alternate images to val / test)."""
+    config = config_from_dict({"name": name, "data": {"source": str(images), "image_size": 32, "channels": 1,
+                                                      "normalize": "sample"}, "model": {"name": model},
+                               "training": {"batch_size": 8}})
+    torch.manual_seed(seed)
+    run = root / name
+    save_checkpoint(run / "checkpoints" / "best.pt", model=create_model(model, len(classes), in_channels=1),
+                    config=config, class_names=list(classes), norm_stats=None, epoch=0)
+    samples = load_samples(images)
+    split = [s.with_split(("train", "val", "test")[i % 3]) for i, s in enumerate(samples.samples)]
+    save_splits(SampleSet(split, samples.class_names), run / "splits.csv")
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluation")
+    images = write_image_folder(root / "images", {"COVID": 12, "normal": 12})
+    external = write_image_folder(root / "external", {"CT_COVID": 5, "CT_NonCOVID": 5}, seed=1)
+    return {"images": images, "external": external, "a": make_run(root, "a", "cnn1", images),
+            "b": make_run(root, "b", "cnn2", images, seed=1), "root": root}
+
+
+def test_evaluate_run_writes_every_output_and_a_self_contained_report(runs):
+    result = evaluate_run(runs["a"], n_bootstrap=50)
+    out = runs["a"] / "evaluation" / "test"
+    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc_pr_curves.png",
+                 "reliability_diagram.png", "report.html", "report.md"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["n_items"] == result["n_items"] == 8 and saved["split"] == "test"
+    assert saved["positive_class"] == "COVID"
+    for metric in saved["metrics"].values():
+        assert metric["value"] is not None or metric["undefined"]
+        if metric["value"] is not None:
+            assert metric["ci_low"] <= metric["value"] + 1e-9 and metric["value"] <= metric["ci_high"] + 1e-9
+    assert saved["operating_point"]["chosen_on"].startswith("val")
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 8
+    assert {"path", "patient_id", "true", "predicted", "prob_COVID", "prob_normal"} <= set(rows[0])
+    assert_embedded_pngs(parse_html(out / "report.html").images, 3)
+    markdown = (out / "report.md").read_text()
+    assert "ROC AUC" in markdown and "(95% CI)" in markdown and "confusion_matrix.png" in markdown
+
+
+def test_external_evaluation_with_label_map_states_mapping_and_shift(runs):
+    result = evaluate_run(runs["a"], data=runs["external"], external=True, n_bootstrap=20,
+                          label_map={"CT_COVID": "COVID", "CT_NonCOVID": "normal"})
+    assert result["external"] and result["split"] == "all" and result["n_items"] == 10
+    out = runs["a"] / "evaluation" / "external-external"
+    html = (out / "report.html").read_text()
+    assert "CT_NonCOVID &rarr; normal" in html and "domain shift" in html and "external" in html
+
+
+def test_mismatched_classes_suggest_label_map(runs):
+    with pytest.raises(DataError, match="--label-map"):
+        evaluate_run(runs["a"], data=runs["external"], n_bootstrap=0)
+
+
+def test_empty_split_is_a_clear_error(runs, tmp_path):
+    run = tmp_path / "empty"
+    shutil.copytree(runs["a"], run)
+    samples = load_samples(runs["images"])
+    save_splits(SampleSet([s.with_split("train") for s in samples.samples], samples.class_names),
+                run / "splits.csv")
+    with pytest.raises(DataError, match="holds no samples"):
+        evaluate_run(run, n_bootstrap=0)
+
+
+def test_single_class_external_set_reports_undefined_auc(runs, tmp_path):
+    only_covid = write_image_folder(tmp_path / "only", {"COVID": 4})
+    result = evaluate_run(runs["a"], data=only_covid, external=True, n_bootstrap=20, out_dir=tmp_path / "out")
+    assert result["metrics"]["roc_auc"]["value"] is None
+    assert "only one class" in result["metrics"]["roc_auc"]["undefined"]
+    assert "undefined: only one class" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_patient_level_metrics_when_patient_ids_exist(runs, tmp_path):
+    images = sorted(runs["images"].rglob("*.png"))  # 12 COVID then 12 normal: two slices per patient
+    rows = ["path,label,patient_id"] + [f"{p},{p.parent.name},{p.parent.name}-{i // 2}" for i, p in enumerate(images)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    result = evaluate_run(runs["a"], data=manifest, n_bootstrap=20, out_dir=tmp_path / "out")
+    assert result["bootstrap"]["unit"] == "patient"
+    assert result["patient_level"]["n_patients"] == 12 and result["n_patients"] == 12
+
+
+def test_compare_runs_table_tests_and_grids(runs, tmp_path):
+    result = compare_runs([runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, out_dir=tmp_path / "cmp")
+    assert [row["rank"] for row in result["rows"]] == [1, 2]
+    values = [row["metrics"]["accuracy"]["value"] for row in result["rows"]]
+    assert values == sorted(values, reverse=True)
+    assert all(row["parameters"] > 0 for row in result["rows"])
+    assert {t["test"].split(" ")[0] for t in result["pairs"][0]["tests"]} == {"McNemar", "Fisher", "DeLong"}
+    for name in ("comparison.csv", "comparison.md", "comparison.json"):
+        assert (tmp_path / "cmp" / name).is_file()
+    assert_embedded_pngs(parse_html(tmp_path / "cmp" / "comparison.html").images, 2)
+
+
+def test_compare_refuses_runs_scored_on_different_items(runs, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(runs["b"], other)
+    samples = load_samples(runs["images"])
+    save_splits(SampleSet([s.with_split(("test", "val", "train")[i % 3]) for i, s in enumerate(samples.samples)],
+                          samples.class_names), other / "splits.csv")
+    with pytest.raises(DataError, match="different items"):
+        compare_runs([runs["a"], other], n_bootstrap=0, out_dir=tmp_path / "cmp")
+
+
+def test_cli_evaluate_and_compare(runs, tmp_path, capsys):
+    code = main(["evaluate", "--checkpoint", str(runs["a"]), "--bootstrap", "20", "--target-sensitivity", "0.9",
+                 "--temperature-scaling", "--out", str(tmp_path / "ev")])
+    assert code == 0
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["operating_point"]["method"] == "sensitivity" and saved["calibration"]["temperature"] > 0
+    assert "report:" in capsys.readouterr().out
+    assert main(["compare", str(runs["a"]), str(runs["b"]), "--bootstrap", "20", "--out", str(tmp_path / "c")]) == 0
+    assert "vs" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(runs["a"]), "--data", str(runs["external"])]) == 2
+    assert "--label-map" in capsys.readouterr().err
