@@ -190,12 +190,20 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
 
 _TABLE_COLUMNS = ("name", "date", "status", "model", "dataset", "epochs", "monitor", "best", "test_accuracy",
                   "test_f1", "test_auc", "runtime_seconds")
+
+
+def _table_cell(run: RunSummary, column: str) -> str:
+    if column == "date":
+        return run.date[:16].replace("T", " ")
+    if column == "runtime_seconds" and run.runtime_seconds is not None:
+        return f"{run.runtime_seconds:.0f}"
+    return _cell(getattr(run, column))
 
 
 def format_runs(runs: list[RunSummary], fmt: Literal["table", "csv", "json"] = "table") -> str:
@@ -213,8 +221,7 @@ def format_runs(runs: list[RunSummary], fmt: Literal["table", "csv", "json"] = "
     if not runs:
         return "no runs found"
     headers = [c.replace("test_", "test ").replace("runtime_seconds", "runtime s") for c in _TABLE_COLUMNS]
-    cells = [[_cell(getattr(run, c)) if c != "date" else run.date[:16].replace("T", " ") for c in _TABLE_COLUMNS]
-             for run in runs]
+    cells = [[_table_cell(run, column) for column in _TABLE_COLUMNS] for run in runs]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]

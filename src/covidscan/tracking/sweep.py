@@ -18,6 +18,7 @@ import csv
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,7 @@ def _pruner(name: str) -> Any:
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"pruner must be one of {list(PRUNERS)}, got {name!r}")
@@ -204,8 +205,11 @@ def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: i
     monitor, mode = config.training.checkpoint_monitor, config.training.checkpoint_mode
 
     # Heartbeats let a resumed sweep mark trials of a killed process as failed instead of running.
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180) \
-        if storage.startswith(("sqlite:", "postgresql", "mysql")) else storage
+    rdb: Any = storage
+    if storage.startswith(("sqlite:", "postgresql", "mysql")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     try:
         done_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
     except KeyError:

@@ -1,0 +1,123 @@
+"""MLflow and TensorBoard tracking callbacks on a tiny real training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from covidscan.config import RunConfig, load_config
+from covidscan.tracking import (
+    MLflowCallback,
+    TensorBoardCallback,
+    callbacks_from_args,
+    closing_on_error,
+    flatten,
+    make_trackers,
+)
+from covidscan.tracking.tensorboard import scalar_tag
+from covidscan.training import train
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def tiny_config(output_dir: Path, epochs: int = 2) -> RunConfig:
+    """The demo config shrunk to seconds: 32 px, 10 images per class, no test split."""
+    return load_config(DEMO, [f"output_dir={output_dir}", "data.image_size=32", "data.max_per_class=10",
+                              "data.split.ratios=[0.7, 0.3, 0.0]", f"training.phases.0.epochs={epochs}",
+                              "training.batch_size=8"])
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """One run logged to both trackers (training once keeps this file fast)."""
+    output_dir = tmp_path_factory.mktemp("tracked")
+    config = tiny_config(output_dir)
+    result = train(config, callbacks=make_trackers(["mlflow", "tensorboard"]))
+    return config, result
+
+
+def test_mlflow_logs_params_metrics_and_artefacts(tracked_run):
+    from mlflow import MlflowClient
+
+    config, result = tracked_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(config.name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == result.run_dir.name
+    assert run.data.params["training.phases.0.lr"] == str(config.training.phases[0].lr)
+    assert run.data.params["model.name"] == config.model.name
+    val_loss = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val_loss] == [row["epoch"] for row in result.history]
+    assert [m.value for m in val_loss] == pytest.approx([row["val_loss"] for row in result.history])
+    artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "history.csv", "metrics.json", "plots"} <= artefacts
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")} >= {"loss.png"}
+
+
+def test_tensorboard_event_file_holds_the_epoch_scalars(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, result = tracked_run
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert {"loss/train", "loss/val", "accuracy/val", "lr"} <= set(events.Tags()["scalars"])
+    logged = events.Scalars("loss/val")
+    assert [e.step for e in logged] == [row["epoch"] for row in result.history]
+    assert [e.value for e in logged] == pytest.approx([row["val_loss"] for row in result.history], rel=1e-5)
+
+
+def test_trackers_write_nothing_off_rank_zero(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    config = tiny_config(tmp_path)
+    for tracker in (MLflowCallback(), TensorBoardCallback()):
+        tracker.on_train_start(tmp_path / "run", config)
+        tracker.on_epoch_end(1, {"loss": 0.5})
+        tracker.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_training_ends_the_mlflow_run_as_failed(tracked_run, tmp_path):
+    from mlflow import MlflowClient
+
+    config, _ = tracked_run  # reuse its store: creating an MLflow database takes seconds
+    uri = f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}"
+    tracker = MLflowCallback(tracking_uri=uri, experiment="crashed")
+    with pytest.raises(RuntimeError), closing_on_error([tracker]):
+        tracker.on_train_start(tmp_path, config)
+        tracker.on_epoch_end(1, {"loss": 0.7, "val_loss": float("nan")})
+        raise RuntimeError("out of memory")
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("crashed").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"loss": 0.7}  # NaN is not sent to MLflow
+
+
+def test_flatten_gives_the_dotted_keys_of_set_overrides():
+    tree = {"training": {"phases": [{"lr": 0.1}], "batch_size": 8}, "data": {"split": {"ratios": [0.8, 0.1, 0.1]}}}
+    assert flatten(tree) == {"training.phases.0.lr": 0.1, "training.batch_size": 8,
+                             "data.split.ratios": [0.8, 0.1, 0.1]}
+
+
+def test_scalar_tags_pair_train_and_validation():
+    assert [scalar_tag(n) for n in ("loss", "val_loss", "val_auc", "lr")] == ["loss/train", "loss/val", "auc/val", "lr"]
+
+
+def test_tracker_selection_from_the_command_line():
+    import argparse
+
+    from covidscan.tracking import add_tracking_arguments
+
+    parser = argparse.ArgumentParser()
+    add_tracking_arguments(parser)
+    trackers = callbacks_from_args(parser.parse_args(["--track", "mlflow", "tensorboard", "--tracking-uri",
+                                                      "http://mlflow:5000"]))
+    assert [type(t) for t in trackers] == [MLflowCallback, TensorBoardCallback]
+    assert trackers[0].tracking_uri == "http://mlflow:5000"
+    assert callbacks_from_args(parser.parse_args([])) == []
+    with pytest.raises(ValueError, match="wandb"):
+        make_trackers(["wandb"])
