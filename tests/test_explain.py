@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gc
 import tracemalloc
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 from covidscan.checkpoint import load_model
 from covidscan.cli import main as cli_main
 from covidscan.config import config_from_dict
+from covidscan.data import DataError, LeakageWarning
 from covidscan.explain import CAM_METHODS, compute_cam, explain_image, resolve_target_layer
 from covidscan.models import ClassifierModel, create_model
 from covidscan.training import train
@@ -56,7 +58,9 @@ def blob_run(tmp_path_factory) -> Path:
         "model": {"name": "cnn1"},
         "training": {"batch_size": 16, "phases": [{"epochs": 6, "lr": 0.003}]},
     })
-    return Path(train(config).run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LeakageWarning)  # synthetic images have no patients to group
+        return Path(train(config).run_dir)
 
 
 @pytest.mark.parametrize("method", CAM_METHODS)
@@ -138,12 +142,15 @@ def test_target_layer_is_the_models_cam_target_and_overridable():
 
 def test_no_hooks_gradients_or_memory_leak_over_100_calls():
     torch.manual_seed(0)
-    model = create_model("cnn1", num_classes=2, in_channels=1)
+    backbone = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 2))
+    model = ClassifierModel(backbone, head)
     model.train()
     sentinels = {name: torch.full_like(p, 0.5) for name, p in model.named_parameters()}
     for name, p in model.named_parameters():
         p.grad = sentinels[name].clone()
-    x = torch.rand(1, 1, 32, 32)
+    x = torch.rand(1, 1, 16, 16)
 
     def call(i: int) -> None:
         result = compute_cam(model, x, CAM_METHODS[i % 3], samples=2)
@@ -172,3 +179,22 @@ def test_no_hooks_gradients_or_memory_leak_over_100_calls():
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * 4096
+
+
+def test_scan_explanation_covers_every_slice_of_the_scan(tmp_path):
+    """A 10-slice NIfTI scan cut into 4-slice stacks: the stitched map spans all 10 slices."""
+    import nibabel as nib
+
+    from covidscan.checkpoint import LoadedModel
+
+    hu = np.random.default_rng(4).normal(-600, 300, (20, 18, 10)).astype(np.float32)  # nibabel (x, y, z)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "scan.nii.gz")
+    config = config_from_dict({"data": {"spatial_dims": 3, "depth": 4, "image_size": 16, "channels": 1,
+                                        "normalize": "sample"}})
+    loaded = LoadedModel(tiny_3d_model().eval(), config, ["CP", "NCP", "Normal"], None, tmp_path / "best.pt", {})
+    explanation = explain_image(loaded, tmp_path / "scan.nii.gz", "gradcam")
+    assert explanation.map.shape == (10, 16, 16)
+    assert explanation.map.max() == pytest.approx(1.0)
+    assert explanation.overlay_png_bytes.startswith(b"\x89PNG")
+    with pytest.raises(DataError, match="by path"):
+        explain_image(loaded, np.zeros((10, 16, 16)))

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-HEATMAP_ALPHA = 0.45
+HEATMAP_ALPHA = 0.6  # opacity at the map's maximum
 MAX_MONTAGE_SLICES = 36
 
 
@@ -66,7 +66,9 @@ def _draw(axes: Axes, image: np.ndarray, cam: np.ndarray, cmap: str) -> None:
     # a shared extent lays a low-resolution map exactly over the full-resolution slice
     extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
     axes.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, extent=extent)
-    axes.imshow(cam, cmap=cmap, vmin=0.0, vmax=1.0, alpha=HEATMAP_ALPHA, extent=extent, interpolation="bilinear")
+    # opacity grows with relevance, so the anatomy stays visible where the map is near zero
+    axes.imshow(cam, cmap=cmap, vmin=0.0, vmax=1.0, alpha=HEATMAP_ALPHA * np.clip(cam, 0.0, 1.0) ** 0.5,
+                extent=extent, interpolation="bilinear")
     axes.axis("off")
 
 
