@@ -1,0 +1,314 @@
+"""3D CT input (study C): one scan per patient, cut into stacks of ``data.depth`` adjacent slices.
+
+A scan is a DICOM series folder, a NIfTI file, or a folder of slice images (PNG/JPEG, in natural
+name order: ``slice2`` before ``slice10``). Each scan becomes one or more ``(C, D, H, W)`` stacks
+that inherit its label and patient id; evaluation aggregates stack predictions per patient.
+
+Memory: the stack index is built from headers only (DICOM without pixels, the NIfTI header, a
+file count), and pixels are decoded when a stack is asked for. A small LRU cache keeps the last
+few preprocessed scans, so streaming the stacks of one scan decodes it once. Nothing holds the
+whole dataset in RAM.
+
+Preprocessing of a scan, in order: optional lung crop/mask (HU threshold + largest components,
+scipy.ndimage), HU window to [0, 1], in-plane resize to ``image_size`` (antialiased), optional
+resampling to ``volume.z_spacing`` mm between slices. Augmentation (MONAI, dimension-agnostic)
+runs on each stack at training time only. See docs/volumes.md for the bad-input policies.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from covidscan.config import ConfigError, DataConfig
+from covidscan.data.io import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    LUNG_WINDOW,
+    apply_window,
+    is_nifti,
+    read_dicom_series,
+    read_image,
+    read_volume,
+)
+from covidscan.data.records import DataError, Sample
+from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
+
+LUNG_THRESHOLD_HU = -320.0  # air-filled lung parenchyma lies below, soft tissue above
+STACK_SEPARATOR = "#stack"
+
+
+@dataclass(frozen=True)
+class ScanHeader:
+    """What indexing needs from a scan without decoding pixels."""
+
+    num_slices: int
+    z_spacing: float | None  # mm between slices; None when unknown (slice-image folders)
+    is_hu: bool  # DICOM/NIfTI are in HU; slice images are already display values in [0, 1]
+
+
+def slice_image_files(folder: str | Path) -> list[Path]:
+    """The slice images of a folder in natural name order (``2.png`` before ``10.png``)."""
+    files = [p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)])
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in folder.iterdir())
+
+
+def read_scan_header(path: str | Path) -> ScanHeader:
+    """Slice count and spacing of a scan from headers only; validates DICOM series on the way
+    (modality CT, one orientation, known and distinct slice positions)."""
+    path = Path(path)
+    if path.is_dir():
+        if _is_dicom_folder(path):
+            series = read_dicom_series(path, pixels=False)
+            return ScanHeader(series.hu.shape[0], series.spacing[0] if series.spacing else None, True)
+        files = slice_image_files(path)
+        if not files:
+            raise DataError(f"{path}: neither DICOM files nor slice images ({sorted(IMAGE_EXTENSIONS)}) in this "
+                            "scan folder")
+        return ScanHeader(len(files), None, False)
+    if is_nifti(path):
+        import nibabel as nib
+
+        try:
+            header = nib.load(str(path)).header
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
+            raise DataError(f"{path}: not a readable NIfTI file ({exc})") from exc
+        shape, zooms = header.get_data_shape(), header.get_zooms()
+        if len(shape) not in (2, 3):
+            raise DataError(f"{path}: expected a 3D NIfTI volume, got shape {shape}")
+        return ScanHeader(shape[2] if len(shape) == 3 else 1, float(zooms[2]) if len(zooms) > 2 else None, True)
+    raise DataError(f"{path}: a 3D scan must be a DICOM series folder, a .nii/.nii.gz file or a folder of slice "
+                    "images; for single 2D images use data.spatial_dims: 2")
+
+
+def resampled_slice_count(header: ScanHeader, z_spacing: float | None, path: str) -> int:
+    """Slices after resampling to ``z_spacing`` mm (the scan's own count when None)."""
+    if z_spacing is None:
+        return header.num_slices
+    if header.z_spacing is None:
+        raise DataError(f"{path}: slice spacing unknown (slice images carry none), so data.volume.z_spacing cannot "
+                        "be applied; unset it or give DICOM/NIfTI scans")
+    return max(1, round(header.num_slices * header.z_spacing / z_spacing))
+
+
+def stack_starts(num_slices: int, depth: int, stride: int) -> list[int]:
+    """First slice of each stack: every ``stride`` slices, plus one ending on the last slice."""
+    if num_slices <= depth:
+        return [0]
+    starts = list(range(0, num_slices - depth + 1, stride))
+    if starts[-1] != num_slices - depth:
+        starts.append(num_slices - depth)
+    return starts
+
+
+def lung_mask(hu: np.ndarray, threshold: float = LUNG_THRESHOLD_HU) -> np.ndarray:
+    """Boolean (D, H, W) lung mask: air below ``threshold`` HU not connected to the image border
+    (outside air, the table), its two largest 3D components, holes (vessels) filled per slice."""
+    from scipy import ndimage
+
+    air = hu < threshold
+    labels, count = ndimage.label(air)
+    if count == 0:
+        return np.zeros_like(air)
+    sizes = np.asarray(ndimage.sum_labels(air, labels, index=np.arange(1, count + 1)))
+    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    sizes[border[border > 0] - 1] = 0
+    order = np.argsort(sizes)[::-1][:2]
+    keep = [i + 1 for i in order if sizes[i] > 0 and sizes[i] >= 0.1 * sizes[order[0]]]
+    mask = np.isin(labels, keep)
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+
+
+def _lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[slice, slice]:
+    """Square in-plane box around the mask (all slices), with a margin, clipped to the image."""
+    rows, cols = np.nonzero(mask.any(axis=0))
+    height, width = mask.shape[1:]
+    side = max(np.ptp(rows), np.ptp(cols)) * (1 + 2 * margin) + 1
+    side = int(min(side, height, width))
+    boxes = []
+    for centre, size in (((rows.min() + rows.max()) / 2, height), ((cols.min() + cols.max()) / 2, width)):
+        start = int(np.clip(round(centre - side / 2), 0, size - side))
+        boxes.append(slice(start, start + side))
+    return boxes[0], boxes[1]
+
+
+def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch.Tensor:
+    """Decode and preprocess one scan to a float32 (D', S, S) tensor in [0, 1]."""
+    path = Path(path)
+    if header.is_hu:
+        volume = read_volume(path).hu
+    else:
+        volume = np.stack([read_image(f) for f in slice_image_files(path)])
+    lung = config.volume.lung
+    if lung != "none":
+        if not header.is_hu:
+            raise DataError(f"{path}: data.volume.lung '{lung}' needs CT values in HU (DICOM/NIfTI); slice images "
+                            "are already windowed. Set data.volume.lung: none")
+        mask = lung_mask(volume)
+        if not mask.any():
+            raise DataError(f"{path}: no lung region found (air below {LUNG_THRESHOLD_HU:g} HU inside the body); "
+                            "is this a chest CT? Set data.volume.lung: none to use the full slices")
+    if header.is_hu:
+        volume = apply_window(volume, config.window or LUNG_WINDOW)
+    if lung == "mask":
+        volume = np.where(mask, volume, 0.0)  # lung-segmented slices: black outside the lungs
+    elif lung == "crop":
+        rows, cols = _lung_box(mask)
+        volume = volume[:, rows, cols]
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+    size = config.image_size
+    if tensor.shape[1:] != (size, size):
+        tensor = F.interpolate(tensor[:, None], size=(size, size), mode="bilinear", antialias=True,
+                               align_corners=False)[:, 0]
+    depth = resampled_slice_count(header, config.volume.z_spacing, str(path))
+    if depth != tensor.shape[0]:
+        tensor = F.interpolate(tensor[None, None], size=(depth, size, size), mode="trilinear",
+                               align_corners=False)[0, 0]
+    return tensor.clamp_(0.0, 1.0)
+
+
+def volume_transform(config: DataConfig, *, train: bool):
+    """MONAI transforms for one ``(1, D, H, W)`` stack: augmentation when training (from
+    ``data.augment``; rotation/zoom/shift in-plane, never across slices), channels, normalisation."""
+    from monai.transforms import (
+        Compose,
+        Lambda,
+        NormalizeIntensity,
+        RandAffine,
+        RandFlip,
+        RandScaleIntensity,
+        RepeatChannel,
+        ToTensor,
+    )
+
+    aug, size = config.augment, config.image_size
+    steps = []
+    if train:
+        if aug.rotation or aug.zoom or aug.shift:
+            steps.append(RandAffine(prob=1.0, rotate_range=(np.deg2rad(aug.rotation), 0, 0),
+                                    scale_range=(0, aug.zoom, aug.zoom),
+                                    translate_range=(0, aug.shift * size, aug.shift * size), padding_mode="zeros"))
+        if aug.hflip:
+            steps.append(RandFlip(prob=0.5, spatial_axis=2))
+        if aug.brightness:
+            steps.append(RandScaleIntensity(factors=aug.brightness, prob=1.0))
+            steps.append(Lambda(lambda t: t.clamp(0, 1)))
+    if config.channels == 3:
+        steps.append(RepeatChannel(repeats=3))
+    if config.normalize == "imagenet":
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if config.channels == 3 else \
+            ([float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))])
+        steps.append(NormalizeIntensity(subtrahend=mean, divisor=std, channel_wise=True))
+    elif config.normalize == "sample":
+        steps.append(NormalizeIntensity())
+    elif config.normalize == "dataset":
+        raise ConfigError("data.normalize 'dataset' is not available for 3D volumes; use 'sample', 'imagenet' "
+                          "or 'none'")
+    steps.append(ToTensor(track_meta=False))
+    return Compose(steps)
+
+
+class VolumeStackDataset(Dataset):
+    """Stacks of ``depth`` adjacent slices over a list of scans; items are ``(C, D, H, W), label``.
+
+    ``item_samples[i]`` is the scan's sample with ``#stack<k>`` appended to its path and the scan's
+    patient id (the scan path when it has none), so per-patient aggregation groups a scan's stacks.
+    """
+
+    def __init__(self, scans: Sequence[Sample], class_names: Sequence[str], config: DataConfig, *,
+                 train: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.scans = list(scans)
+        self.config = config
+        self.class_index = {name: i for i, name in enumerate(class_names)}
+        self.transform = volume_transform(config, train=train)
+        depth, stride = config.depth, config.volume.stride or config.depth
+        self.headers: list[ScanHeader] = []
+        self.stacks: list[tuple[int, int]] = []  # (scan index, first slice)
+        self._item_samples: list[Sample] = []
+        short = []
+        for scan_index, scan in enumerate(tqdm(self.scans, desc="indexing scans", unit="scan", leave=False,
+                                               disable=len(self.scans) < 50)):
+            header = read_scan_header(scan.path)
+            slices = resampled_slice_count(header, config.volume.z_spacing, scan.path)
+            if slices == 1 and depth > 1:
+                raise DataError(f"{scan.path}: a single-slice scan cannot make a {depth}-slice stack; use "
+                                "data.spatial_dims: 2 for single images, or data.depth: 1")
+            if slices < depth:
+                if config.volume.short_scan == "refuse":
+                    raise DataError(f"{scan.path}: {slices} slices, fewer than data.depth {depth}; lower data.depth, "
+                                    "or set data.volume.short_scan: pad to repeat the edge slices")
+                short.append(scan.path)
+            self.headers.append(header)
+            for k, start in enumerate(stack_starts(slices, depth, stride)):
+                self.stacks.append((scan_index, start))
+                self._item_samples.append(Sample(f"{scan.path}{STACK_SEPARATOR}{k}", scan.label,
+                                                 scan.patient_id or scan.path, scan.split))
+        if short:
+            logger.warning("%d scan(s) have fewer than %d slices and are edge-padded (first: %s)",
+                           len(short), depth, short[0])
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.stacks)
+
+    @property
+    def item_samples(self) -> list[Sample]:
+        return self._item_samples
+
+    def scan_volume(self, scan_index: int) -> torch.Tensor:
+        """The preprocessed (D, S, S) scan, from the LRU cache when it was used recently."""
+        if scan_index in self._cache:
+            self._cache.move_to_end(scan_index)
+            return self._cache[scan_index]
+        volume = load_scan(self.scans[scan_index].path, self.config, self.headers[scan_index])
+        self._cache[scan_index] = volume
+        if len(self._cache) > self.config.volume.cache_scans:
+            self._cache.popitem(last=False)
+        return volume
+
+    def stack(self, index: int) -> torch.Tensor:
+        """Item ``index`` as a (1, depth, S, S) [0, 1] stack, edge-padded when the scan is short."""
+        scan_index, start = self.stacks[index]
+        stack = self.scan_volume(scan_index)[start:start + self.config.depth]
+        missing = self.config.depth - stack.shape[0]
+        if missing:
+            stack = F.pad(stack[None, None], (0, 0, 0, 0, missing // 2, missing - missing // 2), mode="replicate")[0, 0]
+        return stack[None]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = self.scans[self.stacks[index][0]].label
+        # MONAI's random transforms follow torch's RNG, which the trainer seeds per run and per worker
+        self.transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        return self.transform(self.stack(index)), self.class_index[label] if label is not None else -1
+
+
+def build_volume_dataset(config: DataConfig, samples: Sequence[Sample], class_names: Sequence[str], *,
+                         train: bool) -> VolumeStackDataset:
+    """The 3D dataset ``build_dataset`` returns for ``data.spatial_dims: 3``."""
+    return VolumeStackDataset(samples, class_names, config, train=train)
+
+
+def scan_stacks(path: str | Path, config: DataConfig) -> torch.Tensor:
+    """All evaluation-mode stacks of one scan as a (N, C, D, S, S) batch (prediction, explanation)."""
+    dataset = VolumeStackDataset([Sample(str(path), None)], [], config, train=False)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
