@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from covidscan.cli import main
 from covidscan.config import RunConfig, load_config
 from covidscan.tracking import (
     MLflowCallback,
@@ -16,41 +17,43 @@ from covidscan.tracking import (
     make_trackers,
 )
 from covidscan.tracking.tensorboard import scalar_tag
-from covidscan.training import train
+from covidscan.training.history import read_history
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-def tiny_config(output_dir: Path, epochs: int = 2) -> RunConfig:
-    """The demo config shrunk to seconds: 32 px, 10 images per class, no test split."""
-    return load_config(DEMO, [f"output_dir={output_dir}", "data.image_size=32", "data.max_per_class=10",
-                              "data.split.ratios=[0.7, 0.3, 0.0]", f"training.phases.0.epochs={epochs}",
-                              "training.batch_size=8"])
+TINY = ["data.image_size=32", "data.max_per_class=10", "data.split.ratios=[0.7, 0.3, 0.0]",
+        "training.phases.0.epochs=2", "training.batch_size=8"]  # the demo config shrunk to seconds
+
+
+def tiny_config(output_dir: Path) -> RunConfig:
+    return load_config(DEMO, [f"output_dir={output_dir}", *TINY])
 
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
-    """One run logged to both trackers (training once keeps this file fast)."""
+    """One run of ``covidscan train --track mlflow tensorboard`` (training once keeps this file fast)."""
     output_dir = tmp_path_factory.mktemp("tracked")
-    config = tiny_config(output_dir)
-    result = train(config, callbacks=make_trackers(["mlflow", "tensorboard"]))
-    return config, result
+    overrides = [arg for item in [f"output_dir={output_dir}", *TINY] for arg in ("--set", item)]
+    assert main(["train", "--config", str(DEMO), *overrides, "--track", "mlflow", "tensorboard"]) == 0
+    (run_dir,) = [path.parent for path in output_dir.glob("*/history.csv")]
+    return tiny_config(output_dir), run_dir, read_history(run_dir / "history.csv")
 
 
 def test_mlflow_logs_params_metrics_and_artefacts(tracked_run):
     from mlflow import MlflowClient
 
-    config, result = tracked_run
+    config, run_dir, history = tracked_run
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(config.name)
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == result.run_dir.name
+    assert run.info.run_name == run_dir.name
     assert run.data.params["training.phases.0.lr"] == str(config.training.phases[0].lr)
     assert run.data.params["model.name"] == config.model.name
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
-    assert [m.step for m in val_loss] == [row["epoch"] for row in result.history]
-    assert [m.value for m in val_loss] == pytest.approx([row["val_loss"] for row in result.history])
+    assert [m.step for m in val_loss] == [row["epoch"] for row in history]
+    assert [m.value for m in val_loss] == pytest.approx([row["val_loss"] for row in history])
     artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "history.csv", "metrics.json", "plots"} <= artefacts
     assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")} >= {"loss.png"}
@@ -59,13 +62,13 @@ def test_mlflow_logs_params_metrics_and_artefacts(tracked_run):
 def test_tensorboard_event_file_holds_the_epoch_scalars(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, result = tracked_run
-    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    _, run_dir, history = tracked_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert {"loss/train", "loss/val", "accuracy/val", "lr"} <= set(events.Tags()["scalars"])
     logged = events.Scalars("loss/val")
-    assert [e.step for e in logged] == [row["epoch"] for row in result.history]
-    assert [e.value for e in logged] == pytest.approx([row["val_loss"] for row in result.history], rel=1e-5)
+    assert [e.step for e in logged] == [row["epoch"] for row in history]
+    assert [e.value for e in logged] == pytest.approx([row["val_loss"] for row in history], rel=1e-5)
 
 
 def test_trackers_write_nothing_off_rank_zero(tmp_path, monkeypatch):
@@ -84,7 +87,7 @@ def test_trackers_write_nothing_off_rank_zero(tmp_path, monkeypatch):
 def test_failed_training_ends_the_mlflow_run_as_failed(tracked_run, tmp_path):
     from mlflow import MlflowClient
 
-    config, _ = tracked_run  # reuse its store: creating an MLflow database takes seconds
+    config, _, _ = tracked_run  # reuse its store: creating an MLflow database takes seconds
     uri = f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}"
     tracker = MLflowCallback(tracking_uri=uri, experiment="crashed")
     with pytest.raises(RuntimeError), closing_on_error([tracker]):
@@ -95,6 +98,20 @@ def test_failed_training_ends_the_mlflow_run_as_failed(tracked_run, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("crashed").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.metrics == {"loss": 0.7}  # NaN is not sent to MLflow
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tracked_run):
+    from mlflow import MlflowClient
+
+    config, run_dir, history = tracked_run
+    uri = f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}"
+    tracker = MLflowCallback(tracking_uri=uri)
+    tracker.on_train_start(run_dir, config)
+    tracker.on_epoch_end(len(history) + 1, {"val_loss": 0.1})
+    tracker.close()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")][-1] == len(history) + 1
 
 
 def test_flatten_gives_the_dotted_keys_of_set_overrides():

@@ -8,7 +8,7 @@ from covidscan.cli import add_config_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from covidscan.tracking.callbacks import add_tracking_arguments
+    from covidscan.tracking.options import add_tracking_arguments
 
     parser = subparsers.add_parser(
         "sweep", help="hyper-parameter search (Optuna): random or TPE sampling, median pruning, resumable",

@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "used unless --config is given (--set overrides still apply)")
     parser.add_argument("--strict", action="store_true",
                         help="refuse to train when val/test share patients or near-duplicate images with train")
+    from covidscan.tracking.options import add_tracking_arguments
+
+    add_tracking_arguments(parser)  # --track mlflow|tensorboard, --tracking-uri, --experiment
     parser.set_defaults(handler=run)
 
 
@@ -37,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, args.overrides)
     if args.strict:
         config.training.strict_leakage = True
-    result = train(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume))
+    from covidscan.tracking import callbacks_from_args, closing_on_error
+
+    trackers = callbacks_from_args(args)
+    with closing_on_error(trackers):
+        result = train(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume), callbacks=trackers)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {result.run_dir}")
         summary = {"best": result.best_metrics, "test": _headline(result.test_metrics)}

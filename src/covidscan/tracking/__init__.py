@@ -1,26 +1,34 @@
 """Experiment management: MLflow / TensorBoard tracking callbacks, Optuna sweeps, run listing.
 
-MLflow, Optuna and TensorBoard (the ``track`` extra) are imported only when used.
+Names are imported on first use (PEP 562), so ``covidscan --help`` and the ``--track`` options do
+not pay for the trainer, MLflow or Optuna.
 """
 
-from covidscan.tracking.callbacks import (
-    TRACKERS,
-    TrackingCallback,
-    add_tracking_arguments,
-    callbacks_from_args,
-    closing_on_error,
-    flatten,
-    is_main_process,
-    make_trackers,
-)
-from covidscan.tracking.mlflow import MLflowCallback, default_tracking_uri
-from covidscan.tracking.runs import RunSummary, find_run_dirs, format_runs, list_runs, show_run, summarize_run
-from covidscan.tracking.sweep import SweepResult, TrialCallback, load_search_space, parse_search_space, run_sweep
-from covidscan.tracking.tensorboard import TensorBoardCallback
+from __future__ import annotations
 
-__all__ = [
-    "TRACKERS", "MLflowCallback", "RunSummary", "SweepResult", "TensorBoardCallback", "TrackingCallback",
-    "TrialCallback", "add_tracking_arguments", "callbacks_from_args", "closing_on_error", "default_tracking_uri",
-    "find_run_dirs", "flatten", "format_runs", "is_main_process", "list_runs", "load_search_space",
-    "make_trackers", "parse_search_space", "run_sweep", "show_run", "summarize_run",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "covidscan.tracking.options": ("TRACKERS", "add_tracking_arguments"),
+    "covidscan.tracking.callbacks": ("TrackingCallback", "callbacks_from_args", "closing_on_error", "flatten",
+                                     "is_main_process", "make_trackers"),
+    "covidscan.tracking.mlflow": ("MLflowCallback", "default_tracking_uri"),
+    "covidscan.tracking.tensorboard": ("TensorBoardCallback",),
+    "covidscan.tracking.runs": ("RunSummary", "find_run_dirs", "format_runs", "list_runs", "show_run",
+                                "summarize_run"),
+    "covidscan.tracking.sweep": ("SweepResult", "TrialCallback", "load_search_space", "parse_search_space",
+                                 "run_sweep"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'covidscan.tracking' has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -14,10 +14,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from covidscan.tracking.options import TRACKERS
 from covidscan.training.callbacks import Callback
-
-TRACKERS = ("mlflow", "tensorboard")
-
 
 def is_main_process() -> bool:
     """True outside DDP and on rank 0 inside it."""
@@ -72,18 +70,6 @@ def make_trackers(names: Sequence[str], tracking_uri: str | None = None, experim
 
         trackers.append(TensorBoardCallback())
     return trackers
-
-
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--track`` / ``--tracking-uri`` / ``--experiment``, shared by ``train`` and ``sweep``."""
-    group = parser.add_argument_group("experiment tracking")
-    group.add_argument("--track", nargs="+", choices=TRACKERS, default=[], metavar="{mlflow,tensorboard}",
-                       help="log params, per-epoch metrics and artefacts to MLflow and/or TensorBoard")
-    group.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (a server such as http://host:5000, or sqlite:///file.db); "
-                            "default sqlite:///<output_dir>/mlflow.db")
-    group.add_argument("--experiment", default=None,
-                       help="MLflow experiment name (default: the config's name)")
 
 
 def callbacks_from_args(args: argparse.Namespace) -> list[TrackingCallback]:

@@ -75,10 +75,17 @@ class MLflowCallback(TrackingCallback):
             experiment_id = self._client.create_experiment(name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
-        tags = {"covidscan.run_dir": str(self._run_dir.resolve()), "covidscan.model": config.model.name, **self.tags}
-        run = self._client.create_run(experiment_id, run_name=self._run_dir.name, tags=tags)
-        self.run_id = run.info.run_id
-        self._log_params(flatten(config.to_dict()))
+        run_dir_tag = str(self._run_dir.resolve())
+        # A resumed run (``covidscan train --resume``) continues its MLflow run instead of starting a second one.
+        previous = self._client.search_runs([experiment_id], f"tags.`covidscan.run_dir` = '{run_dir_tag}'",
+                                            max_results=1)
+        if previous:
+            self.run_id = previous[0].info.run_id
+            self._client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {"covidscan.run_dir": run_dir_tag, "covidscan.model": config.model.name, **self.tags}
+            self.run_id = self._client.create_run(experiment_id, run_name=self._run_dir.name, tags=tags).info.run_id
+            self._log_params(flatten(config.to_dict()))
         logger.info("MLflow run %s in experiment %r at %s", self.run_id, name, uri)
 
     def _log_params(self, params: dict[str, Any]) -> None:
