@@ -86,6 +86,22 @@ def test_audit_reports_unreadable_files_without_stopping(planted, tmp_path):
     assert "broken.png" in report["unreadable"][0]["reason"]
 
 
+def test_audit_fingerprints_dicom_series_by_their_middle_slice(tmp_path):
+    from covidscan.data.synthetic import write_dicom_series
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        write_dicom_series(tmp_path / "COVID" / name, rng.uniform(-1000, 400, (5, 32, 32)), slice_gap=2.0)
+    shutil.copytree(tmp_path / "COVID" / "a", tmp_path / "normal" / "a-copy")
+    data = SampleSet([Sample(str(tmp_path / "COVID" / "a"), "COVID", "a", "train"),
+                      Sample(str(tmp_path / "COVID" / "b"), "COVID", "b", "train"),
+                      Sample(str(tmp_path / "normal" / "a-copy"), "normal", "a-copy", "test")], ["COVID", "normal"])
+    report = audit_samples(data, progress=False)
+    assert report["image_sizes"]["most_common"][0] == ("5x32x32", 3) and report["modes"] == {"volume": 3}
+    assert report["exact_duplicates"]["n_groups_with_conflicting_labels"] == 1
+    assert report["leakage"]["test_with_train_near_duplicate"] == 1
+
+
 def test_check_split_leakage_warns_or_refuses(planted, tmp_path):
     with pytest.warns(LeakageWarning, match="2 of 6 test images"):
         findings = check_split_leakage(planted, strict=False, report_path=tmp_path / "leakage.json")

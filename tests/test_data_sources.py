@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import write_image_folder
 from covidscan.cli import main
 from covidscan.data import load_samples, read_dicom, read_dicom_series, read_image, read_nifti, read_volume
+from covidscan.data.io import read_middle_slice
 from covidscan.data.records import DataError
 from covidscan.data.sources import parse_label_map
 from covidscan.data.synthetic import write_dicom_series, write_dicom_slice
@@ -109,6 +110,9 @@ def test_dicom_series_sorted_by_position_with_hu_rescale(tmp_path):
     np.testing.assert_allclose(volume.hu, hu)  # anatomical order restored, stored values rescaled to HU
     assert volume.spacing == (2.0, 0.7, 0.7)
     assert read_volume(tmp_path / "series").hu.shape == (depth, 16, 16)
+    middle, shape = read_middle_slice(tmp_path / "series")
+    assert shape == (depth, 16, 16)
+    np.testing.assert_allclose(middle, hu[depth // 2])
 
 
 def test_dicom_series_with_mixed_slice_sizes_is_an_error(tmp_path):
@@ -137,6 +141,9 @@ def test_nifti_volume_is_slices_first_with_spacing(tmp_path):
     assert volume.shape == (5, 12, 10)
     assert volume[3, 7, 2] == pytest.approx(data[2, 7, 3])
     assert read_volume(path).spacing == pytest.approx((3.0, 0.9, 0.8))
+    middle, shape = read_middle_slice(path)
+    assert shape == (5, 12, 10)
+    np.testing.assert_array_equal(middle, volume[2])
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"nonsense")
     with pytest.raises(DataError, match=r"broken\.nii\.gz: not a readable NIfTI"):

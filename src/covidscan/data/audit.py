@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_volume
+from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_middle_slice
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import SPLIT_NAMES, warn_once
 
@@ -84,9 +84,9 @@ def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageF
             facts.size, facts.mode = f"{array.shape[1]}x{array.shape[0]}", "DICOM"
             facts.phash = _hash_words(_gray_to_pil(array), hash_size)
         else:
-            volume = read_volume(path)
-            facts.size, facts.mode = "x".join(map(str, volume.hu.shape)), "volume"
-            facts.phash = _hash_words(_gray_to_pil(apply_window(volume.hu[len(volume.hu) // 2])), hash_size)
+            middle, shape = read_middle_slice(path)
+            facts.size, facts.mode = "x".join(map(str, shape)), "volume"
+            facts.phash = _hash_words(_gray_to_pil(apply_window(middle)), hash_size)
     except DataError as exc:
         facts.error = str(exc)
     except Exception as exc:  # PIL/pydicom raise many types for corrupt files; the audit reports them all
@@ -254,10 +254,11 @@ def format_report(report: dict[str, Any]) -> str:
     """A short human summary of :func:`audit_samples`' report (the JSON holds the details)."""
     near, exact = report["near_duplicates"], report["exact_duplicates"]
     sizes = report["image_sizes"]
+    extent = (f", width {sizes['width_range']}, height {sizes['height_range']}" if "width_range" in sizes else "")
     lines = [
         f"samples: {report['n_samples']}  classes: {report['classes']}  patients: {report['patients'] or 'unknown'}",
-        f"sizes: {sizes.get('distinct', 0)} distinct, width {sizes.get('width_range')}, height "
-        f"{sizes.get('height_range')}, most common {sizes.get('most_common', [])[:3]}  modes: {report['modes']}",
+        f"sizes: {sizes.get('distinct', 0)} distinct{extent}, most common {sizes.get('most_common', [])[:3]}  "
+        f"modes: {report['modes']}",
         f"unreadable: {len(report['unreadable'])}  skipped at load: {len(report['skipped_at_load'])}",
         f"exact duplicates: {exact['n_groups']} groups, {exact['n_redundant_files']} redundant files, "
         f"{exact['n_groups_with_conflicting_labels']} with conflicting labels",

@@ -146,16 +146,9 @@ class Volume:
     source: str
 
 
-def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...] = ("CT",),
-                      pixels: bool = True) -> Volume:
-    """Read every DICOM file in ``folder`` as one series, sorted by slice position, in HU.
-
-    Headers are read and validated first, then slices are decoded straight into one preallocated
-    (D, H, W) array, so peak memory is about the volume itself rather than twice it.
-    ``pixels=False`` stops after the headers (``hu`` has shape (D, 0, 0)): it validates the series
-    and gives its slice count and spacing cheaply, e.g. to index slice stacks before decoding.
-    """
-    folder = Path(folder)
+def _series_headers(folder: Path, allowed_modalities: tuple[str, ...]
+                    ) -> tuple[list[tuple[Path, DicomSlice]], tuple[float, float, float] | None]:
+    """Validate a series from its headers alone; return its files in slice order and its spacing."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix))
     if not files:
         raise DataError(f"{folder}: no DICOM files (*.dcm) in this series folder")
@@ -181,9 +174,22 @@ def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...]
     if len(gaps) > 2 and np.max(np.abs(gaps)) > 1.5 * z + 1e-3:
         import warnings
         warnings.warn(f"{folder}: uneven slice spacing (median {z:.2f} mm, max {np.max(np.abs(gaps)):.2f} mm): "
-                      "slices may be missing", stacklevel=2)
+                      "slices may be missing", stacklevel=3)
     first = slices[0][1]
-    spacing = (z, *first.spacing) if first.spacing else None
+    return slices, ((z, *first.spacing) if first.spacing else None)
+
+
+def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...] = ("CT",),
+                      pixels: bool = True) -> Volume:
+    """Read every DICOM file in ``folder`` as one series, sorted by slice position, in HU.
+
+    Headers are read and validated first, then slices are decoded straight into one preallocated
+    (D, H, W) array, so peak memory is about the volume itself rather than twice it.
+    ``pixels=False`` stops after the headers (``hu`` has shape (D, 0, 0)): it validates the series
+    and gives its slice count and spacing cheaply, e.g. to index slice stacks before decoding.
+    """
+    folder = Path(folder)
+    slices, spacing = _series_headers(folder, allowed_modalities)
     if not pixels:
         return Volume(np.zeros((len(slices), 0, 0), np.float32), spacing, str(folder))
     hu: np.ndarray | None = None
@@ -196,6 +202,32 @@ def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...]
                             "not one series")
         hu[index] = image
     return Volume(hu, spacing, str(folder))
+
+
+def read_middle_slice(path: str | Path) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The middle slice (HU) of a DICOM series folder or NIfTI file, and the volume's (D, H, W),
+    decoding only that slice: enough to fingerprint a scan (``data audit``) without reading it all."""
+    path = Path(path)
+    if path.is_dir():
+        slices, _ = _series_headers(path, ("CT",))
+        middle = read_dicom(slices[len(slices) // 2][0]).pixels
+        return middle, (len(slices), *middle.shape)
+    if is_nifti(path):
+        import nibabel as nib
+
+        try:
+            image = nib.load(str(path))
+            if len(image.shape) not in (2, 3):
+                raise DataError(f"{path}: expected a 2D or 3D NIfTI volume, got shape {image.shape}")
+            depth = image.shape[2] if len(image.shape) == 3 else 1
+            data = image.dataobj[:, :, depth // 2] if len(image.shape) == 3 else image.dataobj
+            middle = np.asarray(data, dtype=np.float32).T  # (x, y) -> (H, W), as read_nifti orients slices
+        except DataError:
+            raise
+        except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
+            raise DataError(f"{path}: not a readable NIfTI file ({exc})") from exc
+        return middle, (depth, *middle.shape)
+    raise DataError(f"{path}: a volume must be a DICOM series folder or a .nii/.nii.gz file")
 
 
 def read_nifti(path: str | Path) -> np.ndarray:
