@@ -13,7 +13,7 @@ from PIL import Image
 from covidscan.cli import main
 from covidscan.config import SplitConfig
 from covidscan.data import splits as splits_module
-from covidscan.data.audit import audit_samples, check_split_leakage, near_duplicate_pairs
+from covidscan.data.audit import audit_samples, check_split_leakage, near_duplicate_pairs, nearest_distances
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import LeakageWarning, assign_splits, save_splits
 
@@ -64,6 +64,8 @@ def test_near_duplicate_pairs_matches_brute_force():
                 if (bits[i] != bits[j]).sum() <= 120}
     assert {tuple(map(int, p)) for p in pairs} == expected
     assert (3, 10, 3) in expected
+    nearest = nearest_distances(hashes[:20], hashes[20:], block=6)
+    assert nearest.tolist() == [min(int((bits[i] != bits[j]).sum()) for j in range(20, 60)) for i in range(20)]
 
 
 def test_audit_finds_planted_exact_and_near_duplicates_across_splits(planted):
@@ -137,4 +139,5 @@ def test_cli_audit_with_splits_file(planted, tmp_path, capsys):
     assert main(["data", "audit", str(manifest), "--splits", str(splits), "--out", str(out)]) == 0
     assert "test images with a train near-duplicate: 2/6" in capsys.readouterr().out
     assert json.loads(out.read_text())["leakage"]["test_with_train_near_duplicate"] == 2
+    assert out.with_suffix(".png").stat().st_size > 0
     assert main(["data", "audit", str(manifest), "--splits", str(splits), "--strict"]) == 2

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "train/val/test, and patients spanning splits.")
     _add_source_arguments(audit)
     audit.add_argument("--splits", help="splits CSV (from `data split` or a run directory) to audit across")
-    audit.add_argument("--out", help="write the full report as JSON here")
+    audit.add_argument("--out", help="write the full report as JSON here (for split data, also OUT.png: each "
+                       "val/test image's distance to its nearest train image)")
     audit.add_argument("--threshold", type=int, default=24,
                        help="near-duplicate Hamming distance in phash bits (default 24 of 256)")
     audit.add_argument("--hash-size", type=int, default=16, help="phash side: 16 (256 bits, default), 8 (64 bits, "
@@ -115,14 +116,16 @@ def _audit(args: argparse.Namespace) -> int:
     data = _load(args)
     if args.splits:
         data = assign_splits(data, SplitConfig(method="file", file=args.splits), seed=0)
-    report = audit_samples(data, threshold=args.threshold, hash_size=args.hash_size)
-    report = {"source": str(args.source), "splits_file": args.splits, **report}
+    plot = Path(args.out).with_suffix(".png") if args.out else None
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    report = audit_samples(data, threshold=args.threshold, hash_size=args.hash_size, plot_path=plot)
+    report = {"source": str(args.source), "splits_file": args.splits, **report}
+    if args.out:
         write_json(args.out, report)
     print(format_report(report))
     if args.out:
-        print(f"full report: {args.out}")
+        print(f"full report: {args.out}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
     leakage = report.get("leakage") or {}
     if args.strict and (leakage.get("test_with_train_near_duplicate") or leakage.get("val_with_train_near_duplicate")
                         or leakage.get("patients_spanning_splits")):

@@ -124,6 +124,43 @@ def near_duplicate_pairs(hashes: np.ndarray, threshold: int, block: int = 512) -
     return np.concatenate(found) if found else np.zeros((0, 3), np.int64)
 
 
+def nearest_distances(queries: np.ndarray, reference: np.ndarray, block: int = 512) -> np.ndarray:
+    """Hamming distance from each query hash to its closest reference hash (same vectorised blocks)."""
+    if len(reference) == 0:
+        return np.full(len(queries), -1, np.int32)
+    out = [np.bitwise_count(queries[start:start + block, None, :] ^ reference[None, :, :]).sum(axis=-1).min(axis=1)
+           for start in range(0, len(queries), block)]
+    return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
+
+
+def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, path: str | Path) -> Path:
+    """Histogram of each val/test image's distance to its nearest train image, threshold marked:
+    a bump at the far left is the near-duplicate leak the audit counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_split = {name: np.stack([f.phash for f in hashed if f.sample.split == name])
+                for name in SPLIT_NAMES if any(f.sample.split == name for f in hashed)}
+    figure, axis = plt.subplots(figsize=(7, 4))
+    bits = by_split["train"].shape[1] * 64 if "train" in by_split else 64
+    bins = np.arange(0, bits // 2 + 2, 2)
+    for name in ("val", "test"):
+        if name in by_split and "train" in by_split:
+            axis.hist(nearest_distances(by_split[name], by_split["train"]), bins=bins, alpha=0.6, label=name)
+    axis.axvline(threshold + 0.5, color="black", linestyle="--", label=f"near-duplicate threshold ({threshold})")
+    axis.set_xlabel(f"Hamming distance to the nearest train image (phash bits of {bits})")
+    axis.set_ylabel("images")
+    axis.set_title("How close val/test images are to training images")
+    axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def _split_pair(a: Sample, b: Sample) -> str:
     order = {name: k for k, name in enumerate(SPLIT_NAMES)}
     first, second = sorted((a.split or "none", b.split or "none"), key=lambda n: order.get(n, 9))
@@ -160,8 +197,10 @@ def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndar
 
 
 def audit_samples(sample_set: SampleSet, *, threshold: int = DEFAULT_NEAR_THRESHOLD,
-                  hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True) -> dict[str, Any]:
-    """The full audit as a JSON-ready dict (see the module docstring for what it covers)."""
+                  hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True,
+                  plot_path: str | Path | None = None) -> dict[str, Any]:
+    """The full audit as a JSON-ready dict (see the module docstring for what it covers); with splits
+    and ``plot_path``, also the nearest-train-distance histogram (:func:`plot_nearest_train_distances`)."""
     if threshold < 0:
         raise ValueError(f"near-duplicate threshold must be >= 0 bits, got {threshold}")
     facts = inspect_samples(sample_set.samples, hash_size, progress)
@@ -203,6 +242,8 @@ def audit_samples(sample_set: SampleSet, *, threshold: int = DEFAULT_NEAR_THRESH
     }
     if has_splits:
         report["leakage"] = _leakage([f.sample for f in facts], [f.sample for f in hashed], pairs)
+        if plot_path is not None and hashed:
+            report["plot"] = str(plot_nearest_train_distances(hashed, threshold, plot_path))
     return report
 
 
