@@ -119,6 +119,7 @@ class DataConfig:
     max_per_class: int | None = None  # cap for quick runs on a subset
     skip_bad: bool = False  # skip unreadable files (listed in the run dir) instead of failing
     num_workers: int = 0
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead (num_workers > 0 only)
     spatial_dims: Literal[2, 3] = 2
     depth: int = 16  # slices per stack for 3D models
     volume: VolumeConfig = field(default_factory=VolumeConfig)  # 3D stacking, resampling, lung crop
@@ -128,6 +129,7 @@ class DataConfig:
         _check(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
         _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class must be > 0")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         _check(self.depth >= 1, f"data.depth must be >= 1, got {self.depth}")
 
 

@@ -314,7 +314,8 @@ class _Trainer:
         workers = self.config.data.num_workers
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
                           num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                          persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None)
+                          persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None,
+                          prefetch_factor=self.config.data.prefetch_factor if workers else None)
 
     def _build_model(self) -> nn.Module:
         from covidscan.models import create_model
