@@ -49,20 +49,23 @@ def test_unknown_extension_is_an_error_or_skipped_and_listed(tmp_path):
 def test_split_folder_tree_keeps_its_splits(tmp_path):
     write_image_folder(tmp_path / "data" / "train", {"Covid": 3, "Normal": 3})
     write_image_folder(tmp_path / "data" / "test", {"Covid": 1, "Normal": 2})
+    write_image_folder(tmp_path / "data" / "Validation", {"Covid": 1, "Normal": 1})
     data = load_samples(tmp_path / "data")
     assert data.class_names == ["Covid", "Normal"]
-    assert sorted({s.split for s in data.samples}) == ["test", "train"]
+    assert sorted({s.split for s in data.samples}) == ["test", "train", "val"]
     assert sum(s.split == "test" for s in data.samples) == 3
 
 
 def test_manifest_missing_file_names_csv_line(tmp_path):
     root = write_image_folder(tmp_path / "data", {"a": 2, "b": 2})
     manifest = tmp_path / "data" / "manifest.csv"
-    manifest.write_text("path,label,patient_id\na/a (0).png,a,p1\nb/gone.png,b,p2\nb/b (0).png,b,p3\n")
+    manifest.write_text("path,label,patient_id,split\na/a (0).png,a,p1,Train\nb/gone.png,b,p2,test\n"
+                        "b/b (0).png,b,p3,validation\n")
     with pytest.raises(DataError, match=r"manifest\.csv, line 3: file not found"):
         load_samples(manifest)
     data = load_samples(manifest, skip_bad=True)
     assert [s.patient_id for s in data.samples] == ["p1", "p3"] and data.skipped[0][0] == str(root / "b" / "gone.png")
+    assert [s.split for s in data.samples] == ["train", "val"]
 
 
 def test_manifest_column_aliases_and_label_map(tmp_path):

@@ -20,6 +20,13 @@ COLUMN_ALIASES = {
     "split": ("split", "subset", "fold_name", "partition"),
 }
 SPLIT_NAMES = ("train", "val", "test")
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+
+
+def canonical_split(name: str) -> str:
+    """``Validation`` -> ``val`` etc.; unknown names are returned lower-cased for the caller to reject."""
+    name = name.strip().lower()
+    return SPLIT_ALIASES.get(name, name)
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -31,7 +38,7 @@ def _is_series_folder(folder: Path) -> bool:
 def _split_dirs(root: Path) -> list[Path]:
     """``root/train``, ``root/val``, ``root/test`` when the tree is already split (e.g. covid19-xray)."""
     subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    if subdirs and all(p.name.lower() in SPLIT_NAMES for p in subdirs):
+    if subdirs and all(canonical_split(p.name) in SPLIT_NAMES for p in subdirs):
         return sorted(subdirs)
     return []
 
@@ -51,7 +58,7 @@ def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[S
         samples, skipped = [], []
         for split_dir in split_dirs:
             found, bad = discover_folder(split_dir, skip_bad=skip_bad)
-            samples += [s.with_split(split_dir.name.lower()) for s in found]
+            samples += [s.with_split(canonical_split(split_dir.name)) for s in found]
             skipped += bad
         return samples, skipped
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -99,7 +106,7 @@ def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sam
             file = Path(row["path"])
             if not file.is_absolute():
                 file = path.parent / file
-            split = (row.get("split") or "").lower() or None
+            split = canonical_split(row.get("split") or "") or None
             problem = None
             if not row["path"]:
                 problem = "empty path"
