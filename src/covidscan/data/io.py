@@ -149,7 +149,8 @@ class Volume:
 def _series_headers(folder: Path, allowed_modalities: tuple[str, ...]
                     ) -> tuple[list[tuple[Path, DicomSlice]], tuple[float, float, float] | None]:
     """Validate a series from its headers alone; return its files in slice order and its spacing."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix))
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix))
     if not files:
         raise DataError(f"{folder}: no DICOM files (*.dcm) in this series folder")
     slices = [(f, read_dicom(f, pixels=False)) for f in files]
