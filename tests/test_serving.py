@@ -72,7 +72,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(run_dir):
-    with TestClient(create_app(run_dir, limits=UploadLimits(max_bytes=200_000, max_pixels=1024))) as test_client:
+    with TestClient(create_app(run_dir, limits=UploadLimits(max_bytes=300_000, max_pixels=1024))) as test_client:
         yield test_client
 
 
@@ -123,7 +123,7 @@ def test_predict_other_formats(client, name, data, content_type, fmt):
     (png_bytes((64, 64))[:200], "image/png", 422, "corrupt_image"),  # truncated mid-stream
     (png_bytes((64, 64), fmt="JPEG")[:30], "image/jpeg", 422, "corrupt_image"),  # truncated header
     (png_bytes((2000, 8)), "image/png", 413, "image_too_large"),  # declared side > max_pixels (1024)
-    (b"\x89PNG\r\n\x1a\n" + b"\0" * 300_000, "image/png", 413, "upload_too_large"),  # > max_bytes
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 400_000, "image/png", 413, "upload_too_large"),  # > max_bytes
     (dicom_bytes(with_pixels=False), "application/dicom", 422, "dicom_without_pixels"),
 ])
 def test_bad_uploads_get_json_4xx_and_server_keeps_serving(client, data, content_type, status, error):
@@ -170,3 +170,22 @@ def test_explain_rejects_unknown_method_or_class(client, query):
 def test_create_app_needs_a_model():
     with pytest.raises(ValueError, match="checkpoint"):
         create_app()
+
+
+@pytest.mark.integration
+def test_real_jpeg_lossless_dicom_slice(client, shared_datasets):
+    dicom = next(iter(sorted((shared_datasets / "covid-ct-md-sample" / "COVID-19").rglob("*.dcm"))))
+    body = upload(client, dicom.read_bytes(), dicom.name, "application/dicom").json()
+    assert body["image"] == {"format": "dicom", "height": 512, "width": 512}
+    preview = upload(client, dicom.read_bytes(), dicom.name, "application/octet-stream", path="/v1/preview")
+    assert Image.open(io.BytesIO(preview.content)).size == (512, 512)
+
+
+def test_upload_limits_are_checked_without_the_middleware():
+    from covidscan.serving import UploadError, decode_upload
+
+    with pytest.raises(UploadError) as refused:
+        decode_upload(png_bytes(), limits=UploadLimits(max_bytes=100))
+    assert (refused.value.status, refused.value.code) == (413, "upload_too_large")
+    with pytest.raises(ValueError, match="max image side"):
+        UploadLimits(max_pixels=0)
