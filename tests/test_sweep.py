@@ -81,7 +81,7 @@ def test_study_b_space_file_is_valid_for_the_config():
     assert set(space) == {"training.phases.0.lr", "training.batch_size", "training.phases.0.scheduler.decay_rate",
                           "model.kwargs.dropout"}
     low_values = {key: getattr(dist, "low", None) or dist.choices[0] for key, dist in space.items()}
-    config = sweep_module.apply_params(load_config(ROOT / "configs" / "demo.yaml"), low_values)
+    config = sweep_module.apply_params(load_config(ROOT / "configs" / "study_b_sepconv.yaml"), low_values)
     assert config.training.phases[0].lr == pytest.approx(1e-4)
     assert config.model.kwargs["dropout"] == pytest.approx(0.2)
 
