@@ -137,10 +137,12 @@ def test_batch_metrics_with_count_weights_equal_metrics_of_the_resample():
         assert got[name][0] == pytest.approx(metric.value, abs=1e-6), name
 
 
-def test_bootstrap_is_seeded():
+def test_bootstrap_is_seeded_and_independent_of_thread_count(monkeypatch):
+    monkeypatch.setattr("covidscan.evaluation.bootstrap._CHUNK_CELLS", 1000)  # several chunks of 10 resamples
     predictions = random_set(np.random.default_rng(1), 100, 2)
-    assert bootstrap_metrics(predictions, 1, n_resamples=100, seed=7) == \
-        bootstrap_metrics(predictions, 1, n_resamples=100, seed=7)
+    one_thread = bootstrap_metrics(predictions, 1, n_resamples=100, seed=7, workers=1)
+    assert bootstrap_metrics(predictions, 1, n_resamples=100, seed=7, workers=3) == one_thread
+    assert bootstrap_metrics(predictions, 1, n_resamples=100, seed=8, workers=1) != one_thread
 
 
 def test_bootstrap_ci_covers_the_true_value_at_about_the_nominal_rate():

@@ -143,7 +143,8 @@ def test_patient_level_metrics_when_patient_ids_exist(runs, tmp_path):
 
 
 def test_compare_runs_table_tests_and_grids(runs, tmp_path):
-    result = compare_runs([runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, out_dir=tmp_path / "cmp")
+    result = compare_runs([runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, grid_size=4,
+                          out_dir=tmp_path / "cmp")
     assert [row["rank"] for row in result["rows"]] == [1, 2]
     values = [row["metrics"]["accuracy"]["value"] for row in result["rows"]]
     assert values == sorted(values, reverse=True)
@@ -171,7 +172,19 @@ def test_cli_evaluate_and_compare(runs, tmp_path, capsys):
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["operating_point"]["method"] == "sensitivity" and saved["calibration"]["temperature"] > 0
     assert "report:" in capsys.readouterr().out
-    assert main(["compare", str(runs["a"]), str(runs["b"]), "--bootstrap", "20", "--out", str(tmp_path / "c")]) == 0
+    assert main(["compare", str(runs["a"]), str(runs["b"]), "--bootstrap", "20", "--grid-size", "2",
+                 "--out", str(tmp_path / "c")]) == 0
     assert "vs" in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", str(runs["a"]), "--data", str(runs["external"])]) == 2
     assert "--label-map" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_external_evaluation_on_real_covid_ct(runs, shared_datasets, tmp_path):
+    """UCSD COVID-CT as an external set: its NonCOVID label mapped to the model's class, patients known."""
+    manifest = shared_datasets / "covid-ct" / "metadata.csv"
+    result = evaluate_run(runs["a"], data=manifest, external=True, n_bootstrap=50, out_dir=tmp_path / "ext",
+                          label_map={"NonCOVID": "normal"})
+    assert result["n_items"] == 746 and result["class_counts"] == {"COVID": 349, "normal": 397}
+    assert result["bootstrap"]["unit"] == "patient" and result["patient_level"]["n_patients"] < 746
+    assert "NonCOVID &rarr; normal" in (tmp_path / "ext" / "report.html").read_text()

@@ -12,7 +12,8 @@ resamples in which the metric is defined (e.g. AUC needs both classes in the res
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,14 +22,21 @@ from covidscan.evaluation.metrics import MetricValue, PredictionSet, metric_name
 _CHUNK_CELLS = 1_000_000  # resamples x items per chunk: small enough to stay in CPU cache
 
 
-def _resample_counts(n_units: int, n_resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Chunks of a (n_resamples, n_units) float32 matrix: how often each unit is drawn per resample."""
+def _chunk_sizes(n_units: int, n_resamples: int) -> list[int]:
     chunk = max(1, _CHUNK_CELLS // max(n_units, 1))
-    for start in range(0, n_resamples, chunk):
-        rows = min(chunk, n_resamples - start)
-        draws = rng.integers(0, n_units, size=(rows, n_units))
-        draws += np.arange(rows)[:, None] * n_units
-        yield np.bincount(draws.ravel(), minlength=rows * n_units).reshape(rows, n_units).astype(np.float32)
+    return [min(chunk, n_resamples - start) for start in range(0, n_resamples, chunk)]
+
+
+def _resample_counts(n_units: int, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """A (rows, n_units) float32 matrix: how often each unit is drawn in each resample."""
+    draws = rng.integers(0, n_units, size=(rows, n_units))
+    draws += np.arange(rows)[:, None] * n_units
+    return np.bincount(draws.ravel(), minlength=rows * n_units).reshape(rows, n_units).astype(np.float32)
+
+
+def default_workers() -> int:
+    """Threads for the bootstrap: NumPy releases the GIL in the heavy loops, so each core helps."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 class _RankedScores:
@@ -134,11 +142,13 @@ class BatchMetrics:
 
 def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples: int = 1000,
                       confidence: float = 0.95, seed: int = 0, by_patient: bool | None = None,
-                      threshold: float | None = None) -> dict[str, dict[str, float | int | None]]:
+                      threshold: float | None = None, workers: int | None = None
+                      ) -> dict[str, dict[str, float | int | None]]:
     """Percentile bootstrap CIs for every metric: ``{name: {ci_low, ci_high, n_defined}}``.
 
     ``by_patient`` resamples patients (default: whenever patient ids exist), so correlated slices of
-    one patient are never treated as independent evidence.
+    one patient are never treated as independent evidence. Chunks of resamples run on ``workers``
+    threads, each chunk with its own seed spawned from ``seed``: results do not depend on ``workers``.
     """
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
@@ -146,22 +156,24 @@ def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if by_patient is None:
         by_patient = predictions.has_patients()
-    rng = np.random.default_rng(seed)
     batch = BatchMetrics(predictions, positive, threshold)
     if by_patient:
         _, unit_of_item = np.unique(predictions.groups()[batch.order], return_inverse=True)
         n_units = int(unit_of_item.max()) + 1
     else:
         unit_of_item, n_units = None, len(predictions)
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in metric_names(predictions.num_classes)}
-    for counts in _resample_counts(n_units, n_resamples, rng):
-        weights = counts if unit_of_item is None else counts[:, unit_of_item]
-        for name, values in batch(weights).items():
-            samples[name].append(values)
+
+    def resample_chunk(rows: int, seed_sequence: np.random.SeedSequence) -> dict[str, np.ndarray]:
+        counts = _resample_counts(n_units, rows, np.random.default_rng(seed_sequence))
+        return batch(counts if unit_of_item is None else counts[:, unit_of_item])
+
+    sizes = _chunk_sizes(n_units, n_resamples)
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
+        chunks = list(pool.map(resample_chunk, sizes, np.random.SeedSequence(seed).spawn(len(sizes))))
     alpha = (1 - confidence) / 2
     intervals = {}
-    for name, chunks in samples.items():
-        values = np.concatenate(chunks)
+    for name in metric_names(predictions.num_classes):
+        values = np.concatenate([chunk[name] for chunk in chunks])
         finite = values[np.isfinite(values)]
         low, high = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size else (np.nan, np.nan))
         intervals[name] = {"ci_low": None if np.isnan(low) else float(low),

@@ -117,7 +117,7 @@ def select_samples(loaded: LoadedModel, data: str | Path | None, split: str, lab
     unknown = sorted({s.label for s in samples} - set(loaded.class_names))
     if unknown:
         raise DataError(f"{dataset}: labels {unknown} are not among the model's classes {loaded.class_names}; map "
-                        f"them with --label-map, e.g. --label-map {unknown[0]}={loaded.class_names[0]}")
+                        f"them with --label-map {unknown[0]}=CLASS (CLASS one of {loaded.class_names})")
     return EvaluationSet(samples, dataset, used_split, name, external, mapping)
 
 
