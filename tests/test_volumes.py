@@ -197,3 +197,17 @@ def test_augmentation_only_when_training(tmp_path: Path) -> None:
 def test_dataset_normalisation_is_refused_for_volumes() -> None:
     with pytest.raises(ConfigError, match="3D"):
         VolumeStackDataset([], ["COVID"], data_config(normalize="dataset"), train=False)
+
+
+def test_disk_cache_is_reused_across_datasets(tmp_path: Path, monkeypatch) -> None:
+    scan = [Sample(str(write_dicom_series(tmp_path / "p", ramp(8))), "COVID", "p")]
+    calls = []
+    real = volumes.read_volume
+    monkeypatch.setattr(volumes, "read_volume", lambda path: calls.append(path) or real(path))
+    config = data_config(volume={"cache_dir": str(tmp_path / "cache")})
+    first = VolumeStackDataset(scan, ["COVID"], config, train=False)[1][0]
+    again = VolumeStackDataset(scan, ["COVID"], config, train=False)[1][0]
+    assert len(calls) == 1 and torch.equal(first, again)  # the second dataset memory-maps the first's file
+    VolumeStackDataset(scan, ["COVID"], dataclasses.replace(config, image_size=20), train=False)[0]
+    assert len(calls) == 2  # another preprocessing setting is another cache entry
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2

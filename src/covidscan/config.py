@@ -94,6 +94,7 @@ class VolumeConfig:
     short_scan: Literal["pad", "refuse"] = "pad"  # scan with fewer slices than depth: edge-pad or error
     stride: int | None = None  # slices between stack starts; None = depth
     cache_scans: int = 4  # preprocessed scans kept in RAM per dataset (LRU), per DataLoader worker
+    cache_dir: str | None = None  # also keep preprocessed scans here as .npy (memory-mapped): fast shuffled epochs
 
     def __post_init__(self) -> None:
         _check(self.z_spacing is None or self.z_spacing > 0, f"data.volume.z_spacing must be > 0, got {self.z_spacing}")

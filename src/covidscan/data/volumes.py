@@ -17,7 +17,9 @@ runs on each stack at training time only. See docs/volumes.md for the bad-input 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -280,11 +282,32 @@ class VolumeStackDataset(Dataset):
         if scan_index in self._cache:
             self._cache.move_to_end(scan_index)
             return self._cache[scan_index]
-        volume = load_scan(self.scans[scan_index].path, self.config, self.headers[scan_index])
+        volume = self._load(scan_index)
         self._cache[scan_index] = volume
         if len(self._cache) > self.config.volume.cache_scans:
             self._cache.popitem(last=False)
         return volume
+
+    def _load(self, scan_index: int) -> torch.Tensor:
+        """Decode and preprocess, or (``volume.cache_dir``) memory-map the result of an earlier run.
+
+        Training draws stacks in random order, so the RAM cache alone would decode a scan per stack;
+        the disk cache turns that into reading one stack's pages. Its key covers every setting that
+        changes the preprocessed scan, and the file's modification time.
+        """
+        path, header = self.scans[scan_index].path, self.headers[scan_index]
+        if self.config.volume.cache_dir is None:
+            return load_scan(path, self.config, header)
+        config = self.config
+        key = repr((str(Path(path).resolve()), Path(path).stat().st_mtime_ns, config.window, config.image_size,
+                    config.volume.z_spacing, config.volume.lung))
+        file = Path(config.volume.cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+        if not file.is_file():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, load_scan(path, config, header).numpy())
+            tmp.replace(file)  # atomic: a concurrent worker or an interrupted run never sees half a file
+        return torch.from_numpy(np.load(file, mmap_mode="c"))  # copy-on-write: pages read on demand
 
     def stack(self, index: int) -> torch.Tensor:
         """Item ``index`` as a (1, depth, S, S) [0, 1] stack, edge-padded when the scan is short."""
