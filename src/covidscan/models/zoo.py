@@ -66,14 +66,12 @@ def _register(name: str, description: str, default_head: HeadSpec = LINEAR_HEAD,
     def decorator(make_backbone: BackboneFactory) -> BackboneFactory:
         def builder(num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None,
                     **head_options) -> ClassifierModel:
-            if pretrained and weights:
-                raise ValueError(f"{name}: give either pretrained=True (library ImageNet weights) or weights=PATH "
-                                 "(a local file), not both")
             unknown = sorted(set(head_options) - _HEAD_OPTIONS)
             if unknown:
                 raise ValueError(f"{name}: unknown model option(s) {unknown} (model.kwargs); "
                                  f"allowed: {sorted(_HEAD_OPTIONS)}")
-            backbone = make_backbone(in_channels, pretrained)
+            # a local weights file *is* the pretrained weights: nothing is downloaded then
+            backbone = make_backbone(in_channels, pretrained and not weights)
             if weights:
                 load_backbone_state(backbone, read_weights_file(weights), source=str(weights))
             return _assemble(backbone, num_classes, in_channels, default_head, **head_options)
