@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _headline(metrics: dict | None) -> dict | None:
-    """The top-level scalar test metrics (the full report is under evaluation/test/)."""
-    if metrics is None:
+def _headline(evaluation: dict | None) -> dict | None:
+    """Test metric values (CIs and the full report are under RUN/evaluation/test/)."""
+    if evaluation is None:
         return None
-    return {key: value for key, value in metrics.items() if isinstance(value, (int, float, str))}
+    return {name: entry.get("value") if isinstance(entry, dict) else entry
+            for name, entry in evaluation.get("metrics", {}).items()}

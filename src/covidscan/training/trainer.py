@@ -488,7 +488,9 @@ class _Trainer:
 
                 test_metrics = evaluate_run(self.run_dir, split="test")
             payload = {"best_epoch": best_epoch, "monitor": self.best.metric, "best": best_metrics,
-                       "test": test_metrics, "epochs_trained": len(self.history),
+                       # headline test metrics with 95% CIs; the full report is under evaluation/test/
+                       "test": test_metrics.get("metrics") if test_metrics else None,
+                       "epochs_trained": len(self.history),
                        "train_size": len(train_set), "parameters": self.parameter_count,
                        "runtime_seconds": self._elapsed(), "device": str(self.device),
                        "world_size": self.context.world_size}
