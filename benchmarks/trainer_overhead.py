@@ -1,0 +1,132 @@
+"""Trainer overhead: images/s of ``covidscan.training.train`` vs a minimal hand-written PyTorch loop.
+
+Both train the same registry model on the same pre-generated tensors with the same batch size,
+optimizer and threads; runs alternate (trainer, loop, trainer, loop, ...) so machine load hits both
+alike, and each run's first epoch is a discarded warm-up. The trainer's dataset builder is swapped
+for the in-memory tensors so image decoding is not measured, only the training engine.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trainer_overhead.py [--images 64 --batch-size 16 --rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import covidscan  # noqa: F401  (compat shim before torchvision/timm)
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from covidscan.config import config_from_dict
+from covidscan.models import create_model
+from covidscan.runtime import seed_everything
+from covidscan.training import Callback, train
+
+
+class EpochClock(Callback):
+    """Wall-clock seconds between epoch ends (includes the per-epoch checkpoint and history writes)."""
+
+    def on_train_start(self, run_dir, config):
+        self.marks = [time.perf_counter()]
+
+    def on_epoch_end(self, epoch, metrics):
+        self.marks.append(time.perf_counter())
+
+
+def placeholder_folder(root: Path, images: int) -> Path:
+    """Tiny PNGs so ``load_samples`` finds ``images`` samples in two classes; pixels come from tensors."""
+    for index in range(images):
+        folder = root / ("COVID" if index % 2 else "normal")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16), index % 256, np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+@contextmanager
+def in_memory_datasets(tensors: TensorDataset):
+    """Make the trainer train on ``tensors`` (and validate on nothing)."""
+    def fake_build_dataset(config, samples, class_names, *, train, stats=None):
+        return tensors if train else TensorDataset(torch.empty(0, *tensors.tensors[0].shape[1:]),
+                                                   torch.empty(0, dtype=torch.long))
+
+    with mock.patch("covidscan.training.trainer.build_dataset", fake_build_dataset):
+        yield
+
+
+def run_trainer(source: Path, tensors: TensorDataset, args: argparse.Namespace, out: Path) -> tuple[float, float]:
+    config = config_from_dict({
+        "name": "overhead", "output_dir": str(out),
+        "data": {"source": str(source), "image_size": args.size, "channels": 3, "normalize": "none",
+                 "split": {"method": "stratified", "ratios": [1.0, 0.0, 0.0]}},
+        "model": {"name": args.model},
+        "training": {"batch_size": args.batch_size, "checkpoint_monitor": "loss",
+                     "phases": [{"epochs": args.epochs + 1, "optimizer": "adam", "lr": 1e-4}]},
+    })
+    clock = EpochClock()
+    with in_memory_datasets(tensors):
+        result = train(config, callbacks=[clock])
+    n = len(tensors)
+    loop_seconds = sum(row["seconds"] for row in result.history[1:])
+    wall_seconds = clock.marks[-1] - clock.marks[1]
+    return n * args.epochs / loop_seconds, n * args.epochs / wall_seconds
+
+
+def run_plain_loop(tensors: TensorDataset, args: argparse.Namespace) -> float:
+    seed_everything(0)
+    model = create_model(args.model, num_classes=2, in_channels=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = DataLoader(tensors, batch_size=args.batch_size, shuffle=True)
+    model.train()
+    for epoch in range(args.epochs + 1):
+        if epoch == 1:
+            start = time.perf_counter()
+        for images, targets in loader:
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return len(tensors) * args.epochs / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per run (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="trainer/loop alternations")
+    args = parser.parse_args()
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = TensorDataset(torch.randn(args.images, 3, args.size, args.size, generator=generator),
+                            torch.randint(0, 2, (args.images,), generator=generator))
+    trainer_loop, trainer_wall, plain = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        source = placeholder_folder(Path(tmp) / "images", args.images)
+        for _ in range(args.rounds):
+            loop_rate, wall_rate = run_trainer(source, tensors, args, Path(tmp) / "runs")
+            trainer_loop.append(loop_rate)
+            trainer_wall.append(wall_rate)
+            plain.append(run_plain_loop(tensors, args))
+
+    base = statistics.median(plain)
+    print(f"\n{args.model} at {args.size}x{args.size}, batch {args.batch_size}, {args.images} images x "
+          f"{args.epochs} epochs x {args.rounds} rounds, {torch.get_num_threads()} torch threads\n")
+    print("| loop | images/s (median) | per round | ratio to plain loop |")
+    print("|---|---:|---|---:|")
+    for name, rates in (("plain PyTorch loop", plain), ("covidscan trainer, epoch loop", trainer_loop),
+                        ("covidscan trainer, incl. per-epoch checkpoint + history", trainer_wall)):
+        median = statistics.median(rates)
+        print(f"| {name} | {median:.1f} | {', '.join(f'{r:.1f}' for r in rates)} | {median / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
