@@ -12,6 +12,7 @@ here from the papers. All builders accept the same options (``create_model(..., 
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -55,7 +56,7 @@ def _assemble(backbone: nn.Module, num_classes: int, in_channels: int, default_h
     return ClassifierModel(backbone, build_head(spec, shape, num_classes))
 
 
-_HEAD_OPTIONS = {"head", "pooling", "dropout", "hidden", "input_size"}
+_HEAD_OPTIONS = {p.name for p in inspect.signature(_assemble).parameters.values() if p.kind is p.KEYWORD_ONLY}
 BackboneFactory = Callable[[int, bool], nn.Module]  # (in_channels, pretrained) -> backbone
 
 
