@@ -251,19 +251,25 @@ class _Trainer:
                                max_per_class=data.max_per_class)
         split_config = SplitConfig(method="file", file=str(self.run_dir / "splits.csv")) if resume else data.split
         splits = assign_splits(samples, split_config, self.config.seed)
-        if data.test_source and not resume:
+        if data.test_source:
             external = load_samples(data.test_source, classes=splits.class_names, label_map=data.label_map,
                                     skip_bad=data.skip_bad)
             splits = SampleSet(splits.samples + [s.with_split("test") for s in external.samples],
                                splits.class_names, splits.skipped + external.skipped)
+        refusal = None
         if self.context.is_main:
             save_splits(splits, self.run_dir / "splits.csv")
             write_json(self.run_dir / "label_map.json", splits.label_map)
             if splits.skipped:
                 write_json(self.run_dir / "skipped.json", [{"path": p, "reason": r} for p, r in splits.skipped])
-            check_split_leakage(splits, strict=self.config.training.strict_leakage,
-                                report_path=self.run_dir / "leakage.json")
-        barrier(self.context)  # a strict leakage refusal on rank 0 must not leave the others waiting forever
+            try:
+                check_split_leakage(splits, strict=self.config.training.strict_leakage,
+                                    report_path=self.run_dir / "leakage.json")
+            except DataError as exc:
+                refusal = str(exc)
+        refusal = broadcast_object(refusal, self.context)  # every rank stops, none waits forever
+        if refusal:
+            raise DataError(refusal)
         return splits
 
     def _norm_stats(self, splits: SampleSet, checkpoint: dict[str, Any] | None) -> NormStats | None:
