@@ -29,15 +29,20 @@ from covidscan.models import create_model
 from covidscan.runtime import seed_everything
 from covidscan.training import Callback, train
 
+ROWS = ("plain PyTorch loop, images/s", "covidscan trainer epoch loop, images/s",
+        "covidscan trainer incl. per-epoch checkpoint + history, images/s",
+        "plain PyTorch loop, images per CPU-second", "covidscan trainer incl. checkpoint, images per CPU-second")
+
 
 class EpochClock(Callback):
-    """Wall-clock seconds between epoch ends (includes the per-epoch checkpoint and history writes)."""
+    """Wall-clock and CPU seconds between epoch ends (includes the per-epoch checkpoint and history
+    writes). CPU time is far less disturbed by other processes on a shared machine than wall time."""
 
     def on_train_start(self, run_dir, config):
-        self.marks = [time.perf_counter()]
+        self.marks = [(time.perf_counter(), time.process_time())]
 
     def on_epoch_end(self, epoch, metrics):
-        self.marks.append(time.perf_counter())
+        self.marks.append((time.perf_counter(), time.process_time()))
 
 
 def placeholder_folder(root: Path, images: int) -> Path:
@@ -60,7 +65,9 @@ def in_memory_datasets(tensors: TensorDataset):
         yield
 
 
-def run_trainer(source: Path, tensors: TensorDataset, args: argparse.Namespace, out: Path) -> tuple[float, float]:
+def run_trainer(source: Path, tensors: TensorDataset, args: argparse.Namespace,
+                out: Path) -> tuple[float, float, float]:
+    """Images/s of the epoch loop (history seconds), wall images/s and images per CPU-second per epoch."""
     config = config_from_dict({
         "name": "overhead", "output_dir": str(out),
         "data": {"source": str(source), "image_size": args.size, "channels": 3, "normalize": "none",
@@ -72,13 +79,14 @@ def run_trainer(source: Path, tensors: TensorDataset, args: argparse.Namespace, 
     clock = EpochClock()
     with in_memory_datasets(tensors):
         result = train(config, callbacks=[clock])
-    n = len(tensors)
+    images = len(tensors) * args.epochs
     loop_seconds = sum(row["seconds"] for row in result.history[1:])
-    wall_seconds = clock.marks[-1] - clock.marks[1]
-    return n * args.epochs / loop_seconds, n * args.epochs / wall_seconds
+    (wall_start, cpu_start), (wall_end, cpu_end) = clock.marks[1], clock.marks[-1]
+    return images / loop_seconds, images / (wall_end - wall_start), images / (cpu_end - cpu_start)
 
 
-def run_plain_loop(tensors: TensorDataset, args: argparse.Namespace) -> float:
+def run_plain_loop(tensors: TensorDataset, args: argparse.Namespace) -> tuple[float, float]:
+    """Wall images/s and images per CPU-second of the measured epochs."""
     seed_everything(0)
     model = create_model(args.model, num_classes=2, in_channels=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -86,13 +94,14 @@ def run_plain_loop(tensors: TensorDataset, args: argparse.Namespace) -> float:
     model.train()
     for epoch in range(args.epochs + 1):
         if epoch == 1:
-            start = time.perf_counter()
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
         for images, targets in loader:
             loss = torch.nn.functional.cross_entropy(model(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return len(tensors) * args.epochs / (time.perf_counter() - start)
+    images = len(tensors) * args.epochs
+    return images / (time.perf_counter() - wall_start), images / (time.process_time() - cpu_start)
 
 
 def main() -> None:
@@ -108,24 +117,23 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     tensors = TensorDataset(torch.randn(args.images, 3, args.size, args.size, generator=generator),
                             torch.randint(0, 2, (args.images,), generator=generator))
-    trainer_loop, trainer_wall, plain = [], [], []
+    rates: dict[str, list[float]] = {name: [] for name in ROWS}
     with tempfile.TemporaryDirectory() as tmp:
         source = placeholder_folder(Path(tmp) / "images", args.images)
         for _ in range(args.rounds):
-            loop_rate, wall_rate = run_trainer(source, tensors, args, Path(tmp) / "runs")
-            trainer_loop.append(loop_rate)
-            trainer_wall.append(wall_rate)
-            plain.append(run_plain_loop(tensors, args))
+            loop, wall, cpu = run_trainer(source, tensors, args, Path(tmp) / "runs")
+            plain_wall, plain_cpu = run_plain_loop(tensors, args)
+            for name, value in zip(ROWS, (plain_wall, loop, wall, plain_cpu, cpu)):
+                rates[name].append(value)
 
-    base = statistics.median(plain)
     print(f"\n{args.model} at {args.size}x{args.size}, batch {args.batch_size}, {args.images} images x "
           f"{args.epochs} epochs x {args.rounds} rounds, {torch.get_num_threads()} torch threads\n")
-    print("| loop | images/s (median) | per round | ratio to plain loop |")
+    print("| measurement | median | per round | ratio to plain loop |")
     print("|---|---:|---|---:|")
-    for name, rates in (("plain PyTorch loop", plain), ("covidscan trainer, epoch loop", trainer_loop),
-                        ("covidscan trainer, incl. per-epoch checkpoint + history", trainer_wall)):
-        median = statistics.median(rates)
-        print(f"| {name} | {median:.1f} | {', '.join(f'{r:.1f}' for r in rates)} | {median / base:.3f} |")
+    for name, values in rates.items():
+        base = statistics.median(rates[ROWS[3] if "CPU" in name else ROWS[0]])
+        median = statistics.median(values)
+        print(f"| {name} | {median:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {median / base:.3f} |")
 
 
 if __name__ == "__main__":

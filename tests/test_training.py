@@ -163,3 +163,21 @@ def test_val_monitor_without_validation_split_is_a_config_error(image_folder, tm
     config = tiny_config(image_folder, tmp_path, ["data.split.ratios=[1.0, 0.0, 0.0]"])
     with pytest.raises(ConfigError, match="checkpoint_monitor"):
         train(config)
+
+
+def test_the_same_trainer_trains_a_3d_model_on_volumes(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for offset, name in enumerate(("COVID", "normal")):
+        (tmp_path / "scans" / name).mkdir(parents=True)
+        for scan in range(4):
+            hu = rng.normal(-800 + 400 * offset, 50, (16, 16, 8)).astype(np.float32)  # nibabel (x, y, z)
+            nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "scans" / name / f"scan{scan}.nii.gz"))
+    config = tiny_config(tmp_path / "scans", tmp_path, [
+        "data.spatial_dims=3", "data.depth=4", "data.image_size=16", "model.name=resnet3d_18",
+        "data.split.ratios=[0.5, 0.5, 0.0]", "training.phases.0.epochs=1"])
+    result = train(config)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
+    assert (result.run_dir / "checkpoints" / "best.pt").is_file()
