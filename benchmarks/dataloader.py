@@ -1,13 +1,15 @@
 """Is the trainer data-starved? DataLoader settings vs the model's consumption rate.
 
-Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dataloader.py [--images 256] [--epochs 2] [--model resnet18]
+Run: HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dataloader.py [--images 128] [--epochs 2] [--model cnn1 resnet18]
 
 1. Images/s of the 2D training pipeline (``covidscan.data.build_dataset`` with augmentation +
    ``torch.utils.data.DataLoader``) at 224x224x3 on ../shared/datasets/sarscov2-ct (synthetic
    350x260 JPEGs when it is absent) for several ``num_workers`` / ``persistent_workers`` /
    ``prefetch_factor`` / batch-size settings. Each setting iterates ``--epochs`` epochs, so
    worker start-up (what ``persistent_workers`` saves) is counted as in training.
-2. The model's consumption rate: forward + backward + Adam step images/s on this machine.
+2. The model's consumption rate: forward + backward + Adam step images/s on random tensors.
+3. The same training step fed by the DataLoader (in-process vs one worker): a rate well below
+   row 2's means the model waits for data.
 A loader slower than the model starves it. ``pin_memory`` only matters with a CUDA device and is
 measured only when one is present. Prints Markdown tables.
 """
@@ -15,10 +17,12 @@ measured only when one is present. Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +44,12 @@ class LoaderSetting:
     persistent_workers: bool = False
     prefetch_factor: int | None = None
     pin_memory: bool = False
+    torch_threads: int | None = None  # intra-op threads of the loading process (None: torch's default)
 
     def label(self) -> str:
         parts = [f"workers={self.num_workers}", f"batch={self.batch_size}"]
+        if self.torch_threads:
+            parts.append(f"{self.torch_threads} torch thread")
         if self.num_workers:
             parts += [f"persistent={self.persistent_workers}", f"prefetch={self.prefetch_factor}"]
         if self.pin_memory:
@@ -52,6 +59,7 @@ class LoaderSetting:
 
 SETTINGS = (
     LoaderSetting(0),
+    LoaderSetting(0, torch_threads=1),  # DataLoader workers run with 1 thread; in-process loading does not
     LoaderSetting(1, persistent_workers=True, prefetch_factor=2),
     LoaderSetting(2, persistent_workers=False, prefetch_factor=2),
     LoaderSetting(2, persistent_workers=True, prefetch_factor=2),
@@ -79,43 +87,62 @@ def loader_rate(dataset: torch.utils.data.Dataset, setting: LoaderSetting, epoch
         dataset, batch_size=setting.batch_size, shuffle=True, num_workers=setting.num_workers,
         persistent_workers=setting.persistent_workers, prefetch_factor=setting.prefetch_factor,
         pin_memory=setting.pin_memory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(setting.torch_threads or threads)
     start = time.perf_counter()
     count = 0
     for _ in range(epochs):
         for images, _labels in loader:
             count += len(images)
-    return count / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return count / seconds
 
 
-def model_rate(name: str, batch_size: int, steps: int, device: torch.device) -> float:
-    """Training images/s of ``name`` at 224x224x3: forward, backward and an Adam step."""
+def training_rate(name: str, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                  device: torch.device) -> float:
+    """Training images/s of ``name``: forward, backward and an Adam step on each batch, after one
+    warm-up step (allocator, kernels). Fed fixed random tensors this is the model's consumption
+    rate; fed by a DataLoader it is what a training epoch achieves."""
     model = create_model(name, num_classes=2, in_channels=3).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    images = torch.randn(batch_size, 3, 224, 224, device=device)
-    labels = torch.randint(0, 2, (batch_size,), device=device)
 
-    def step() -> None:
+    def step(images: torch.Tensor, labels: torch.Tensor) -> int:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(images), labels).backward()
         optimizer.step()
+        return len(images)
 
-    step()  # warm-up: allocator, kernels
+    step(*next(batches))
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
+    count = sum(step(*next(batches)) for _ in range(steps))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start)
+
+
+def random_batches(batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    images, labels = torch.randn(batch_size, 3, 224, 224), torch.randint(0, 2, (batch_size,))
+    return itertools.repeat((images, labels))
+
+
+def loader_batches(dataset: torch.utils.data.Dataset, setting: LoaderSetting) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=setting.batch_size, shuffle=True,
+                                         num_workers=setting.num_workers, pin_memory=setting.pin_memory,
+                                         persistent_workers=setting.persistent_workers,
+                                         prefetch_factor=setting.prefetch_factor)
+    return itertools.chain.from_iterable(itertools.repeat(loader))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=256, help="images per epoch")
+    parser.add_argument("--images", type=int, default=128, help="images per epoch")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per loader setting")
     parser.add_argument("--model", nargs="+", default=["cnn1", "resnet18"], help="models whose rate is measured")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per model")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per measurement")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = list(SETTINGS)
@@ -134,8 +161,15 @@ def main() -> int:
         dataset = build_dataset(config, samples, data.class_names, train=True)
         dataset[0]  # warm-up: lazy imports and first-call set-up are not the loader's cost
         loader_rows = [(setting.label(), loader_rate(dataset, setting, args.epochs)) for setting in settings]
+        model_rows = [(name, training_rate(name, random_batches(32), args.steps, device)) for name in args.model]
+        # End to end: the first model fed by the loader, measured next to the no-loading rate so
+        # that load changes on a shared machine hit all three rows alike.
+        fed = {"random tensors (no data loading)": lambda: random_batches(32)}
+        for setting in (LoaderSetting(0), LoaderSetting(1, persistent_workers=True, prefetch_factor=2)):
+            fed[setting.label()] = lambda setting=setting: loader_batches(dataset, setting)
+        fed_rows = [(label, training_rate(args.model[0], batches(), args.steps, device))
+                    for label, batches in fed.items()]
 
-    model_rows = [(name, model_rate(name, 32, args.steps, device)) for name in args.model]
     print(f"\nmachine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, device {device}, "
           f"{len(samples)} {source.name} images x {args.epochs} epochs, 224x224x3 with augmentation\n")
     print("| DataLoader setting | images/s |")
@@ -147,7 +181,11 @@ def main() -> int:
     print("|---|---:|---:|---|")
     for name, rate in model_rows:
         print(f"| {name} | {rate:.1f} | {best_rate / rate:.1f}x | {'yes' if best_rate < rate else 'no'} |")
-    print(f"\nbest loader setting: {best_label}")
+    print(f"\nbest loader setting: {best_label}\n")
+    print(f"| {args.model[0]} trained from the DataLoader (batch 32) | images/s | vs random tensors |")
+    print("|---|---:|---:|")
+    for label, rate in fed_rows:
+        print(f"| {label} | {rate:.1f} | {rate / fed_rows[0][1]:.0%} |")
     return 0
 
 

@@ -16,6 +16,7 @@ from covidscan.tracking import (
     flatten,
     make_trackers,
 )
+from covidscan.tracking.callbacks import evaluation_scalars
 from covidscan.tracking.tensorboard import scalar_tag
 from covidscan.training.history import read_history
 
@@ -138,3 +139,11 @@ def test_tracker_selection_from_the_command_line():
     assert callbacks_from_args(parser.parse_args([])) == []
     with pytest.raises(ValueError, match="wandb"):
         make_trackers(["wandb"])
+
+
+def test_test_scalars_keep_the_headline_metrics_with_intervals():
+    evaluation = {"n_items": 40, "metrics": {"accuracy": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95,
+                                                          "undefined": None},
+                                             "roc_auc": {"value": None, "undefined": "one class"}}}
+    assert evaluation_scalars(evaluation) == {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.95}
+    assert evaluation_scalars(None) == {}

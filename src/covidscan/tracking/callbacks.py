@@ -46,6 +46,16 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return numbers
 
 
+def evaluation_scalars(test_metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The headline test metrics of an evaluation result: ``{"metrics": {"accuracy": {"value": .9,
+    "ci_low": .85, ...}}}`` -> ``{"accuracy": .9, "accuracy_ci_low": .85, ...}``."""
+    if not test_metrics:
+        return {}
+    metrics = test_metrics.get("metrics", test_metrics)
+    return {key.removesuffix(".value").replace(".", "_"): value
+            for key, value in numeric_metrics(flatten(metrics)).items()}
+
+
 class TrackingCallback(Callback):
     """A trainer callback that records a run elsewhere; ``close(status)`` ends it after a failure."""
 

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covidscan.config import RunConfig
-from covidscan.tracking.callbacks import TrackingCallback, flatten, is_main_process, numeric_metrics
+from covidscan.tracking.callbacks import (
+    TrackingCallback,
+    evaluation_scalars,
+    flatten,
+    is_main_process,
+    numeric_metrics,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -111,7 +117,7 @@ class MLflowCallback(TrackingCallback):
     def on_train_end(self, result: TrainResult) -> None:
         if self.run_id is None:
             return
-        test = numeric_metrics(flatten(result.test_metrics or {}))
+        test = evaluation_scalars(result.test_metrics)
         last_epoch = int(max((row.get("epoch", 0) for row in result.history), default=0))
         self._log_metrics({f"test_{key}": value for key, value in test.items()}, step=last_epoch)
         self.close("FINISHED")

@@ -195,13 +195,13 @@ def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: i
         raise ValueError(f"--trials must be >= 1, got {n_trials}")
     if not isinstance(space, dict):
         space = load_search_space(space)
+    for key, dist in space.items():  # fail on a bad key now, not after hours of earlier trials
+        apply_params(config, {key: _first_value(dist)})
     study_name = study_name or f"{config.name}-sweep"
     sweeps_dir = Path(config.output_dir) / "sweeps"
     sweep_dir = sweeps_dir / study_name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(sweeps_dir / f'{study_name}.db').resolve()}"
-    for key, dist in space.items():  # fail on a bad key now, not after hours of earlier trials
-        apply_params(config, {key: _first_value(dist)})
     monitor, mode = config.training.checkpoint_monitor, config.training.checkpoint_mode
 
     # Heartbeats let a resumed sweep mark trials of a killed process as failed instead of running.
@@ -211,17 +211,17 @@ def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: i
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
     try:
-        done_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
+        stored_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
     except KeyError:
-        done_before = 0
+        stored_before = 0
     study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
                                 direction="minimize" if mode == "min" else "maximize",
-                                sampler=_sampler(sampler, config.seed + done_before), pruner=_pruner(pruner))
+                                sampler=_sampler(sampler, config.seed + stored_before), pruner=_pruner(pruner))
     study.set_user_attr("monitor", monitor)
-    remaining = n_trials - _count(study, _DONE_STATES)
-    if remaining < n_trials:
-        logger.info("study %r resumed from %s: %d of %d trials already done", study_name, storage,
-                    n_trials - max(remaining, 0), n_trials)
+    done = _count(study, _DONE_STATES)
+    remaining = n_trials - done
+    if done:
+        logger.info("study %r resumed from %s: %d of %d trials already done", study_name, storage, done, n_trials)
     mlflow_uri = tracking_uri or (default_tracking_uri(config.output_dir) if "mlflow" in track else None)
 
     def objective(trial: Any) -> float:

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 import yaml
 
 from covidscan.config import RunConfig
-from covidscan.tracking.callbacks import TrackingCallback, flatten, is_main_process, numeric_metrics
+from covidscan.tracking.callbacks import (
+    TrackingCallback,
+    evaluation_scalars,
+    is_main_process,
+    numeric_metrics,
+)
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -62,7 +67,7 @@ class TensorBoardCallback(TrackingCallback):
         if self.writer is None:
             return
         last_epoch = int(max((row.get("epoch", 0) for row in result.history), default=0))
-        for name, value in numeric_metrics(flatten(result.test_metrics or {})).items():
+        for name, value in evaluation_scalars(result.test_metrics).items():
             self.writer.add_scalar(f"{name}/test", value, global_step=last_epoch)
         self.close()
 
