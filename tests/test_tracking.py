@@ -23,7 +23,7 @@ from covidscan.training.history import read_history
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-TINY = ["data.image_size=32", "data.max_per_class=10", "data.split.ratios=[0.7, 0.3, 0.0]",
+TINY = ["data.image_size=32", "data.max_per_class=16", "data.split.ratios=[0.6, 0.2, 0.2]",
         "training.phases.0.epochs=2", "training.batch_size=8"]  # the demo config shrunk to seconds
 
 
@@ -55,8 +55,9 @@ def test_mlflow_logs_params_metrics_and_artefacts(tracked_run):
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in val_loss] == [row["epoch"] for row in history]
     assert [m.value for m in val_loss] == pytest.approx([row["val_loss"] for row in history])
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1  # the test evaluation after training
     artefacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "history.csv", "metrics.json", "plots"} <= artefacts
+    assert {"config.yaml", "history.csv", "metrics.json", "plots", "evaluation"} <= artefacts
     assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")} >= {"loss.png"}
 
 
@@ -66,7 +67,7 @@ def test_tensorboard_event_file_holds_the_epoch_scalars(tracked_run):
     _, run_dir, history = tracked_run
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert {"loss/train", "loss/val", "accuracy/val", "lr"} <= set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "accuracy/val", "lr", "accuracy/test"} <= set(events.Tags()["scalars"])
     logged = events.Scalars("loss/val")
     assert [e.step for e in logged] == [row["epoch"] for row in history]
     assert [e.value for e in logged] == pytest.approx([row["val_loss"] for row in history], rel=1e-5)
