@@ -142,6 +142,16 @@ def test_patient_level_metrics_when_patient_ids_exist(runs, tmp_path):
     assert result["patient_level"]["n_patients"] == 12 and result["n_patients"] == 12
 
 
+def test_three_class_run_reports_macro_metrics_and_covid_vs_rest(tmp_path):
+    images = write_image_folder(tmp_path / "images", {"CP": 6, "NCP": 6, "Normal": 6})
+    run = make_run(tmp_path, "c3", "cnn1", images, classes=("CP", "NCP", "Normal"))
+    result = evaluate_run(run, n_bootstrap=20)
+    assert result["positive_class"] == "NCP"
+    assert {"macro_f1", "macro_auroc"} <= set(result["metrics"])
+    assert len(result["confusion_matrix"]["counts"]) == 3
+    assert_embedded_pngs(parse_html(run / "evaluation" / "test" / "report.html").images, 3)
+
+
 def test_compare_runs_table_tests_and_grids(runs, tmp_path):
     result = compare_runs([runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, grid_size=4,
                           out_dir=tmp_path / "cmp")

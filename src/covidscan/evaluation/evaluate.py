@@ -199,6 +199,10 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
     warnings: list[str] = []
     if chosen.external:
         warnings.append(EXTERNAL_WARNING)
+    elif chosen.split == "all":
+        warnings.append(f"{chosen.dataset} has no split column, so all its samples were evaluated; if the model was "
+                        "trained on it, this includes training images. Omit --data to evaluate the run's test "
+                        "split, or pass --external for a dataset the model never saw")
     absent = [c for i, c in enumerate(loaded.class_names) if not np.any(predictions.y_true == i)]
     if absent:
         warnings.append(f"class(es) {absent} do not occur in this set; metrics needing them are undefined")
