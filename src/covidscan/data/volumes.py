@@ -247,6 +247,7 @@ class VolumeStackDataset(Dataset):
         self.scans = list(scans)
         self.config = config
         self.class_index = {name: i for i, name in enumerate(class_names)}
+        self.train = train
         self.transform = volume_transform(config, train=train)
         depth, stride = config.depth, config.volume.stride or config.depth
         self.headers: list[ScanHeader] = []
@@ -325,8 +326,8 @@ class VolumeStackDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = self.scans[self.stacks[index][0]].label
-        # MONAI's random transforms follow torch's RNG, which the trainer seeds per run and per worker
-        self.transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        if self.train:  # MONAI's random transforms follow torch's RNG, seeded by the trainer per run and worker
+            self.transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         return self.transform(self.stack(index)), self.class_index[label] if label is not None else -1
 
 
