@@ -202,7 +202,7 @@ def _table_cell(run: RunSummary, column: str) -> str:
     if column == "date":
         return run.date[:16].replace("T", " ")
     if column == "runtime_seconds" and run.runtime_seconds is not None:
-        return f"{run.runtime_seconds:.0f}"
+        return f"{run.runtime_seconds:.0f}" if run.runtime_seconds >= 10 else f"{run.runtime_seconds:.1f}"
     return _cell(getattr(run, column))
 
 

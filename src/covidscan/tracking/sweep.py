@@ -320,10 +320,10 @@ def plot_param_importances(study: Any, path: Path, seed: int = 0) -> Path | None
     import matplotlib.pyplot as plt
 
     names = list(importances)[::-1]  # most important on top
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
     ax.barh(names, [importances[name] for name in names], color="tab:blue")
     ax.set_xlabel("relative importance (fANOVA)")
-    ax.set_title(f"Hyper-parameter importance ({completed} completed trials)")
+    ax.set_title(f"Hyper-parameter importance, {completed} completed trials", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
