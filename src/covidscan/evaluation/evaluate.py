@@ -27,7 +27,12 @@ from covidscan.data.records import DataError, Sample
 from covidscan.data.splits import load_splits
 from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
 from covidscan.evaluation.bootstrap import attach_intervals, bootstrap_metrics
-from covidscan.evaluation.calibration import apply_temperature, fit_temperature, reliability_table
+from covidscan.evaluation.calibration import (
+    ReliabilityTable,
+    apply_temperature,
+    fit_temperature,
+    reliability_table,
+)
 from covidscan.evaluation.metrics import (
     MetricValue,
     PredictionSet,
@@ -185,6 +190,44 @@ def _validation_predictions(loaded: LoadedModel, batch_size: int | None) -> Pred
     return predict(loaded, samples, batch_size, desc="validation") if samples else None
 
 
+def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
+    """What a reader must know before trusting the numbers of this set."""
+    warnings = []
+    if chosen.external:
+        warnings.append(EXTERNAL_WARNING)
+    elif chosen.split == "all":
+        warnings.append(f"{chosen.dataset} has no split column, so all its samples were evaluated; if the model was "
+                        "trained on it, this includes training images. Omit --data to evaluate the run's test "
+                        "split, or pass --external for a dataset the model never saw")
+    absent = [c for i, c in enumerate(predictions.class_names) if not np.any(predictions.y_true == i)]
+    if absent:
+        warnings.append(f"class(es) {absent} do not occur in this set; metrics needing them are undefined")
+    if not predictions.has_patients():
+        warnings.append("no patient ids: CIs resample images as if independent; slices of one patient are "
+                        "correlated, so the intervals may be too narrow")
+    return warnings
+
+
+def _calibrate(predictions: PredictionSet, validation: PredictionSet | None, temperature_scaling: bool,
+               run_dir: Path) -> tuple[dict[str, Any], ReliabilityTable]:
+    """ECE and reliability table; with ``temperature_scaling`` first rescale both sets in place by a
+    temperature fitted on validation."""
+    calibration: dict[str, Any] = {"ece_before_scaling": reliability_table(predictions.proba,
+                                                                           predictions.y_true).ece}
+    if temperature_scaling:
+        if validation is None:
+            raise DataError(f"{run_dir}: temperature scaling needs the run's validation split "
+                            "(splits.csv with val rows)")
+        temperature = fit_temperature(validation.proba, validation.y_true)
+        predictions.proba = apply_temperature(predictions.proba, temperature)
+        validation.proba = apply_temperature(validation.proba, temperature)
+        calibration["temperature"] = temperature
+    reliability = reliability_table(predictions.proba, predictions.y_true)
+    calibration.update(ece=reliability.ece, reliability=reliability.to_dict(), bins="15 equal-width bins of "
+                       "top-class confidence")
+    return calibration, reliability
+
+
 def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test", out_dir: str | Path | None = None,
              label_map: dict[str, str] | None = None, n_bootstrap: int = 1000, external: bool = False, *,
              positive_class: str | None = None, target_sensitivity: float | None = None,
@@ -196,35 +239,8 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
     chosen = select_samples(loaded, data, split, label_map, external)
     positive = resolve_positive_class(loaded.class_names, positive_class or loaded.config.data.positive_class)
     predictions = predict(loaded, chosen.samples, batch_size)
-    warnings: list[str] = []
-    if chosen.external:
-        warnings.append(EXTERNAL_WARNING)
-    elif chosen.split == "all":
-        warnings.append(f"{chosen.dataset} has no split column, so all its samples were evaluated; if the model was "
-                        "trained on it, this includes training images. Omit --data to evaluate the run's test "
-                        "split, or pass --external for a dataset the model never saw")
-    absent = [c for i, c in enumerate(loaded.class_names) if not np.any(predictions.y_true == i)]
-    if absent:
-        warnings.append(f"class(es) {absent} do not occur in this set; metrics needing them are undefined")
-    if not predictions.has_patients():
-        warnings.append("no patient ids: CIs resample images as if independent; slices of one patient are "
-                        "correlated, so the intervals may be too narrow")
-
     validation = _validation_predictions(loaded, batch_size)
-    calibration: dict[str, Any] = {"ece_before_scaling": reliability_table(predictions.proba,
-                                                                           predictions.y_true).ece}
-    if temperature_scaling:
-        if validation is None:
-            raise DataError(f"{loaded.run_dir}: temperature scaling needs the run's validation split "
-                            "(splits.csv with val rows)")
-        temperature = fit_temperature(validation.proba, validation.y_true)
-        predictions.proba = apply_temperature(predictions.proba, temperature)
-        validation.proba = apply_temperature(validation.proba, temperature)
-        calibration["temperature"] = temperature
-    reliability = reliability_table(predictions.proba, predictions.y_true)
-    calibration.update(ece=reliability.ece, reliability=reliability.to_dict(), bins="15 equal-width bins of "
-                       "top-class confidence")
-
+    calibration, reliability = _calibrate(predictions, validation, temperature_scaling, loaded.run_dir)
     values, bootstrap_info = _metrics_with_ci(predictions, positive, n_bootstrap, seed)
     predicted = predict_labels(predictions.proba, positive)
     payload: dict[str, Any] = {
@@ -239,7 +255,7 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
         "confusion_matrix": _confusion(predictions, positive),
         "per_class": per_class_report(predictions, positive),
         "calibration": calibration,
-        "warnings": warnings,
+        "warnings": _warnings(chosen, predictions),
     }
 
     at_threshold = None

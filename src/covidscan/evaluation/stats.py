@@ -78,7 +78,7 @@ def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray) -> TestResult:
 
 def _midranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks with ties sharing their mean rank, per row (Sun & Xu's 'compute_midrank')."""
-    return np.apply_along_axis(stats.rankdata, -1, values)
+    return stats.rankdata(values, axis=-1)
 
 
 @dataclass
