@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = run_sweep(config, args.space, args.trials, sampler=args.sampler, pruner=args.pruner,
                        storage=args.storage, study_name=args.study_name, track=args.track,
-                       tracking_uri=args.tracking_uri)
+                       tracking_uri=args.tracking_uri, experiment=args.experiment)
     print(result.summary_md.read_text(encoding="utf-8"))
     counts = ", ".join(f"{count} {state.lower()}" for state, count in sorted(result.counts.items()))
     print(f"study {result.study_name!r} ({result.storage}): {counts}")

@@ -182,12 +182,13 @@ class SweepResult:
 
 def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: int, *,
               sampler: str = "random", pruner: str = "median", storage: str | None = None,
-              study_name: str | None = None, track: Sequence[str] = (), tracking_uri: str | None = None) -> SweepResult:
+              study_name: str | None = None, track: Sequence[str] = (), tracking_uri: str | None = None,
+              experiment: str | None = None) -> SweepResult:
     """Run (or resume) a study until it holds ``n_trials`` completed or pruned trials.
 
     The objective is the best value of ``training.checkpoint_monitor`` over a trial's epochs,
     minimised or maximised as ``training.checkpoint_mode`` says. ``track`` adds MLflow/TensorBoard
-    logging to every trial (MLflow runs go to one experiment named after the study).
+    logging to every trial (MLflow runs go to ``experiment``, by default one named after the study).
     """
     import optuna
 
@@ -227,9 +228,9 @@ def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: i
     def objective(trial: Any) -> float:
         params = _suggest(trial, space)
         trial_config = apply_params(config, params, name=f"trial{trial.number:03d}", output_dir=str(sweep_dir))
-        trackers = make_trackers(track, mlflow_uri, experiment=study_name,
+        trackers = make_trackers(track, mlflow_uri, experiment=experiment or study_name,
                                  tags={"sweep.study": study_name, "sweep.trial": str(trial.number)})
-        callbacks = [TrialCallback(trial, monitor), *trackers]
+        callbacks = [*trackers, TrialCallback(trial, monitor)]  # trackers log an epoch before it may be pruned
         with closing_on_error(callbacks):
             result = train(trial_config, callbacks=callbacks)
         return best_monitored(result.history, monitor, mode)
