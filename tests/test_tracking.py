@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 from covidscan.cli import main
@@ -86,19 +87,21 @@ def test_trackers_write_nothing_off_rank_zero(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_failed_training_ends_the_mlflow_run_as_failed(tracked_run, tmp_path):
+@pytest.mark.parametrize("error, status", [(RuntimeError("out of memory"), "FAILED"),
+                                           (optuna.TrialPruned(), "KILLED")])
+def test_a_run_that_raises_ends_failed_or_killed(tracked_run, tmp_path, error, status):
     from mlflow import MlflowClient
 
     config, _, _ = tracked_run  # reuse its store: creating an MLflow database takes seconds
     uri = f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}"
-    tracker = MLflowCallback(tracking_uri=uri, experiment="crashed")
-    with pytest.raises(RuntimeError), closing_on_error([tracker]):
+    tracker = MLflowCallback(tracking_uri=uri, experiment=f"raised-{status}")
+    with pytest.raises(type(error)), closing_on_error([tracker]):
         tracker.on_train_start(tmp_path, config)
         tracker.on_epoch_end(1, {"loss": 0.7, "val_loss": float("nan")})
-        raise RuntimeError("out of memory")
+        raise error
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("crashed").experiment_id])
-    assert run.info.status == "FAILED"
+    (run,) = client.search_runs([client.get_experiment_by_name(f"raised-{status}").experiment_id])
+    assert run.info.status == status
     assert run.data.metrics == {"loss": 0.7}  # NaN is not sent to MLflow
 
 

@@ -1,4 +1,4 @@
-"""What the tracking callbacks share: rank-0 gating, config flattening, and the ``--track`` switch.
+"""What the tracking callbacks share: rank-0 gating, config flattening, building trackers from ``--track``.
 
 The trainer already calls callbacks on the main process only; the rank check here is a second
 guard so a tracker built by hand inside a ``torchrun`` worker never writes one run per GPU.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from covidscan.tracking.options import TRACKERS
 from covidscan.training.callbacks import Callback
+
 
 def is_main_process() -> bool:
     """True outside DDP and on rank 0 inside it."""
@@ -95,7 +97,9 @@ def closing_on_error(callbacks: Sequence[Callback]) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrialPruned" else "FAILED"
+        optuna = sys.modules.get("optuna")  # a pruned trial can only come from an imported optuna
+        pruned = optuna is not None and isinstance(exc, optuna.TrialPruned)
+        status = "KILLED" if pruned or isinstance(exc, KeyboardInterrupt) else "FAILED"
         for callback in callbacks:
             if isinstance(callback, TrackingCallback):
                 callback.close(status)
