@@ -25,7 +25,7 @@ from covidscan.evaluation import (
     resolve_positive_class,
     significance_stars,
 )
-from covidscan.evaluation.bootstrap import BatchMetrics
+from covidscan.evaluation.bootstrap import BatchMetrics, paired_bootstrap_difference
 from covidscan.evaluation.stats import EXACT_MCNEMAR_BELOW
 
 
@@ -178,6 +178,20 @@ def test_patient_bootstrap_widens_intervals_for_correlated_slices():
                  for label, r in (("item", by_item), ("patient", by_patient), ("base", patients_only))}
         assert width["patient"] > 1.5 * width["item"], (name, width)
         assert width["patient"] == pytest.approx(width["base"], rel=0.35), (name, width)
+
+
+def test_paired_difference_of_a_model_with_itself_is_zero_and_a_better_model_wins():
+    rng = np.random.default_rng(9)
+    y = rng.integers(0, 2, 300)
+    good = binary_set(list(y), list(np.clip(0.5 + 0.35 * (2 * y - 1) + rng.normal(0, 0.2, 300), 0, 1)))
+    noise = binary_set(list(y), list(rng.random(300)))
+    same = paired_bootstrap_difference(good, good, 1, n_resamples=200)
+    assert same["roc_auc"]["ci_low"] == same["roc_auc"]["ci_high"] == 0
+    better = paired_bootstrap_difference(good, noise, 1, n_resamples=200)
+    point = compute_metrics(good, 1)["roc_auc"].value - compute_metrics(noise, 1)["roc_auc"].value
+    assert 0 < better["roc_auc"]["ci_low"] <= point <= better["roc_auc"]["ci_high"]
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap_difference(good, binary_set([0, 1], [0.2, 0.8]), 1)
 
 
 def _slow_delong(is_pos: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

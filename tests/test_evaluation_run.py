@@ -160,6 +160,7 @@ def test_compare_runs_table_tests_and_grids(runs, tmp_path):
     assert values == sorted(values, reverse=True)
     assert all(row["parameters"] > 0 for row in result["rows"])
     assert {t["test"].split(" ")[0] for t in result["pairs"][0]["tests"]} == {"McNemar", "Fisher", "DeLong"}
+    assert set(result["pairs"][0]["differences"]) == set(result["metrics"])
     for name in ("comparison.csv", "comparison.md", "comparison.json"):
         assert (tmp_path / "cmp" / name).is_file()
     assert_embedded_pngs(parse_html(tmp_path / "cmp" / "comparison.html").images, 2)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from covidscan.evaluation.metrics import MetricValue, PredictionSet, metric_names, predict_labels
+from covidscan.evaluation.metrics import MetricValue, PredictionSet, predict_labels
 
 _CHUNK_CELLS = 1_000_000  # resamples x items per chunk: small enough to stay in CPU cache
 
@@ -152,6 +152,54 @@ class BatchMetrics:
         return out
 
 
+def _check(n_resamples: int, confidence: float) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _resampled_metrics(batches: list[BatchMetrics], groups: np.ndarray | None, n_resamples: int, seed: int,
+                       workers: int | None) -> list[dict[str, np.ndarray]]:
+    """Every metric of every batch over the *same* resamples (paired when there are several models).
+
+    Units are patients (``groups``) or items. Item units are numbered in the first batch's score
+    order, so the common single-model case needs no gather. Chunks of resamples run on ``workers``
+    threads, each chunk with its own seed spawned from ``seed``: results do not depend on ``workers``.
+    """
+    n_items = len(batches[0].order)
+    if groups is None:
+        unit_of_item = np.empty(n_items, dtype=np.int64)
+        unit_of_item[batches[0].order] = np.arange(n_items)
+    else:
+        _, unit_of_item = np.unique(groups, return_inverse=True)
+    n_units = int(unit_of_item.max()) + 1
+    identity = np.arange(n_items)
+    gathers = [unit_of_item[batch.order] for batch in batches]
+    gathers = [None if np.array_equal(index, identity) else index for index in gathers]
+
+    def resample_chunk(rows: int, seed_sequence: np.random.SeedSequence) -> list[dict[str, np.ndarray]]:
+        counts = _resample_counts(n_units, rows, np.random.default_rng(seed_sequence))
+        return [batch(counts if index is None else np.take(counts, index, axis=1))
+                for batch, index in zip(batches, gathers)]
+
+    sizes = _chunk_sizes(n_items, n_resamples)  # bounds the (rows, items) weight matrix
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
+        chunks = list(pool.map(resample_chunk, sizes, np.random.SeedSequence(seed).spawn(len(sizes))))
+    return [{name: np.concatenate([chunk[i][name] for chunk in chunks]) for name in chunks[0][i]}
+            for i in range(len(batches))]
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> dict[str, float | int | None]:
+    """The central ``confidence`` interval of the finite values (NaN = metric undefined in a resample)."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return {"ci_low": None, "ci_high": None, "n_defined": 0}
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(finite, [alpha, 1 - alpha])
+    return {"ci_low": float(low), "ci_high": float(high), "n_defined": int(finite.size)}
+
+
 def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples: int = 1000,
                       confidence: float = 0.95, seed: int = 0, by_patient: bool | None = None,
                       threshold: float | None = None, workers: int | None = None
@@ -159,38 +207,32 @@ def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples:
     """Percentile bootstrap CIs for every metric: ``{name: {ci_low, ci_high, n_defined}}``.
 
     ``by_patient`` resamples patients (default: whenever patient ids exist), so correlated slices of
-    one patient are never treated as independent evidence. Chunks of resamples run on ``workers``
-    threads, each chunk with its own seed spawned from ``seed``: results do not depend on ``workers``.
+    one patient are never treated as independent evidence.
     """
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check(n_resamples, confidence)
     if by_patient is None:
         by_patient = predictions.has_patients()
     batch = BatchMetrics(predictions, positive, threshold)
-    if by_patient:
-        _, unit_of_item = np.unique(predictions.groups()[batch.order], return_inverse=True)
-        n_units = int(unit_of_item.max()) + 1
-    else:
-        unit_of_item, n_units = None, len(predictions)
+    (samples,) = _resampled_metrics([batch], predictions.groups() if by_patient else None, n_resamples, seed,
+                                    workers)
+    return {name: _percentile_interval(values, confidence) for name, values in samples.items()}
 
-    def resample_chunk(rows: int, seed_sequence: np.random.SeedSequence) -> dict[str, np.ndarray]:
-        counts = _resample_counts(n_units, rows, np.random.default_rng(seed_sequence))
-        return batch(counts if unit_of_item is None else np.take(counts, unit_of_item, axis=1))
 
-    sizes = _chunk_sizes(len(predictions), n_resamples)  # bounds the (rows, items) weight matrix
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        chunks = list(pool.map(resample_chunk, sizes, np.random.SeedSequence(seed).spawn(len(sizes))))
-    alpha = (1 - confidence) / 2
-    intervals = {}
-    for name in metric_names(predictions.num_classes):
-        values = np.concatenate([chunk[name] for chunk in chunks])
-        finite = values[np.isfinite(values)]
-        low, high = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size else (np.nan, np.nan))
-        intervals[name] = {"ci_low": None if np.isnan(low) else float(low),
-                           "ci_high": None if np.isnan(high) else float(high), "n_defined": int(finite.size)}
-    return intervals
+def paired_bootstrap_difference(first: PredictionSet, second: PredictionSet, positive: int, *,
+                                n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                                by_patient: bool | None = None, workers: int | None = None
+                                ) -> dict[str, dict[str, float | int | None]]:
+    """CI of ``metric(first) - metric(second)`` for every metric, both models scored on the same
+    resamples of the same items (in the same order): how much better, and how sure."""
+    _check(n_resamples, confidence)
+    if first.paths != second.paths:
+        raise ValueError("a paired difference needs both prediction sets on the same items in the same order")
+    if by_patient is None:
+        by_patient = first.has_patients()
+    batches = [BatchMetrics(first, positive), BatchMetrics(second, positive)]
+    samples_a, samples_b = _resampled_metrics(batches, first.groups() if by_patient else None, n_resamples,
+                                              seed, workers)
+    return {name: _percentile_interval(samples_a[name] - samples_b[name], confidence) for name in samples_a}
 
 
 def attach_intervals(values: dict[str, MetricValue], intervals: dict[str, dict[str, float | int | None]]) -> None:

@@ -18,8 +18,9 @@ import numpy as np
 
 from covidscan.data import read_image
 from covidscan.data.records import DataError
+from covidscan.evaluation.bootstrap import paired_bootstrap_difference
 from covidscan.evaluation.evaluate import Evaluation, evaluate
-from covidscan.evaluation.metrics import METRIC_LABELS, metric_names
+from covidscan.evaluation.metrics import METRIC_LABELS, PredictionSet, compute_metrics, metric_names
 from covidscan.evaluation.plots import plot_prediction_grid
 from covidscan.evaluation.report import render, write_text
 from covidscan.evaluation.stats import compare_predictions
@@ -63,6 +64,30 @@ def _aligned(evaluations: list[Evaluation]) -> list[np.ndarray]:
         order[[index[p] for p in paths]] = np.arange(len(paths))
         orders.append(order)
     return orders
+
+
+def _reordered(predictions: PredictionSet, order: np.ndarray) -> PredictionSet:
+    return PredictionSet(predictions.y_true[order], predictions.proba[order], predictions.class_names,
+                         paths=[predictions.paths[i] for i in order],
+                         patient_ids=[predictions.patient_ids[i] for i in order])
+
+
+def _differences(a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int
+                 ) -> dict[str, dict[str, float | None]]:
+    """Metric of A minus metric of B with a paired bootstrap CI (same resamples for both)."""
+    values_a, values_b = compute_metrics(a, positive), compute_metrics(b, positive)
+    intervals = (paired_bootstrap_difference(a, b, positive, n_resamples=n_bootstrap, seed=seed)
+                 if n_bootstrap > 0 else {})
+    differences = {}
+    for name, metric_a in values_a.items():
+        metric_b = values_b[name]
+        defined = metric_a.value is not None and metric_b.value is not None
+        interval = intervals.get(name, {})
+        differences[name] = {"value": metric_a.value - metric_b.value if defined else None,
+                             "ci_low": interval.get("ci_low") if defined else None,
+                             "ci_high": interval.get("ci_high") if defined else None,
+                             "undefined": None if defined else "undefined for at least one model"}
+    return differences
 
 
 def _grid_items(evaluation: Evaluation, size: int, seed: int) -> list[int]:
@@ -119,12 +144,15 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
     out = Path(out_dir) if out_dir is not None else reference.loaded.run_dir.parent / "comparisons" / (
         f"{split}-" + "-vs-".join(e.loaded.run_dir.name for e in evaluations)[:120])
     out.mkdir(parents=True, exist_ok=True)
+    aligned = [_reordered(e.predictions, order) for e, order in zip(evaluations, orders)]
+    predicted = [e.predicted[order] for e, order in zip(evaluations, orders)]
     pairs = []
-    for (i, a), (j, b) in combinations(enumerate(evaluations), 2):
-        pa, pb = a.predictions.proba[orders[i]], b.predictions.proba[orders[j]]
-        tests = compare_predictions(y_true, a.predicted[orders[i]], b.predicted[orders[j]], positive,
-                                    pa[:, positive], pb[:, positive])
-        pairs.append({"a": a.loaded.run_dir.name, "b": b.loaded.run_dir.name, "tests": [t.to_dict() for t in tests]})
+    for (i, a), (j, b) in combinations(enumerate(aligned), 2):
+        tests = compare_predictions(y_true, predicted[i], predicted[j], positive, a.proba[:, positive],
+                                    b.proba[:, positive])
+        pairs.append({"a": evaluations[i].loaded.run_dir.name, "b": evaluations[j].loaded.run_dir.name,
+                      "tests": [t.to_dict() for t in tests],
+                      "differences": _differences(a, b, positive, n_bootstrap, seed)})
     grids = {}
     for evaluation in evaluations:
         name = evaluation.loaded.run_dir.name
