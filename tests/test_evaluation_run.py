@@ -109,6 +109,11 @@ def test_external_evaluation_with_label_map_states_mapping_and_shift(runs):
     assert "CT_NonCOVID &rarr; normal" in html and "domain shift" in html and "external" in html
 
 
+def test_evaluating_the_val_split_warns_that_its_threshold_is_optimistic(runs, tmp_path):
+    result = evaluate_run(runs["a"], split="val", n_bootstrap=0, out_dir=tmp_path / "val")
+    assert any("optimistic" in w for w in result["warnings"])
+
+
 def test_mismatched_classes_suggest_label_map(runs):
     with pytest.raises(DataError, match="--label-map"):
         evaluate_run(runs["a"], data=runs["external"], n_bootstrap=0)

@@ -266,6 +266,9 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
         payload["operating_point"] = {**operating.to_dict(),
                                       "metrics": {n: m.to_dict() for n, m in op_values.items()},
                                       "confusion_matrix": _confusion(predictions, positive, operating.threshold)}
+        if data is None and split == "val":
+            payload["warnings"].append("the threshold was chosen on this same val split, so the metrics at the "
+                                       "operating point are optimistic; read them on the test split")
     else:
         payload["operating_point"] = {"skipped": operating}
 
