@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from covidscan.cli.evaluate import parse_label_map
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "compare", help="compare trained runs on the same test items (metrics with CIs + pairwise tests)",
-        description="Evaluate every run on the same items and write comparison.html/.md/.csv/.json: one row per "
-                    "model with each metric and its 95%% CI, runtime and parameter count, ranked by --metric; "
-                    "McNemar, Fisher's exact and DeLong tests for every pair; a grid of test images with "
-                    "predicted vs true labels per model.")
+        "compare", help="compare trained runs on the same test items or patients (metrics with CIs + pairwise "
+                        "tests)",
+        description="Evaluate every run on the same items (or, with --level patient, the same patients) and write "
+                    "comparison.html/.md/.csv/.json: one row per model with each metric and its 95% CI, runtime "
+                    "and parameter count, ranked by --metric; McNemar, Fisher's exact and DeLong tests and paired "
+                    "bootstrap differences for every pair; a grid of test images with predicted vs true labels per "
+                    "model (item level only).")
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories or checkpoint files (two or more)")
     parser.add_argument("--data", help="common dataset (class folders or CSV manifest); default: each run's own "
                                        "split, which must hold the same items for every run")
@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metric", default="f1",
                         help="rank by this metric: accuracy, sensitivity, specificity, precision, f1, roc_auc, "
                              "pr_auc (and macro_f1, macro_auroc for 3+ classes); default f1")
+    parser.add_argument("--level", choices=("auto", "item", "patient"), default="auto",
+                        help="compare per item, or per patient after aggregating each run's items (runs with "
+                             "different 3D stack depths); default auto: patient when the items are volume "
+                             "stacks, item otherwise")
+    parser.add_argument("--aggregation", choices=("mean", "max"), default="mean",
+                        help="at patient level, how a patient's item probabilities combine (default: mean)")
     parser.add_argument("--positive-class", help="positive class for binary metrics (default: COVID-like class)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
     parser.add_argument("--grid-size", type=int, default=16, help="images per prediction grid (default 16)")
@@ -33,13 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from covidscan.data.sources import parse_label_map
     from covidscan.evaluation.compare import compare_runs
     from covidscan.evaluation.report import format_metric
 
     result = compare_runs(args.runs, args.data, args.split, args.metric, args.out, args.bootstrap,
                           parse_label_map(args.label_map), args.external, positive_class=args.positive_class,
-                          grid_size=args.grid_size, seed=args.seed)
-    print(f"ranked by {args.metric} on {result['dataset']} ({result['split']}, {result['n_items']} items):")
+                          grid_size=args.grid_size, seed=args.seed, level=args.level, aggregation=args.aggregation)
+    unit = f"{result['n_compared']} {result['level']}s"
+    if result["aggregation"]:
+        unit += f", {result['aggregation']} of their items"
+    print(f"ranked by {args.metric} on {result['dataset']} ({result['split']}, {unit}):")
     for row in result["rows"]:
         print(f"  {row['rank']}. {row['run']:<32} {format_metric(row['metrics'][args.metric])}")
     for pair in result["pairs"]:

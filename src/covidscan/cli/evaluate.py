@@ -5,22 +5,11 @@ from __future__ import annotations
 import argparse
 
 
-def parse_label_map(items: list[str]) -> dict[str, str]:
-    """``["CT_NonCOVID=non-COVID", ...]`` -> ``{"CT_NonCOVID": "non-COVID"}``."""
-    mapping = {}
-    for item in items:
-        raw, sep, name = item.partition("=")
-        if not sep or not raw.strip() or not name.strip():
-            raise ValueError(f"--label-map expects DATASET_LABEL=MODEL_CLASS, got {item!r}")
-        mapping[raw.strip()] = name.strip()
-    return mapping
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="evaluate a trained run (internal test split or an external dataset)",
         description="Predict a dataset with a trained run and write metrics.json, predictions.csv, figures and "
-                    "report.html/report.md (metrics with bootstrap 95%% CIs) under RUN/evaluation/<name>/.")
+                    "report.html/report.md (metrics with bootstrap 95% CIs) under RUN/evaluation/<name>/.")
     parser.add_argument("--checkpoint", "--run", dest="checkpoint", required=True, metavar="RUN",
                         help="run directory (uses checkpoints/best.pt) or a checkpoint file")
     parser.add_argument("--data", help="dataset to evaluate on (class folders or CSV manifest); default: the "
@@ -49,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from covidscan.data.sources import parse_label_map
     from covidscan.evaluation import evaluate
     from covidscan.evaluation.report import format_metric
 

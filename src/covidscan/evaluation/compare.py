@@ -1,8 +1,11 @@
-"""Compare several trained runs on the same test items: study A's table plus pairwise tests.
+"""Compare several trained runs on the same test items or patients: study A's table plus pairwise tests.
 
 Each run is evaluated with :func:`~covidscan.evaluation.evaluate.evaluate` without writing into
-the run (``covidscan evaluate`` gives each run its full report); the comparison then checks that every run scored exactly the same items, ranks
-the runs by one metric and tests every pair (McNemar, Fisher's exact, DeLong).
+the run (``covidscan evaluate`` gives each run its full report). At *item* level the comparison
+checks that every run scored exactly the same items; at *patient* level it first aggregates each
+run's predictions per patient, so runs that cut the same scans into different slice stacks (study
+C's depths) are compared on the same patients. Then it ranks the runs by one metric and tests
+every pair (McNemar, Fisher's exact, DeLong, paired bootstrap differences).
 """
 
 from __future__ import annotations
@@ -12,21 +15,32 @@ import json
 import logging
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from covidscan.data import read_image
 from covidscan.data.records import DataError
+from covidscan.data.volumes import STACK_SEPARATOR
+from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
 from covidscan.evaluation.bootstrap import paired_bootstrap_difference
 from covidscan.evaluation.evaluate import Evaluation, evaluate
-from covidscan.evaluation.metrics import METRIC_LABELS, PredictionSet, compute_metrics, metric_names
+from covidscan.evaluation.metrics import (
+    METRIC_LABELS,
+    PredictionSet,
+    compute_metrics,
+    metric_names,
+    predict_labels,
+)
 from covidscan.evaluation.plots import plot_prediction_grid
 from covidscan.evaluation.report import render, write_text
 from covidscan.evaluation.stats import compare_predictions
 from covidscan.runtime import write_json
 
 logger = logging.getLogger(__name__)
+
+Level = Literal["auto", "item", "patient"]
+LEVELS = ("auto", "item", "patient")
 
 
 def _run_info(evaluation: Evaluation) -> dict[str, Any]:
@@ -44,32 +58,68 @@ def _run_info(evaluation: Evaluation) -> dict[str, Any]:
             "runtime_seconds": training.get("runtime_seconds")}
 
 
-def _aligned(evaluations: list[Evaluation]) -> list[np.ndarray]:
-    """Per run, the item order matching the first run; an error unless all runs scored the same items."""
-    reference = evaluations[0]
-    index = {path: i for i, path in enumerate(reference.predictions.paths)}
-    orders = []
-    for evaluation in evaluations:
-        paths = evaluation.predictions.paths
-        if evaluation.predictions.class_names != reference.predictions.class_names:
-            raise DataError(f"{evaluation.loaded.run_dir}: classes {evaluation.predictions.class_names} differ from "
-                            f"{reference.predictions.class_names} of {reference.loaded.run_dir}; only models with "
-                            "the same classes can be compared")
+def _resolve_level(level: Level, evaluations: list[Evaluation]) -> str:
+    """``auto``: patient level as soon as one run scored volume stacks (stacks of one scan are not
+    independent, and two depths cut different stacks), item level otherwise."""
+    if level != "auto":
+        return level
+    stacks = any(STACK_SEPARATOR in path for e in evaluations for path in e.predictions.paths)
+    return "patient" if stacks else "item"
+
+
+def _compared_set(evaluation: Evaluation, level: str, aggregation: Aggregation) -> PredictionSet:
+    """What the tests pair: the evaluated items, or one row per patient keyed by its id (an item
+    without one stands alone, keyed by its path)."""
+    if level == "item":
+        return evaluation.predictions
+    patients = aggregate_by_patient(evaluation.predictions, aggregation)
+    return PredictionSet(patients.y_true, patients.proba, patients.class_names, paths=patients.patient_ids,
+                         patient_ids=patients.patient_ids)
+
+
+def _level_metrics(evaluation: Evaluation, level: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, bootstrap info) at ``level``. ``evaluate`` omits ``patient_level`` exactly when every
+    patient has one item, where patient and item metrics are the same."""
+    patient_level = evaluation.payload.get("patient_level")
+    if level == "patient" and patient_level:
+        return patient_level["metrics"], patient_level["bootstrap"]
+    return evaluation.payload["metrics"], evaluation.payload["bootstrap"]
+
+
+def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: str) -> list[PredictionSet]:
+    """Every set reordered to the first one's items (or patients); an error unless all runs scored
+    the same ones with the same labels and classes."""
+    reference, reference_run = sets[0], evaluations[0].loaded.run_dir
+    index = {path: i for i, path in enumerate(reference.paths)}
+    unit = "items" if level == "item" else "patients"
+    aligned = []
+    for predictions, evaluation in zip(sets, evaluations):
+        run_dir, paths = evaluation.loaded.run_dir, predictions.paths
+        if predictions.class_names != reference.class_names:
+            raise DataError(f"{run_dir}: classes {predictions.class_names} differ from {reference.class_names} of "
+                            f"{reference_run}; only models with the same classes can be compared")
         if len(paths) != len(index) or set(paths) != set(index):
-            raise DataError(f"{evaluation.loaded.run_dir} was evaluated on different items than "
-                            f"{reference.loaded.run_dir} ({len(paths)} vs {len(index)}; e.g. "
-                            f"{sorted(set(paths) ^ set(index))[:1]}); pass --data with one common test set, or "
-                            "compare runs trained with the same splits file (data.split.method: file)")
+            stacks = any(STACK_SEPARATOR in path for path in [*paths, *index])
+            fix = ("the runs cut the scans into different stacks (different data.depth?): compare per patient "
+                   "with --level patient" if level == "item" and stacks else
+                   "pass --data with one common test set, or compare runs trained with the same splits file "
+                   "(data.split.method: file)")
+            raise DataError(f"{run_dir} was evaluated on different {unit} than {reference_run} ({len(paths)} vs "
+                            f"{len(index)}; e.g. {sorted(set(paths) ^ set(index))[:1]}); {fix}")
         order = np.empty(len(paths), dtype=int)
         order[[index[p] for p in paths]] = np.arange(len(paths))
-        orders.append(order)
-    return orders
-
-
-def _reordered(predictions: PredictionSet, order: np.ndarray) -> PredictionSet:
-    return PredictionSet(predictions.y_true[order], predictions.proba[order], predictions.class_names,
-                         paths=[predictions.paths[i] for i in order],
-                         patient_ids=[predictions.patient_ids[i] for i in order])
+        reordered = PredictionSet(predictions.y_true[order], predictions.proba[order], predictions.class_names,
+                                  paths=[paths[i] for i in order],
+                                  patient_ids=[predictions.patient_ids[i] for i in order])
+        disagree = np.flatnonzero(reordered.y_true != reference.y_true)
+        if disagree.size:
+            first = int(disagree[0])
+            raise DataError(f"{run_dir}: {reordered.paths[first]!r} is labelled "
+                            f"{reordered.class_names[reordered.y_true[first]]!r} but "
+                            f"{reference.class_names[reference.y_true[first]]!r} in {reference_run} "
+                            f"({disagree.size} {unit} disagree); check the runs' data.label_map or --label-map")
+        aligned.append(reordered)
+    return aligned
 
 
 def _differences(a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int
@@ -118,24 +168,35 @@ def prediction_grid(evaluation: Evaluation, path: Path, size: int = 16, seed: in
 def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
                  metric: str = "f1", out_dir: str | Path | None = None, n_bootstrap: int = 1000,
                  label_map: dict[str, str] | None = None, external: bool = False, *,
-                 positive_class: str | None = None, grid_size: int = 16, seed: int = 0) -> dict[str, Any]:
+                 positive_class: str | None = None, grid_size: int = 16, seed: int = 0, level: Level = "auto",
+                 aggregation: Aggregation = "mean") -> dict[str, Any]:
     """Evaluate ``runs`` on the same items and write ``comparison.{html,md,csv,json}`` plus one
-    prediction grid per run into ``out_dir`` (default: ``comparisons/`` beside the first run)."""
+    prediction grid per run into ``out_dir`` (default: ``comparisons/`` beside the first run).
+
+    ``level="patient"`` aggregates each run's items per patient (``aggregation`` "mean" or "max" of
+    the probabilities) before aligning, ranking and testing, so runs with different slice stacks of
+    the same scans can be compared; ``"auto"`` (default) picks it when the items are volume stacks.
+    """
     if len(runs) < 2:
         raise ValueError("compare needs at least two runs")
-    evaluations = [evaluate(run, data, split, None, label_map, n_bootstrap, external,
-                            positive_class=positive_class, seed=seed, write=False) for run in runs]
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if aggregation not in ("mean", "max"):
+        raise ValueError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
+    evaluations = [evaluate(run, data, split, None, label_map, n_bootstrap, external, positive_class=positive_class,
+                            aggregation=aggregation, seed=seed, write=False) for run in runs]
     names = metric_names(evaluations[0].predictions.num_classes)
     if metric not in names:
         raise ValueError(f"--metric {metric!r} is not one of {list(names)}")
-    orders = _aligned(evaluations)
+    level = _resolve_level(level, evaluations)
+    aligned = _aligned([_compared_set(e, level, aggregation) for e in evaluations], evaluations, level)
     reference = evaluations[0]
     positive = reference.predictions.class_names.index(reference.payload["positive_class"])
-    y_true = reference.predictions.y_true
+    y_true = aligned[0].y_true
 
     rows = []
     for evaluation in evaluations:
-        rows.append({**_run_info(evaluation), "metrics": evaluation.payload["metrics"]})
+        rows.append({**_run_info(evaluation), "metrics": _level_metrics(evaluation, level)[0]})
     rows.sort(key=lambda row: -(row["metrics"][metric]["value"] if row["metrics"][metric]["value"] is not None
                                 else -np.inf))
     for rank, row in enumerate(rows, start=1):
@@ -144,8 +205,7 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
     out = Path(out_dir) if out_dir is not None else reference.loaded.run_dir.parent / "comparisons" / (
         f"{split}-" + "-vs-".join(e.loaded.run_dir.name for e in evaluations)[:120])
     out.mkdir(parents=True, exist_ok=True)
-    aligned = [_reordered(e.predictions, order) for e, order in zip(evaluations, orders)]
-    predicted = [e.predicted[order] for e, order in zip(evaluations, orders)]
+    predicted = [predict_labels(a.proba, positive) for a in aligned]
     pairs = []
     for (i, a), (j, b) in combinations(enumerate(aligned), 2):
         tests = compare_predictions(y_true, predicted[i], predicted[j], positive, a.proba[:, positive],
@@ -154,17 +214,19 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
                       "tests": [t.to_dict() for t in tests],
                       "differences": _differences(a, b, positive, n_bootstrap, seed)})
     grids = {}
-    for evaluation in evaluations:
+    shown = evaluations if level == "item" else []  # a patient is several images: none to show
+    for evaluation in shown:
         name = evaluation.loaded.run_dir.name
         grid = prediction_grid(evaluation, out / f"grid-{name}.png", grid_size, seed)
         if grid is not None:
             grids[name] = grid.name
 
     payload = {"dataset": reference.payload["dataset"], "split": reference.payload["split"],
-               "external": reference.payload["external"], "n_items": len(y_true),
+               "external": reference.payload["external"], "level": level,
+               "aggregation": aggregation if level == "patient" else None, "n_compared": len(y_true),
                "positive_class": reference.payload["positive_class"], "ranked_by": metric, "metrics": list(names),
-               "bootstrap": reference.payload["bootstrap"], "rows": rows, "pairs": pairs, "grids": grids}
-    _write_csv(out / "comparison.csv", rows, names)
+               "bootstrap": _level_metrics(reference, level)[1], "rows": rows, "pairs": pairs, "grids": grids}
+    _write_csv(out / "comparison.csv", payload)
     context = {"c": payload, "labels": METRIC_LABELS, "out_dir": out}
     write_text(out / "comparison.html", render("comparison.html.j2", **context))
     write_text(out / "comparison.md", render("comparison.md.j2", **context))
@@ -173,19 +235,22 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
     return payload
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]], names: tuple[str, ...]) -> None:
-    header = ["rank", "run", "model", "parameters", "runtime_seconds"]
+def _write_csv(path: Path, comparison: dict[str, Any]) -> None:
+    """One row per run; ``level``/``aggregation``/``n_compared`` on every row so a row read alone
+    still says what its numbers are per."""
+    names = comparison["metrics"]
+    header = ["rank", "run", "model", "parameters", "runtime_seconds", "level", "aggregation", "n_compared"]
     for name in names:
         header += [name, f"{name}_ci_low", f"{name}_ci_high"]
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        for row in rows:
-            line = [row["rank"], row["run"], row["model"], row["parameters"], row["runtime_seconds"]]
+        for row in comparison["rows"]:
+            line = [row["rank"], row["run"], row["model"], row["parameters"], row["runtime_seconds"],
+                    comparison["level"], comparison["aggregation"], comparison["n_compared"]]
             for name in names:
                 m = row["metrics"][name]
                 line += [m["value"], m["ci_low"], m["ci_high"]]
             writer.writerow(["" if v is None else v for v in line])
     tmp.replace(path)
-
