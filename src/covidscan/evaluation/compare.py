@@ -15,7 +15,7 @@ import json
 import logging
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from covidscan.runtime import write_json
 logger = logging.getLogger(__name__)
 
 Level = Literal["auto", "item", "patient"]
-LEVELS = ("auto", "item", "patient")
+LEVELS: tuple[str, ...] = get_args(Level)
 
 
 def _run_info(evaluation: Evaluation) -> dict[str, Any]:
