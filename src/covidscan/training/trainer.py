@@ -330,6 +330,9 @@ class _Trainer:
         model = create_model(cfg.model.name, num_classes=len(self.class_names), in_channels=cfg.data.channels,
                              pretrained=cfg.model.pretrained, weights=cfg.model.weights, **cfg.model.kwargs)
         self.parameter_count = sum(p.numel() for p in model.parameters())
+        # layers opt in to Keras-style L2 terms by defining l2_penalty(); looked up once, not every step
+        self.regularized = hasattr(model, "l2_penalty") and any(
+            module is not model and hasattr(module, "l2_penalty") for module in model.modules())
         return model.to(self.device, memory_format=self.memory_format)
 
     # ----------------------------------------------------------------- training
@@ -390,7 +393,7 @@ class _Trainer:
 
     def _penalty(self) -> torch.Tensor | float:
         """Keras-style kernel regularisation terms the model declares (study E's L2 head)."""
-        return self.model.l2_penalty() if hasattr(self.model, "l2_penalty") else 0.0
+        return self.model.l2_penalty() if self.regularized else 0.0
 
     def _run_epoch(self, epoch: int, phase_index: int, phase: PhaseConfig, forward_model: nn.Module,
                    optimizer: torch.optim.Optimizer, schedule: Schedule, scaler: torch.amp.GradScaler) -> dict:
