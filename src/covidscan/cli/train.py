@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.run_dir:
         raise ValueError("--resume RUN_DIR already names the run directory; drop --run-dir")
+    if args.resume and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"{args.resume}: no such run directory to resume")
     config_path = args.config or (str(Path(args.resume) / "config.yaml") if args.resume else None)
     config = load_config(config_path, args.overrides)
     if args.strict:
