@@ -32,3 +32,8 @@ def test_demo_config_trains_and_evaluates_through_the_cli(tmp_path, capsys):
     assert metrics["parameters"] > 0 and metrics["runtime_seconds"] > 0
     assert metrics["best"]["val_accuracy"] > 0.5  # the synthetic lesions are learnable: beat chance
     assert metrics["test"]["accuracy"]["value"] > 0.5
+
+    # a finished run can be resumed with a longer phase: only the new epoch is trained
+    assert main(["train", "--resume", str(run_dir), "--set", "training.phases.0.epochs=4"]) == 0
+    with (run_dir / "history.csv").open() as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4]

@@ -164,6 +164,7 @@ class _Position:
     phase: int = 0
     phase_epochs_done: int = 0
     epoch: int = 0  # global epochs completed
+    stopped_early: bool = False  # the phase ended by early stopping
 
 
 class _Trainer:
@@ -339,6 +340,12 @@ class _Trainer:
     def _train_phases(self, start: _Position, state: dict[str, Any] | None) -> None:
         phases = self.config.training.phases
         epoch = start.epoch
+        if state is not None:
+            _set_rng_state(state["rng"])
+            continuing = (not start.stopped_early and start.phase < len(phases)
+                          and start.phase_epochs_done < phases[start.phase].epochs)
+            if not continuing:  # that phase is complete (possibly extended by a --set on resume)
+                start, state = _Position(start.phase + 1, 0, epoch), None
         for phase_index in range(start.phase, len(phases)):
             phase = phases[phase_index]
             resumed = state is not None and phase_index == start.phase
@@ -350,7 +357,6 @@ class _Trainer:
                 scaler.load_state_dict(state["scaler"])
                 if stopper is not None and state["early_stopping"] is not None:
                     stopper.load_state_dict(state["early_stopping"])
-                _set_rng_state(state["rng"])
                 first = start.phase_epochs_done + 1
             for phase_epoch in range(first, phase.epochs + 1):
                 epoch += 1
@@ -359,8 +365,7 @@ class _Trainer:
                 if stop:
                     logger.info("early stopping in phase %d after epoch %d (%s did not improve for %d epochs)",
                                 phase_index + 1, epoch, stopper.monitor.metric, stopper.patience)
-                done = stop or phase_epoch == phase.epochs
-                position = _Position(phase_index + 1, 0, epoch) if done else _Position(phase_index, phase_epoch, epoch)
+                position = _Position(phase_index, phase_epoch, epoch, stop)
                 self._end_epoch(row, position, optimizer, schedule, scaler, stopper)
                 if stop:
                     break
