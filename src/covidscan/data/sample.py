@@ -17,18 +17,32 @@ from PIL import Image
 SAMPLE_CLASSES = ("COVID", "normal")
 
 
-def _slice(rng: np.random.Generator, size: int, covid: bool) -> np.ndarray:
+def _anatomy(rng: np.random.Generator) -> dict[str, float]:
+    """One synthetic patient's body and lung geometry: patients differ, as real ones do, so the
+    leakage audit sees different patients as different images."""
+    return {"body_w": rng.uniform(0.36, 0.48), "body_h": rng.uniform(0.28, 0.42), "tilt": rng.uniform(-0.35, 0.35),
+            "lung_dx": rng.uniform(0.13, 0.22), "lung_w": rng.uniform(0.09, 0.16), "lung_h": rng.uniform(0.18, 0.3),
+            "cy": rng.uniform(0.42, 0.58), "body_level": rng.uniform(0.4, 0.7)}
+
+
+def _slice(rng: np.random.Generator, size: int, covid: bool, anatomy: dict[str, float], z: float) -> np.ndarray:
+    """One axial slice at relative height ``z`` in [0, 1]: lungs grow towards the middle of the scan."""
     yy, xx = np.mgrid[0:size, 0:size] / size
-    body = ((xx - 0.5) / 0.45) ** 2 + ((yy - 0.5) / 0.38) ** 2 < 1
-    image = np.where(body, 0.55, 0.02)
-    for cx in (0.32, 0.68):
-        lung = ((xx - cx + rng.normal(0, 0.01)) / 0.14) ** 2 + ((yy - 0.5) / 0.27) ** 2 < 1
+    cos, sin = np.cos(anatomy["tilt"]), np.sin(anatomy["tilt"])
+    u, v = (xx - 0.5) * cos + (yy - 0.5) * sin, -(xx - 0.5) * sin + (yy - 0.5) * cos
+    body = (u / anatomy["body_w"]) ** 2 + (v / anatomy["body_h"]) ** 2 < 1
+    image = np.where(body, anatomy["body_level"], 0.02)
+    lung_scale = 0.75 + 0.25 * np.sin(np.pi * z)
+    for side in (-1, 1):
+        lu = u - side * anatomy["lung_dx"]
+        lv = v - (anatomy["cy"] - 0.5)
+        lung = (lu / (anatomy["lung_w"] * lung_scale)) ** 2 + (lv / (anatomy["lung_h"] * lung_scale)) ** 2 < 1
         image = np.where(lung, 0.12, image)
         if covid:
             for _ in range(rng.integers(2, 5)):
-                bx, by = cx + rng.normal(0, 0.06), 0.5 + rng.normal(0, 0.12)
+                bu, bv = side * anatomy["lung_dx"] + rng.normal(0, 0.05), anatomy["cy"] - 0.5 + rng.normal(0, 0.1)
                 radius = rng.uniform(0.03, 0.06)
-                blob = np.exp(-(((xx - bx) ** 2 + (yy - by) ** 2) / (2 * radius**2)))
+                blob = np.exp(-(((u - bu) ** 2 + (v - bv) ** 2) / (2 * radius**2)))
                 image = image + np.where(lung, 0.35 * blob, 0)
     image = image + rng.normal(0, 0.03, image.shape)
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
@@ -44,9 +58,11 @@ def make_sample_dataset(root: str | Path, *, patients_per_class: int = 12, slice
         (root / label).mkdir(parents=True, exist_ok=True)
         for patient in range(patients_per_class):
             patient_id = f"{label}-p{patient:02d}"
+            anatomy = _anatomy(rng)
             for index in range(slices_per_patient):
                 relative = f"{label}/{patient_id} ({index}).png"
-                Image.fromarray(_slice(rng, size, label == "COVID")).save(root / relative)
+                z = (index + 0.5) / slices_per_patient
+                Image.fromarray(_slice(rng, size, label == "COVID", anatomy, z)).save(root / relative)
                 rows.append((relative, label, patient_id))
     manifest = root / "manifest.csv"
     tmp = manifest.with_suffix(".tmp")
