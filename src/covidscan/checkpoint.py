@@ -72,6 +72,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
+    """Softmax head -> softmax; sigmoid head -> per-class sigmoids renormalised to sum to 1, so both
+    heads give one probability vector per item (what metrics, reports and the API show)."""
+    if head == "sigmoid":
+        scores = torch.sigmoid(logits.float())
+        return scores / scores.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    return torch.softmax(logits.float(), dim=1)
+
+
 @dataclass
 class LoadedModel:
     """A trained model ready for inference, with the preprocessing it was trained with."""
@@ -96,11 +105,7 @@ class LoadedModel:
         return build_transform(self.config.data, train=False, stats=self.norm_stats)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax head -> softmax; sigmoid head -> per-class sigmoids renormalised to sum to 1."""
-        if self.config.model.head == "sigmoid":
-            scores = torch.sigmoid(logits)
-            return scores / scores.sum(dim=1, keepdim=True).clamp(min=1e-12)
-        return torch.softmax(logits, dim=1)
+        return class_probabilities(logits, self.config.model.head)
 
     @torch.inference_mode()
     def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
@@ -122,7 +127,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     config = config_from_dict(payload["config"])
     class_names = payload["class_names"]
     model = build_model_from_config(config, len(class_names))
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{payload['path']}: its weights do not fit model {config.model.name!r} as this covidscan "
+                         f"version builds it (was the checkpoint made by another version, or edited?): "
+                         f"{str(exc).splitlines()[0]} ...") from exc
     model.eval().to(device)
     stats = payload.get("norm_stats")
     return LoadedModel(model, config, class_names, NormStats(**stats) if stats else None,

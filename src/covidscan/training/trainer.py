@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from covidscan.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
+from covidscan.checkpoint import BEST_NAME, LAST_NAME, class_probabilities, load_checkpoint, save_checkpoint
 from covidscan.config import ConfigError, PhaseConfig, RunConfig, SplitConfig
 from covidscan.data import DataError, NormStats, SampleSet, build_dataset, fit_norm_stats, load_samples, read_image
 from covidscan.runtime import create_run_dir, resolve_device, seed_everything, write_json
@@ -116,14 +116,6 @@ def balanced_class_weights(labels: Sequence[int], class_names: Sequence[str]) ->
                         "add samples, change the split, or set training.class_weights: none")
     weights = compute_class_weight("balanced", classes=np.arange(len(class_names)), y=labels)
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
-    """Same scoring as ``LoadedModel.probabilities``: softmax, or sigmoids renormalised to sum to 1."""
-    if head == "sigmoid":
-        scores = torch.sigmoid(logits.float())
-        return scores / scores.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    return torch.softmax(logits.float(), dim=1)
 
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
