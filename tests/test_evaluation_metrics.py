@@ -26,7 +26,7 @@ from covidscan.evaluation import (
     significance_stars,
 )
 from covidscan.evaluation.bootstrap import BatchMetrics, paired_bootstrap_difference
-from covidscan.evaluation.stats import EXACT_MCNEMAR_BELOW
+from covidscan.evaluation.stats import EXACT_MCNEMAR_BELOW, compare_predictions
 
 
 def binary_set(y: list[int], p_positive: list[float], positive: int = 1, **kw) -> PredictionSet:
@@ -244,8 +244,20 @@ def test_delong_identical_models_and_one_class():
     is_pos = np.array([True, False, True, False])
     scores = np.array([0.8, 0.3, 0.6, 0.4])
     assert delong_test(is_pos, scores, scores).p_value == 1.0
-    with pytest.raises(ValueError, match="both positive and negative"):
+    with pytest.raises(ValueError, match="two positive and two negative"):
         delong_test(np.ones(4, bool), scores, scores)
+
+
+def test_delong_is_undefined_not_nan_with_a_single_positive():
+    """One positive item leaves the AUC variance undefined: the comparison says so instead of p = nan."""
+    y_true = np.array([1, 0, 0, 0])
+    pred = np.array([1, 0, 0, 1])
+    scores_a, scores_b = np.array([0.9, 0.2, 0.3, 0.6]), np.array([0.7, 0.4, 0.1, 0.8])
+    with pytest.raises(ValueError, match="two positive and two negative"):
+        delong_test(y_true == 1, scores_a, scores_b)
+    delong = compare_predictions(y_true, pred, pred, 1, scores_a, scores_b)[-1]
+    assert delong.test == "DeLong" and delong.p_value is None and "undefined" in delong.detail
+    assert delong.stars == ""
 
 
 @pytest.mark.parametrize("n, flip", [(40, 0.2), (400, 0.3)])

@@ -53,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
     for row in result["rows"]:
         print(f"  {row['rank']}. {row['run']:<32} {format_metric(row['metrics'][args.metric])}")
     for pair in result["pairs"]:
-        tests = ", ".join(f"{t['test'].split(' ')[0]} p={t['p_value']:.3g}{t['stars']}" for t in pair["tests"])
+        tests = ", ".join(_format_test(t) for t in pair["tests"])
         print(f"  {pair['a']} vs {pair['b']}: {tests}")
     print(f"report: {result['out_dir']}/comparison.html")
     return 0
+
+
+def _format_test(test: dict) -> str:
+    p_value = "undefined" if test["p_value"] is None else format(test["p_value"], ".3g")
+    return f"{test['test'].split(' ')[0]} p={p_value}{test['stars']}"

@@ -31,7 +31,7 @@ def significance_stars(p_value: float | None) -> str:
 class TestResult:
     test: str
     statistic: float | None
-    p_value: float
+    p_value: float | None  # None when the test is undefined for these items (see detail)
     detail: str  # what was compared, e.g. the 2x2 table or the two AUCs
 
     @property
@@ -94,8 +94,9 @@ def delong_test(is_positive: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
     if scores.shape[1] != is_positive.size:
         raise ValueError("DeLong needs one score per item for both models")
     m, n = int(is_positive.sum()), int((~is_positive).sum())
-    if m == 0 or n == 0:
-        raise ValueError("DeLong's test needs both positive and negative items (AUC undefined otherwise)")
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong's test needs at least two positive and two negative items (got {m} and {n}): "
+                         "the AUC variance is undefined otherwise")
     positives, negatives = scores[:, is_positive], scores[:, ~is_positive]
     rank_pos, rank_neg, rank_all = _midranks(positives), _midranks(negatives), _midranks(np.hstack([positives,
                                                                                                    negatives]))
@@ -114,10 +115,14 @@ def delong_test(is_positive: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
 
 def compare_predictions(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, positive: int,
                         scores_a: np.ndarray, scores_b: np.ndarray) -> list[TestResult]:
-    """McNemar, Fisher and (when both classes are present) DeLong for one pair of models."""
+    """McNemar, Fisher and DeLong for one pair of models (DeLong undefined with < 2 items of a class)."""
     correct_a, correct_b = pred_a == y_true, pred_b == y_true
     results: list[TestResult] = [mcnemar_test(correct_a, correct_b), fisher_exact_test(correct_a, correct_b)]
     is_positive = y_true == positive
-    if is_positive.any() and not is_positive.all():
+    positives, negatives = int(is_positive.sum()), int((~is_positive).sum())
+    if min(positives, negatives) >= 2:
         results.append(delong_test(is_positive, scores_a, scores_b))
+    else:
+        results.append(TestResult("DeLong", None, None, f"undefined: needs at least two positive and two "
+                                  f"negative items, got {positives} and {negatives}"))
     return results
