@@ -1,7 +1,7 @@
 """``covidscan`` command line: each verb is a thin layer over the Python API.
 
 Each verb lives in its own module exposing ``register(subparsers)``, which adds its parser and
-sets ``handler`` to a function taking the parsed arguments. Heavy imports happen inside the
+sets ``handler`` to a function taking the parsed arguments; ``VERBS`` lists them in help order. Heavy imports happen inside the
 handlers so ``covidscan --help`` stays instant.
 """
 
@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND")
     for verb in VERBS:
-        try:
-            module = importlib.import_module(f"covidscan.cli.{verb}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"covidscan.cli.{verb}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"covidscan.cli.{verb}").register(subparsers)
     return parser
 
 
