@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from covidscan.cli import main
 from covidscan.data import load_samples, read_dicom, read_dicom_series, read_image, read_nifti, read_volume
 from covidscan.data.io import read_middle_slice

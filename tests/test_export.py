@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATASETS, write_image_folder
-from test_serving import CLASSES, make_checkpoint, png_bytes
+from helpers import CLASSES, make_checkpoint, png_bytes
 
 from covidscan.cli import main
 from covidscan.data import read_image

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import write_image_folder
-from test_serving import CLASSES, make_checkpoint
+from helpers import CLASSES, make_checkpoint
 
 from covidscan.cli import main
 from covidscan.data import list_inputs, read_image

@@ -10,9 +10,7 @@ import pytest
 from PIL import Image
 
 import covidscan  # noqa: F401  (compat shim before torch extras)
-from covidscan.checkpoint import save_checkpoint
-from covidscan.config import config_from_dict
-from covidscan.models import create_model
+from helpers import CLASSES, dicom_bytes, make_checkpoint, png_bytes
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -20,49 +18,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from covidscan.data import read_image  # noqa: E402
 from covidscan.serving import UploadLimits, create_app, load_predictor  # noqa: E402
 from covidscan.serving.engine import preprocessing  # noqa: E402
-
-CLASSES = ["COVID", "normal"]
-
-
-def make_checkpoint(root: Path, model: str = "cnn1", size: int = 32, channels: int = 1, epoch: int = 2) -> Path:
-    """A random-init run directory: serving must not depend on the trainer."""
-    config = config_from_dict({"name": f"{model}-test", "data": {"image_size": size, "channels": channels},
-                               "model": {"name": model}})
-    run = root / f"{model}-run"
-    save_checkpoint(run / "checkpoints" / "best.pt", model=create_model(model, len(CLASSES), in_channels=channels),
-                    config=config, class_names=CLASSES, norm_stats=None, epoch=epoch, metrics={"val_accuracy": 0.5})
-    return run
-
-
-def png_bytes(size: tuple[int, int] = (40, 48), seed: int = 0, fmt: str = "PNG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0]), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def dicom_bytes(with_pixels: bool = True) -> bytes:
-    """A minimal CT slice in DICOM Part 10 (uncompressed), in HU via RescaleIntercept."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    if with_pixels:
-        pixels = np.random.default_rng(1).integers(0, 2000, (36, 36), dtype=np.uint16)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATASETS
-from test_serving import make_checkpoint, png_bytes
+from helpers import make_checkpoint, png_bytes
 
 from covidscan.serving import create_app
 

@@ -1,0 +1,53 @@
+"""Small synthetic inputs shared by several test modules (imported as ``helpers``)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import covidscan  # noqa: F401  (compat shim before torchvision)
+from covidscan.checkpoint import save_checkpoint
+from covidscan.config import config_from_dict
+from covidscan.data.synthetic import write_dicom_slice
+from covidscan.models import create_model
+
+CLASSES = ["COVID", "normal"]
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """A folder-per-class tree of random grayscale PNGs; class c gets brightness offset c."""
+    rng = np.random.default_rng(seed)
+    for offset, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.clip(rng.normal(60 + 100 * offset, 20, (size, size)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name} ({i}).png")
+    return root
+
+
+def make_checkpoint(root: Path, model: str = "cnn1", size: int = 32, channels: int = 1, epoch: int = 2) -> Path:
+    """A random-init run directory: serving must not depend on the trainer."""
+    config = config_from_dict({"name": f"{model}-test", "data": {"image_size": size, "channels": channels},
+                               "model": {"name": model}})
+    run = root / f"{model}-run"
+    save_checkpoint(run / "checkpoints" / "best.pt", model=create_model(model, len(CLASSES), in_channels=channels),
+                    config=config, class_names=CLASSES, norm_stats=None, epoch=epoch, metrics={"val_accuracy": 0.5})
+    return run
+
+
+def png_bytes(size: tuple[int, int] = (40, 48), seed: int = 0, fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0]), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def dicom_bytes(with_pixels: bool = True) -> bytes:
+    """A minimal CT slice in DICOM Part 10 (uncompressed), in HU via RescaleIntercept."""
+    hu = np.random.default_rng(1).integers(0, 2000, (36, 36)) - 1024.0 if with_pixels else None
+    with tempfile.TemporaryDirectory() as folder:
+        return write_dicom_slice(Path(folder) / "slice.dcm", hu, 0.0).read_bytes()
