@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 SAMPLE_CLASSES = ("COVID", "normal")
+SAMPLE_VERSION = 2  # bump when the generator changes, so a cached older sample is not reused
 
 
 def _anatomy(rng: np.random.Generator) -> dict[str, float]:
@@ -77,6 +78,7 @@ def make_sample_dataset(root: str | Path, *, patients_per_class: int = 12, slice
 def ensure_sample_dataset(root: str | Path | None = None) -> Path:
     """Generate the demo set once into ``$COVIDSCAN_CACHE`` (default ``~/.cache/covidscan``)."""
     if root is None:
-        root = Path(os.environ.get("COVIDSCAN_CACHE", Path.home() / ".cache" / "covidscan")) / "sample-ct"
+        cache = Path(os.environ.get("COVIDSCAN_CACHE", Path.home() / ".cache" / "covidscan"))
+        root = cache / f"sample-ct-v{SAMPLE_VERSION}"
     manifest = Path(root) / "manifest.csv"
     return manifest if manifest.is_file() else make_sample_dataset(root)
