@@ -17,6 +17,7 @@ from torch import nn
 
 from covidscan.config import RunConfig, config_from_dict
 from covidscan.data.transforms import NormStats, build_transform
+from covidscan.runtime import atomic_path
 
 CHECKPOINT_FORMAT = 1
 BEST_NAME = "best.pt"
@@ -39,11 +40,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: RunConfig, cl
         "state_dict": model.state_dict(),
         "training_state": training_state,  # optimizer/scheduler/history for resume (last.pt only)
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

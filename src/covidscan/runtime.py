@@ -7,6 +7,8 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -62,12 +64,32 @@ def environment_info() -> dict[str, Any]:
     }
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename) so an interrupted run never leaves half a file."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` and rename it onto ``path`` once the block succeeds.
+
+    Every file covidscan writes goes through here, so an interrupted run never leaves half a file and
+    never destroys the previous version. The temporary name keeps the suffix (savefig and np.save
+    read the format from it) and carries the process id (DataLoader workers may race).
+    """
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    return write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def create_run_dir(config: RunConfig, run_dir: str | Path | None = None) -> Path:

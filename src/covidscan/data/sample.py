@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from covidscan.runtime import atomic_path
+
 SAMPLE_CLASSES = ("COVID", "normal")
 SAMPLE_VERSION = 2  # bump when the generator changes, so a cached older sample is not reused
 
@@ -66,12 +68,10 @@ def make_sample_dataset(root: str | Path, *, patients_per_class: int = 12, slice
                 Image.fromarray(_slice(rng, size, label == "COVID", anatomy, z)).save(root / relative)
                 rows.append((relative, label, patient_id))
     manifest = root / "manifest.csv"
-    tmp = manifest.with_suffix(".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_path(manifest) as tmp, tmp.open("w", newline="") as handle:  # written last: never half a set
         writer = csv.writer(handle)
         writer.writerow(("path", "label", "patient_id"))
         writer.writerows(rows)
-    tmp.replace(manifest)  # the manifest appears last, so a half-written set is never used
     return manifest
 
 

@@ -32,6 +32,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from covidscan.config import SplitConfig
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.sources import SPLIT_NAMES
+from covidscan.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -215,16 +216,12 @@ def _apply_file(sample_set: SampleSet, path: Path) -> SampleSet:
 
 def save_splits(sample_set: SampleSet, path: str | Path) -> Path:
     """Write ``path,label,patient_id,split`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SPLITS_COLUMNS)
         for s in sample_set.samples:
             writer.writerow((s.path, s.label or "", s.patient_id or "", s.split or ""))
-    tmp.replace(path)
-    return path
+    return Path(path)
 
 
 def load_splits(path: str | Path) -> SampleSet:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from covidscan.data.io import (
 )
 from covidscan.data.records import DataError, Sample
 from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from covidscan.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -309,10 +309,8 @@ class VolumeStackDataset(Dataset):
                     config.volume.z_spacing, config.volume.lung))
         file = Path(config.volume.cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
         if not file.is_file():
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, load_scan(path, config, header).numpy())
-            tmp.replace(file)  # atomic: a concurrent worker or an interrupted run never sees half a file
+            with atomic_path(file) as tmp:  # a concurrent worker or an interrupted run never sees half a file
+                np.save(tmp, load_scan(path, config, header).numpy())
         return torch.from_numpy(np.load(file, mmap_mode="c"))  # copy-on-write: pages read on demand
 
     def stack(self, index: int) -> torch.Tensor:

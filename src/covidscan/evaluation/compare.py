@@ -33,9 +33,9 @@ from covidscan.evaluation.metrics import (
     predict_labels,
 )
 from covidscan.evaluation.plots import plot_prediction_grid
-from covidscan.evaluation.report import render, write_text
+from covidscan.evaluation.report import render
 from covidscan.evaluation.stats import compare_predictions
-from covidscan.runtime import write_json
+from covidscan.runtime import atomic_path, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +242,7 @@ def _write_csv(path: Path, comparison: dict[str, Any]) -> None:
     header = ["rank", "run", "model", "parameters", "runtime_seconds", "level", "aggregation", "n_compared"]
     for name in names:
         header += [name, f"{name}_ci_low", f"{name}_ci_high"]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row in comparison["rows"]:
@@ -253,4 +252,3 @@ def _write_csv(path: Path, comparison: dict[str, Any]) -> None:
                 m = row["metrics"][name]
                 line += [m["value"], m["ci_low"], m["ci_high"]]
             writer.writerow(["" if v is None else v for v in line])
-    tmp.replace(path)

@@ -44,7 +44,7 @@ from covidscan.evaluation.metrics import (
     resolve_positive_class,
 )
 from covidscan.evaluation.operating_point import OperatingPoint, choose_threshold
-from covidscan.runtime import write_json
+from covidscan.runtime import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,7 @@ def _write_predictions(path: Path, predictions: PredictionSet, predicted: np.nda
     header = ["path", "patient_id", "true", "predicted"] + [f"prob_{n}" for n in names]
     if at_threshold is not None:
         header.append("predicted_at_threshold")
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for i in range(len(predictions)):
@@ -177,7 +176,6 @@ def _write_predictions(path: Path, predictions: PredictionSet, predicted: np.nda
             if at_threshold is not None:
                 row.append(names[at_threshold[i]])
             writer.writerow(row)
-    tmp.replace(path)
 
 
 def _validation_predictions(loaded: LoadedModel, batch_size: int | None) -> PredictionSet | None:

@@ -14,15 +14,16 @@ from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_
 
 from covidscan.evaluation.calibration import ReliabilityTable  # noqa: E402
 from covidscan.evaluation.metrics import PredictionSet, normalise_confusion  # noqa: E402
+from covidscan.runtime import atomic_path  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     """Atomic save: a report never points at a half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

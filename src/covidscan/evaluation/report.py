@@ -12,6 +12,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from covidscan.evaluation.calibration import ReliabilityTable
 from covidscan.evaluation.metrics import METRIC_LABELS, PredictionSet
 from covidscan.evaluation.plots import plot_confusion, plot_reliability, plot_roc_pr
+from covidscan.runtime import write_text
 
 FIGURES = {
     "confusion_matrix": "confusion_matrix.png",
@@ -49,13 +50,6 @@ def _environment() -> Environment:
 
 def render(template: str, **context: Any) -> str:
     return _environment().get_template(template).render(**context)
-
-
-def write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def write_evaluation_report(payload: dict[str, Any], predictions: PredictionSet, reliability: ReliabilityTable,

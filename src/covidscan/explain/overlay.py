@@ -15,6 +15,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from covidscan.runtime import atomic_path
+
 HEATMAP_ALPHA = 0.6  # opacity at the map's maximum
 MAX_MONTAGE_SLICES = 36
 
@@ -54,12 +56,9 @@ def render_montage(volume: np.ndarray, cam: np.ndarray, caption: str, *, cmap: s
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write atomically (temp + rename) so an interrupted run never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def _draw(axes: Axes, image: np.ndarray, cam: np.ndarray, cmap: str) -> None:

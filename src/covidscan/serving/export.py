@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from covidscan.checkpoint import LoadedModel, load_model
-from covidscan.runtime import write_json
+from covidscan.runtime import atomic_path, write_json
 from covidscan.serving.engine import METADATA_FORMAT, OnnxPredictor, metadata_path, model_card
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,13 @@ def export_model(checkpoint: str | Path, fmt: ExportFormat = "onnx", out: str | 
     if data.spatial_dims != 2:
         raise ValueError(f"{checkpoint}: export supports 2D image models; this one is 3D")
     path = Path(out) if out else loaded.run_dir / "export" / f"model{SUFFIXES[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.rand(2, data.channels, data.image_size, data.image_size)  # batch 2: keeps the axis dynamic
-    tmp = path.with_name(f".{path.name}.tmp")
-    if fmt == "onnx":
-        _export_onnx(wrapper, example, tmp)
-    else:
-        with torch.no_grad():
-            torch.jit.save(torch.jit.trace(wrapper, example), str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if fmt == "onnx":
+            _export_onnx(wrapper, example, tmp)
+        else:
+            with torch.no_grad():
+                torch.jit.save(torch.jit.trace(wrapper, example), str(tmp))
 
     card = model_card(loaded)
     stats = loaded.norm_stats

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from covidscan.config import ConfigError, RunConfig, config_from_dict
-from covidscan.runtime import write_json
+from covidscan.runtime import atomic_path, write_json, write_text
 from covidscan.tracking.callbacks import closing_on_error, make_trackers
 from covidscan.tracking.mlflow import default_tracking_uri
 from covidscan.training import train
@@ -276,12 +276,10 @@ def write_summary(rows: list[dict[str, Any]], csv_path: Path, md_path: Path, *, 
                   maximize: bool) -> None:
     """``summary.csv`` (every trial, in order) and ``summary.md`` (completed trials best first)."""
     columns = list(rows[0]) if rows else ["trial", "state", "value", "run_dir", "seconds"]
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(csv_path)
 
     def order(row: dict[str, Any]) -> tuple[int, float]:
         value = row["value"]
@@ -292,9 +290,7 @@ def write_summary(rows: list[dict[str, Any]], csv_path: Path, md_path: Path, *, 
     lines = [f"Objective: best `{monitor}` per trial ({'higher' if maximize else 'lower'} is better).", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_format(row[name]) for name in columns) + " |" for row in sorted(rows, key=order)]
-    md_tmp = md_path.with_suffix(".md.tmp")
-    md_tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    md_tmp.replace(md_path)
+    write_text(md_path, "\n".join(lines) + "\n")
 
 
 def plot_param_importances(study: Any, path: Path, seed: int = 0) -> Path | None:

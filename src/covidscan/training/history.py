@@ -8,18 +8,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+from covidscan.runtime import atomic_path
+
 HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr", "seconds")
 
 
 def write_history(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write all rows (temp file + rename): a crash mid-write never loses earlier epochs."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def read_history(path: str | Path) -> list[dict[str, float]]:
