@@ -28,6 +28,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("COVIDSCAN_CACHE", str(tmp_path_factory.getbasetemp() / "covidscan-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warn_once():
+    """Warn-once checks start fresh in every test: whether a test sees a warning must not depend on which
+    test happened to trigger it first."""
+    from covidscan.notices import reset_warnings
+
+    reset_warnings()
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images", {"COVID": 12, "normal": 12})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,20 @@ import covidscan  # noqa: F401  (compat shim before torchvision)
 from covidscan.checkpoint import save_checkpoint
 from covidscan.config import config_from_dict
 from covidscan.data.synthetic import write_dicom_slice
-from covidscan.models import create_model
+from covidscan.models import create_model, register_model, unregister_model
 
 CLASSES = ["COVID", "normal"]
+
+
+@contextmanager
+def registered_model(name: str, builder: Callable, **options) -> Iterator[str]:
+    """A test-only model in the global registry for the duration of a test, then gone again,
+    so no other test (e.g. one listing the registry) sees it, whatever the test order."""
+    register_model(name, **options)(builder)
+    try:
+        yield name
+    finally:
+        unregister_model(name)
 
 
 def write_image_folder(root: Path, classes: dict[str, int], size: int = 32, seed: int = 0) -> Path:

@@ -12,15 +12,9 @@ from PIL import Image
 
 from covidscan.cli import main
 from covidscan.config import SplitConfig
-from covidscan.data import splits as splits_module
 from covidscan.data.audit import audit_samples, check_split_leakage, near_duplicate_pairs, nearest_distances
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import LeakageWarning, assign_splits, save_splits
-
-
-@pytest.fixture(autouse=True)
-def _reset_warn_once():
-    splits_module._warned.clear()
 
 
 def _blobs(rng: np.random.Generator, size: int = 64) -> np.ndarray:

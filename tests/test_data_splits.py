@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 
 from covidscan.config import SplitConfig
-from covidscan.data import splits as splits_module
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import LeakageWarning, assign_splits, load_splits, save_splits, split_counts
 
@@ -21,11 +20,6 @@ def make_set(n_per_class: int = 50, slices_per_patient: int | None = None, class
             patient = f"{label}-p{i // slices_per_patient}" if slices_per_patient else None
             samples.append(Sample(f"/data/{label}/{label} ({i}).png", label, patient))
     return SampleSet(samples, list(classes))
-
-
-@pytest.fixture(autouse=True)
-def _reset_warn_once():
-    splits_module._warned.clear()
 
 
 @pytest.mark.parametrize("ratios", [[0.75, 0.25, 0.0], [0.8, 0.1, 0.1], [0.7, 0.0, 0.3]])

@@ -11,14 +11,13 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import write_image_folder
 from covidscan.config import config_from_dict
-from covidscan.models import ClassifierModel, register_model
+from covidscan.models import ClassifierModel
+from helpers import registered_model, write_image_folder
 from covidscan.training import train
 from covidscan.training.distributed import DistContext, env_context
 
 
-@register_model("ddp_test_net", description="test-only: conv + GAP + linear, no dropout or BatchNorm")
 def ddp_test_net(num_classes: int, in_channels: int = 1, pretrained: bool = False, weights: str | None = None):
     backbone = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
@@ -40,7 +39,8 @@ def _worker(rank: int, world_size: int, port: int, source: str, tmp_path: str) -
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train(_config(Path(source), Path(tmp_path)), run_dir=Path(tmp_path) / "ddp")
+    with registered_model("ddp_test_net", ddp_test_net):  # a spawned process starts with the built-ins only
+        train(_config(Path(source), Path(tmp_path)), run_dir=Path(tmp_path) / "ddp")
 
 
 def _free_port() -> int:
@@ -61,7 +61,8 @@ def test_env_context_reads_torchrun_variables(monkeypatch):
 
 def test_two_gloo_processes_match_single_process_training(tmp_path):
     source = write_image_folder(tmp_path / "images", {"COVID": 16, "normal": 16})
-    single = train(_config(source, tmp_path), run_dir=tmp_path / "single")
+    with registered_model("ddp_test_net", ddp_test_net):
+        single = train(_config(source, tmp_path), run_dir=tmp_path / "single")
     mp.spawn(_worker, args=(2, _free_port(), str(source), str(tmp_path)), nprocs=2, join=True)
 
     ddp_dir = tmp_path / "ddp"

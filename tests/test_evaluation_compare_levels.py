@@ -19,7 +19,8 @@ from covidscan.config import config_from_dict
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import save_splits
 from covidscan.evaluation.compare import compare_runs
-from covidscan.models import ClassifierModel, register_model
+from covidscan.models import ClassifierModel
+from helpers import registered_model
 
 CLASSES = ("COVID", "normal")
 # patient -> (label, number of scans); p0 has two scans, which patient level must merge
@@ -27,7 +28,6 @@ PATIENTS = {"p0": ("COVID", 2), "p1": ("COVID", 1), "p2": ("COVID", 1),
             "p3": ("normal", 1), "p4": ("normal", 1), "p5": ("normal", 1)}
 
 
-@register_model("compare_levels_tiny3d", spatial_dims=3, description="test-only: conv3d + GAP + linear")
 def tiny3d(num_classes: int, in_channels: int = 1, pretrained: bool = False, weights: str | None = None):
     backbone = nn.Sequential(nn.Conv3d(in_channels, 4, 3, padding=1), nn.ReLU())
     head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, num_classes))
@@ -58,6 +58,12 @@ def make_run(root: Path, name: str, depth: int, samples: list[Sample], seed: int
                     class_names=list(CLASSES), norm_stats=None, epoch=0)
     save_splits(SampleSet(samples, list(CLASSES)), run / "splits.csv")
     return run
+
+
+@pytest.fixture(autouse=True)
+def _tiny3d_registered():
+    with registered_model("compare_levels_tiny3d", tiny3d, spatial_dims=3):
+        yield
 
 
 @pytest.fixture(scope="module")

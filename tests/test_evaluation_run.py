@@ -21,7 +21,7 @@ from covidscan.data.splits import save_splits
 from covidscan.evaluation import evaluate_run
 from covidscan.evaluation.compare import compare_runs
 from covidscan.models import create_model
-from conftest import write_image_folder
+from helpers import write_image_folder
 
 
 class ImageCollector(HTMLParser):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from helpers import CLASSES, make_checkpoint
 
 from covidscan.cli import main

@@ -72,11 +72,25 @@ def test_list_finds_every_run_with_its_status_and_metrics(runs_root):
 
 
 def test_list_is_newest_first_and_sorts_by_a_metric(runs_root):
-    assert [run.name for run in list_runs(runs_root)][:3] == ["crashed", "flat", "good"]
+    # "broken" records no start time (no environment.json, no timestamp in its name): undated, listed last
+    assert [run.name for run in list_runs(runs_root)] == ["crashed", "flat", "good", "trial000", "broken"]
     assert [run.name for run in list_runs(runs_root, sort="test_auc")][:2] == ["good", "flat"]
     assert [run.name for run in list_runs(runs_root, sort="best", ascending=True)][:2] == ["crashed", "good"]
     with pytest.raises(ValueError, match="not a column"):
         list_runs(runs_root, sort="auc")
+
+
+def test_undated_runs_take_the_folder_timestamp_or_none(tmp_path):
+    for name in ("demo-20261101-120000", "demo-20261101-120000-2", "renamed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("name: demo\n")
+    runs = {run.name: run for run in list_runs(tmp_path)}
+    assert runs["demo-20261101-120000"].date == "2026-11-01T12:00:00"
+    assert runs["demo-20261101-120000-2"].date == "2026-11-01T12:00:00"
+    assert runs["renamed"].date is None
+    assert list_runs(tmp_path)[-1].name == "renamed"
+    assert "date      undated" in show_run(tmp_path / "renamed")
+    assert format_runs(list_runs(tmp_path)).splitlines()[-1].split()[:2] == ["renamed", "-"]
 
 
 def test_run_folders_inside_a_run_are_not_runs(runs_root):

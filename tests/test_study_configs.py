@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_image_folder
+from helpers import write_image_folder
 from covidscan.config import load_config
 from covidscan.models import list_models
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_middle_slice
 from covidscan.data.records import DataError, Sample, SampleSet
-from covidscan.data.splits import SPLIT_NAMES, warn_once
+from covidscan.data.splits import SPLIT_NAMES, warn_leakage_once
 
 # A 16x16 phash (256 bits) within 24 bits: on covid-ct such pairs are the same patient or the same
 # figure re-used under two labels; the 8x8 hash matched different patients' slices (docs/data.md).
@@ -287,7 +287,7 @@ def check_split_leakage(sample_set: SampleSet, strict: bool = False, report_path
                    "see `covidscan data audit`")
         if strict:
             raise DataError(message + " (refused because of --strict / training.strict_leakage)")
-        warn_once(message, message)
+        warn_leakage_once(message, message)
     return findings
 
 

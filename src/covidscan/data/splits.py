@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from covidscan.config import SplitConfig
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.sources import SPLIT_NAMES
+from covidscan.notices import warn_once
 from covidscan.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -43,15 +43,9 @@ class LeakageWarning(UserWarning):
     """A split or dataset property that may let test information reach training."""
 
 
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """Protective checks warn once per process, not once per epoch or fold."""
-    if key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(message, LeakageWarning, stacklevel=3)
+def warn_leakage_once(key: str, message: str) -> None:
+    """Leakage checks warn once per process (see :mod:`covidscan.notices`), not once per epoch or fold."""
+    warn_once(key, message, LeakageWarning, stacklevel=4)
 
 
 def resolve_method(sample_set: SampleSet, method: str) -> str:
@@ -71,7 +65,7 @@ def assign_splits(sample_set: SampleSet, split_config: SplitConfig, seed: int) -
     samples = sample_set.samples
     ratios = tuple(split_config.ratios)
     if method in ("stratified", "kfold") and not sample_set.has_patients():
-        warn_once("no-patients", "no patient ids: a random split may put slices of one patient in both train and "
+        warn_leakage_once("no-patients", "no patient ids: a random split may put slices of one patient in both train and "
                   "test (e.g. sarscov2-ct), inflating accuracy. Give a manifest with patient_id to get a "
                   "patient-grouped split, and run `covidscan data audit` to check near-duplicates")
     if method == "stratified":
@@ -117,7 +111,7 @@ def _two_way(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     try:
         _, picked = train_test_split(index, test_size=share, random_state=seed, stratify=labels)
     except ValueError as exc:  # a class with one member, or fewer picked samples than classes
-        warn_once(f"unstratified-{len(labels)}-{share}",
+        warn_leakage_once(f"unstratified-{len(labels)}-{share}",
                   f"split could not be stratified ({exc}); falling back to a plain random split")
         _, picked = train_test_split(index, test_size=share, random_state=seed)
     mask = np.zeros(len(labels), bool)

@@ -35,6 +35,13 @@ def register_model(name: str, *, spatial_dims: int = 2, description: str = "",
     return decorator
 
 
+def unregister_model(name: str) -> None:
+    """Remove a model added with :func:`register_model` (plugins and tests that add models for a while)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model {name!r} is not registered")
+    del _REGISTRY[name]
+
+
 def _ensure_builtins() -> None:
     from covidscan.models import zoo, zoo3d  # noqa: F401  (importing registers the built-in models)
 

@@ -11,8 +11,9 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ class RunSummary:
 
     path: str
     name: str
-    date: str
+    date: str | None  # ISO start time; None when the run records none (undated runs sort last)
     status: str  # complete | incomplete (crashed, interrupted, pruned or running) | not started | unreadable
     model: str | None = None
     dataset: str | None = None
@@ -108,11 +109,24 @@ def _best_from_history(rows: list[dict[str, float]], monitor: str, mode: str) ->
     return value, epoch
 
 
-def _run_date(run_dir: Path, environment: Any) -> str:
+_NAME_STAMP = re.compile(r"-(\d{8}-\d{6})(?:-\d+)?$")  # create_run_dir's <name>-YYYYmmdd-HHMMSS[-n]
+
+
+def _run_date(run_dir: Path, environment: Any) -> str | None:
+    """When the run started: ``environment.json``'s ``time_utc``, else the timestamp ``create_run_dir``
+    put in the folder name (local time, no zone), else None ("undated": listed last, shown as "-").
+
+    File modification times are deliberately not used: copying or touching a run would re-date it.
+    """
     if isinstance(environment, dict) and environment.get("time_utc"):
         return str(environment["time_utc"])
-    stamp = (run_dir / "config.yaml").stat().st_mtime
-    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
+    match = _NAME_STAMP.search(run_dir.name)
+    if match:
+        try:
+            return datetime.strptime(match.group(1), "%Y%m%d-%H%M%S").isoformat()
+        except ValueError:
+            return None
+    return None
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
@@ -200,7 +214,7 @@ _TABLE_COLUMNS = ("name", "date", "status", "model", "dataset", "epochs", "monit
 
 def _table_cell(run: RunSummary, column: str) -> str:
     if column == "date":
-        return run.date[:16].replace("T", " ")
+        return run.date[:16].replace("T", " ") if run.date else "-"
     if column == "runtime_seconds" and run.runtime_seconds is not None:
         return f"{run.runtime_seconds:.0f}" if run.runtime_seconds >= 10 else f"{run.runtime_seconds:.1f}"
     return _cell(getattr(run, column))
@@ -252,7 +266,7 @@ def show_run(run_dir: str | Path) -> str:
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
     summary = summarize_run(run_dir)
-    lines = [f"run       {run_dir}", f"status    {summary.status}", f"date      {summary.date}"]
+    lines = [f"run       {run_dir}", f"status    {summary.status}", f"date      {summary.date or 'undated'}"]
     if summary.status == "unreadable":
         return "\n".join(lines + ["config.yaml or metrics.json could not be read"])
     config = _read_yaml(run_dir / "config.yaml")

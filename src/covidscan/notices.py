@@ -1,0 +1,40 @@
+"""Warn once: protective checks speak once per process, not once per epoch, fold or batch.
+
+The keys already warned about live in one :class:`WarnOnce` registry object instead of a hidden
+module-level set, so a notebook that wants to see a warning again, or a test suite that must not
+depend on which test ran first, calls :func:`reset_warnings`.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+
+class WarnOnce:
+    """Issue ``warnings.warn(message, category)`` the first time ``key`` is seen, then stay quiet."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, message: str, category: type[Warning] = UserWarning, stacklevel: int = 3) -> bool:
+        """Warn unless ``key`` was warned about since the last reset; returns whether it warned."""
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+        warnings.warn(message, category, stacklevel=stacklevel)
+        return True
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+
+warn_once = WarnOnce()
+
+
+def reset_warnings() -> None:
+    """Forget every key, so each check warns again on its next occurrence."""
+    warn_once.reset()
