@@ -34,8 +34,10 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{args.resamples} resamples of {args.items:,} binary predictions; all 7 metrics (accuracy, sensitivity, "
-          f"specificity, precision, F1, ROC AUC, PR AUC); {os.cpu_count()} CPUs\n")
+    print(
+        f"{args.resamples} resamples of {args.items:,} binary predictions; all 7 metrics (accuracy, sensitivity, "
+        f"specificity, precision, F1, ROC AUC, PR AUC); {os.cpu_count()} CPUs\n"
+    )
     print("| resampling | scores | wall s (median) | wall s (min) | CPU s (median) |")
     print("|---|---|---:|---:|---:|")
     for patients in (False, True):

@@ -12,9 +12,9 @@ import platform
 import statistics
 import time
 
-import covidscan  # noqa: F401  (torchvision compat shim before any model import)
 import torch
 
+import covidscan  # noqa: F401  (torchvision compat shim before any model import)
 from covidscan.explain import compute_cam
 from covidscan.models import create_model, model_entry
 
@@ -42,15 +42,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=3).eval()
-    shape = (1, 3, 16, args.size, args.size) if model_entry(args.model).spatial_dims == 3 else (1, 3, args.size, args.size)
+    shape = (
+        (1, 3, 16, args.size, args.size) if model_entry(args.model).spatial_dims == 3 else (1, 3, args.size, args.size)
+    )
     x = torch.rand(shape)
     with torch.inference_mode():
         start = time.perf_counter()
         model(x)
         forward = time.perf_counter() - start
 
-    print(f"{args.model}, input {tuple(shape)}, CPU {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; plain forward {forward:.3f} s\n")
+    print(
+        f"{args.model}, input {tuple(shape)}, CPU {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; plain forward {forward:.3f} s\n"
+    )
     print("| method | noisy samples | median s / image | min s / image |")
     print("|---|---:|---:|---:|")
     for method, samples in CASES:

@@ -36,9 +36,12 @@ DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 def throughput(samples, class_names, augment: bool, workers: int, batch_size: int = 32) -> float:
-    config = DataConfig(image_size=224, channels=3, num_workers=workers,
-                        augment=AugmentConfig(rotation=10, zoom=0.1, shift=0.2, hflip=True) if augment
-                        else AugmentConfig())
+    config = DataConfig(
+        image_size=224,
+        channels=3,
+        num_workers=workers,
+        augment=AugmentConfig(rotation=10, zoom=0.1, shift=0.2, hflip=True) if augment else AugmentConfig(),
+    )
     dataset = build_dataset(config, samples, class_names, train=augment)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     start = time.perf_counter()
@@ -69,8 +72,13 @@ def dicom_series_cost(slices: int, size: int = 512) -> dict[str, float]:
         seconds = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        return {"seconds": seconds, "peak_mb": peak / 2**20, "rss_increase_mb": max_rss_mb() - rss_before,
-                "volume_mb": volume.hu.nbytes / 2**20, "shape": volume.hu.shape}
+        return {
+            "seconds": seconds,
+            "peak_mb": peak / 2**20,
+            "rss_increase_mb": max_rss_mb() - rss_before,
+            "volume_mb": volume.hu.nbytes / 2**20,
+            "shape": volume.hu.shape,
+        }
 
 
 def real_jpeg_lossless_rate() -> float | None:
@@ -99,19 +107,35 @@ def main() -> int:
         for augment in (False, True):
             for workers in (0, 2):
                 rate = throughput(samples, data.class_names, augment, workers)
-                rows.append((f"sarscov2-ct JPEG -> 224x224x3, {'augmented' if augment else 'no augmentation'}, "
-                             f"num_workers={workers}", f"{rate:.0f} images/s", f"{len(samples)} images"))
+                rows.append(
+                    (
+                        f"sarscov2-ct JPEG -> 224x224x3, {'augmented' if augment else 'no augmentation'}, "
+                        f"num_workers={workers}",
+                        f"{rate:.0f} images/s",
+                        f"{len(samples)} images",
+                    )
+                )
     else:
         print(f"{source} absent: skipping the throughput rows", file=sys.stderr)
     cost = dicom_series_cost(args.slices)
-    rows.append((f"read_dicom_series, synthetic {cost['shape'][0]}x{cost['shape'][1]}x{cost['shape'][2]} "
-                 "uncompressed 16-bit, shuffled file names", f"{cost['seconds']:.2f} s",
-                 f"peak {cost['peak_mb']:.0f} MiB traced (volume {cost['volume_mb']:.0f} MiB float32), "
-                 f"peak RSS +{cost['rss_increase_mb']:.0f} MiB"))
+    rows.append(
+        (
+            f"read_dicom_series, synthetic {cost['shape'][0]}x{cost['shape'][1]}x{cost['shape'][2]} "
+            "uncompressed 16-bit, shuffled file names",
+            f"{cost['seconds']:.2f} s",
+            f"peak {cost['peak_mb']:.0f} MiB traced (volume {cost['volume_mb']:.0f} MiB float32), "
+            f"peak RSS +{cost['rss_increase_mb']:.0f} MiB",
+        )
+    )
     rate = real_jpeg_lossless_rate()
     if rate is not None:
-        rows.append(("read_dicom, real JPEG-lossless 512x512 slices (covid-ct-md-sample)", f"{rate:.1f} slices/s",
-                     f"{args.slices} such slices: ~{args.slices / rate:.0f} s decode"))
+        rows.append(
+            (
+                "read_dicom, real JPEG-lossless 512x512 slices (covid-ct-md-sample)",
+                f"{rate:.1f} slices/s",
+                f"{args.slices} such slices: ~{args.slices / rate:.0f} s decode",
+            )
+        )
     print(f"\nmachine: {os.cpu_count()} CPU cores, torch threads 1\n")
     print("| measurement | result | notes |")
     print("|---|---|---|")

@@ -84,9 +84,14 @@ def synthetic_source(root: Path, count: int) -> Path:
 def loader_rate(dataset: torch.utils.data.Dataset, setting: LoaderSetting, epochs: int) -> float:
     """Images/s over ``epochs`` full passes, including worker start-up as a trainer sees it."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=setting.batch_size, shuffle=True, num_workers=setting.num_workers,
-        persistent_workers=setting.persistent_workers, prefetch_factor=setting.prefetch_factor,
-        pin_memory=setting.pin_memory)
+        dataset,
+        batch_size=setting.batch_size,
+        shuffle=True,
+        num_workers=setting.num_workers,
+        persistent_workers=setting.persistent_workers,
+        prefetch_factor=setting.prefetch_factor,
+        pin_memory=setting.pin_memory,
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(setting.torch_threads or threads)
     start = time.perf_counter()
@@ -99,8 +104,9 @@ def loader_rate(dataset: torch.utils.data.Dataset, setting: LoaderSetting, epoch
     return count / seconds
 
 
-def training_rate(name: str, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
-                  device: torch.device) -> float:
+def training_rate(
+    name: str, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, device: torch.device
+) -> float:
     """Training images/s of ``name``: forward, backward and an Adam step on each batch, after one
     warm-up step (allocator, kernels). Fed fixed random tensors this is the model's consumption
     rate; fed by a DataLoader it is what a training epoch achieves."""
@@ -129,11 +135,18 @@ def random_batches(batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
     return itertools.repeat((images, labels))
 
 
-def loader_batches(dataset: torch.utils.data.Dataset, setting: LoaderSetting) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=setting.batch_size, shuffle=True,
-                                         num_workers=setting.num_workers, pin_memory=setting.pin_memory,
-                                         persistent_workers=setting.persistent_workers,
-                                         prefetch_factor=setting.prefetch_factor)
+def loader_batches(
+    dataset: torch.utils.data.Dataset, setting: LoaderSetting
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=setting.batch_size,
+        shuffle=True,
+        num_workers=setting.num_workers,
+        pin_memory=setting.pin_memory,
+        persistent_workers=setting.persistent_workers,
+        prefetch_factor=setting.prefetch_factor,
+    )
     return itertools.chain.from_iterable(itertools.repeat(loader))
 
 
@@ -156,8 +169,9 @@ def main() -> int:
             source = synthetic_source(Path(tmp), args.images)
         data = load_samples(source)
         samples = data.samples[:: max(1, len(data.samples) // args.images)][: args.images]
-        config = DataConfig(image_size=224, channels=3, augment=AugmentConfig(rotation=10, zoom=0.1, shift=0.2,
-                                                                              hflip=True))
+        config = DataConfig(
+            image_size=224, channels=3, augment=AugmentConfig(rotation=10, zoom=0.1, shift=0.2, hflip=True)
+        )
         dataset = build_dataset(config, samples, data.class_names, train=True)
         dataset[0]  # warm-up: lazy imports and first-call set-up are not the loader's cost
         loader_rows = [(setting.label(), loader_rate(dataset, setting, args.epochs)) for setting in settings]
@@ -167,11 +181,14 @@ def main() -> int:
         fed = {"random tensors (no data loading)": lambda: random_batches(32)}
         for setting in (LoaderSetting(0), LoaderSetting(1, persistent_workers=True, prefetch_factor=2)):
             fed[setting.label()] = lambda setting=setting: loader_batches(dataset, setting)
-        fed_rows = [(label, training_rate(args.model[0], batches(), args.steps, device))
-                    for label, batches in fed.items()]
+        fed_rows = [
+            (label, training_rate(args.model[0], batches(), args.steps, device)) for label, batches in fed.items()
+        ]
 
-    print(f"\nmachine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, device {device}, "
-          f"{len(samples)} {source.name} images x {args.epochs} epochs, 224x224x3 with augmentation\n")
+    print(
+        f"\nmachine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, device {device}, "
+        f"{len(samples)} {source.name} images x {args.epochs} epochs, 224x224x3 with augmentation\n"
+    )
     print("| DataLoader setting | images/s |")
     print("|---|---:|")
     for label, rate in loader_rows:

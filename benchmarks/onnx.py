@@ -20,9 +20,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
-import covidscan  # noqa: E402,F401  (compat shim first)
 import torch  # noqa: E402
 
+import covidscan  # noqa: E402,F401  (compat shim first)
 from covidscan.serving import export_model, load_predictor  # noqa: E402
 from serving import random_checkpoint  # noqa: E402  (benchmarks/serving.py)
 
@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         run = random_checkpoint(Path(folder), args.model, args.size)
         exported = export_model(run, "onnx", Path(folder) / "model.onnx")
-        engines = {"PyTorch eager": load_predictor(run), "ONNX Runtime": load_predictor(onnx=exported.path,
-                                                                                      threads=args.threads)}
+        engines = {
+            "PyTorch eager": load_predictor(run),
+            "ONNX Runtime": load_predictor(onnx=exported.path, threads=args.threads),
+        }
         single = torch.rand(1, 3, args.size, args.size)
         batch = torch.rand(args.batch_size, 3, args.size, args.size)
         print(f"| engine | single-image latency p50 (ms) | p95 (ms) | images/s (batch {args.batch_size}) |")
@@ -61,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             latencies = sorted(time_calls(predictor.predict_batch, single, args.seconds))
             batches = time_calls(predictor.predict_batch, batch, args.seconds, min_calls=3)
             p95 = latencies[int(0.95 * (len(latencies) - 1))]
-            print(f"| {name} | {1000 * statistics.median(latencies):.1f} | {1000 * p95:.1f} | "
-                  f"{args.batch_size / statistics.median(batches):.1f} |")
-        print(f"\n{args.model} at {args.size} px, random init, {args.threads} threads; "
-              f"max |p_onnx - p_torch| = {exported.max_abs_diff:.1e}")
+            print(
+                f"| {name} | {1000 * statistics.median(latencies):.1f} | {1000 * p95:.1f} | "
+                f"{args.batch_size / statistics.median(batches):.1f} |"
+            )
+        print(
+            f"\n{args.model} at {args.size} px, random init, {args.threads} threads; "
+            f"max |p_onnx - p_torch| = {exported.max_abs_diff:.1e}"
+        )
     return 0
 
 

@@ -45,11 +45,18 @@ def sample_upload() -> tuple[str, bytes, str]:
 
 def random_checkpoint(folder: Path, model: str, size: int) -> Path:
     """A random-init run directory for a 2-class model at ``size`` px, 3 channels."""
-    config = config_from_dict({"name": f"{model}-bench", "data": {"image_size": size, "channels": 3},
-                               "model": {"name": model}})
+    config = config_from_dict(
+        {"name": f"{model}-bench", "data": {"image_size": size, "channels": 3}, "model": {"name": model}}
+    )
     run = folder / f"{model}-bench"
-    save_checkpoint(run / "checkpoints" / "best.pt", model=create_model(model, 2, in_channels=3), config=config,
-                    class_names=["COVID", "normal"], norm_stats=None, epoch=0)
+    save_checkpoint(
+        run / "checkpoints" / "best.pt",
+        model=create_model(model, 2, in_channels=3),
+        config=config,
+        class_names=["COVID", "normal"],
+        norm_stats=None,
+        epoch=0,
+    )
     return run
 
 
@@ -115,8 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         run = random_checkpoint(Path(folder), args.model, args.size)
         for engine in args.engines:
             port = free_port()
-            command = [sys.executable, "-m", "covidscan", "serve", "--checkpoint", str(run), "--port", str(port),
-                       "--threads", str(args.threads)]
+            command = [
+                sys.executable,
+                "-m",
+                "covidscan",
+                "serve",
+                "--checkpoint",
+                str(run),
+                "--port",
+                str(port),
+                "--threads",
+                str(args.threads),
+            ]
             if engine == "onnxruntime":
                 onnx_path = Path(folder) / "model.onnx"
                 if not onnx_path.exists():
@@ -132,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
                 server.terminate()
                 server.wait(timeout=30)
             ms = np.percentile(np.asarray(latencies) * 1000, [50, 95, 99]) if latencies else [float("nan")] * 3
-            rows.append(f"| {engine} | {len(latencies)} | {len(latencies) / args.seconds:.1f} | "
-                        f"{ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {errors} |")
-    print(f"{args.model} at {args.size} px (random init), {args.clients} clients, {args.seconds:.0f} s, "
-          f"{args.threads} inference threads, image {upload[0]}\n")
+            rows.append(
+                f"| {engine} | {len(latencies)} | {len(latencies) / args.seconds:.1f} | "
+                f"{ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {errors} |"
+            )
+    print(
+        f"{args.model} at {args.size} px (random init), {args.clients} clients, {args.seconds:.0f} s, "
+        f"{args.threads} inference threads, image {upload[0]}\n"
+    )
     print("| engine | requests | requests/s | p50 (ms) | p95 (ms) | p99 (ms) | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))

@@ -35,19 +35,30 @@ from covidscan.training.history import read_history
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = {
     # study E: stratified 70/30; validation carved out of the 70%
-    "sarscov2-ct": {"source": "../shared/datasets/sarscov2-ct",
-                    "split": {"method": "stratified", "ratios": [0.6, 0.1, 0.3]}},
+    "sarscov2-ct": {
+        "source": "../shared/datasets/sarscov2-ct",
+        "split": {"method": "stratified", "ratios": [0.6, 0.1, 0.3]},
+    },
     # patient ids known: no patient in two splits
-    "covid-ct": {"source": "../shared/datasets/covid-ct/metadata.csv",
-                 "split": {"method": "grouped", "ratios": [0.6, 0.1, 0.3]}},
+    "covid-ct": {
+        "source": "../shared/datasets/covid-ct/metadata.csv",
+        "split": {"method": "grouped", "ratios": [0.6, 0.1, 0.3]},
+    },
 }
 PUBLISHED = {
-    "sarscov2-ct": ("study E, ResNet101V2", {"accuracy": 0.973, "precision": 0.986, "recall": 0.959, "f1": 0.973,
-                                             "roc_auc": 0.998}),
+    "sarscov2-ct": (
+        "study E, ResNet101V2",
+        {"accuracy": 0.973, "precision": 0.986, "recall": 0.959, "f1": 0.973, "roc_auc": 0.998},
+    ),
     "covid-ct": ("COVID-CT paper, DenseNet-169 baseline", {"f1": 0.85}),
 }
-METRICS = {"accuracy": "accuracy", "precision": "precision", "recall": "sensitivity", "f1": "f1",
-           "roc_auc": "roc_auc"}  # table column -> covidscan.evaluation metric key
+METRICS = {
+    "accuracy": "accuracy",
+    "precision": "precision",
+    "recall": "sensitivity",
+    "f1": "f1",
+    "roc_auc": "roc_auc",
+}  # table column -> covidscan.evaluation metric key
 
 
 class BudgetReached(Exception):
@@ -71,19 +82,35 @@ class TimeBudget(Callback):
 def run_config(dataset: str, init: str, args: argparse.Namespace) -> dict[str, Any]:
     """MobileNetV2 + study E head; ImageNet: 1 head-only epoch then all layers; scratch: all layers."""
     if init == "imagenet":
-        phases = [{"epochs": 1, "optimizer": "adam", "lr": 1e-3, "trainable": "head"},
-                  {"epochs": 1000, "optimizer": "adam", "lr": 1e-4, "trainable": "all"}]
+        phases = [
+            {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "trainable": "head"},
+            {"epochs": 1000, "optimizer": "adam", "lr": 1e-4, "trainable": "all"},
+        ]
     else:
         phases = [{"epochs": 1000, "optimizer": "adam", "lr": 1e-3, "trainable": "all"}]
     spec = DATASETS[dataset]
     return {
-        "name": f"bench_study_e_{dataset}_{init}", "seed": args.seed, "output_dir": str(args.out),
-        "data": {"source": spec["source"], "positive_class": "COVID", "image_size": args.image_size, "channels": 3,
-                 "normalize": "imagenet", "augment": {"hflip": True, "rotation": 10, "zoom": 0.1},
-                 "split": spec["split"], "max_per_class": args.max_per_class, "num_workers": args.workers},
+        "name": f"bench_study_e_{dataset}_{init}",
+        "seed": args.seed,
+        "output_dir": str(args.out),
+        "data": {
+            "source": spec["source"],
+            "positive_class": "COVID",
+            "image_size": args.image_size,
+            "channels": 3,
+            "normalize": "imagenet",
+            "augment": {"hflip": True, "rotation": 10, "zoom": 0.1},
+            "split": spec["split"],
+            "max_per_class": args.max_per_class,
+            "num_workers": args.workers,
+        },
         "model": {"name": "mobilenet", "pretrained": init == "imagenet", "kwargs": {"head": "study_e"}},
-        "training": {"batch_size": args.batch_size, "phases": phases,
-                     "early_stopping": {"monitor": "val_loss", "patience": 5}, "checkpoint_monitor": "val_loss"},
+        "training": {
+            "batch_size": args.batch_size,
+            "phases": phases,
+            "early_stopping": {"monitor": "val_loss", "patience": 5},
+            "checkpoint_monitor": "val_loss",
+        },
     }
 
 
@@ -99,9 +126,14 @@ def run_one(dataset: str, init: str, args: argparse.Namespace) -> dict[str, Any]
         print(f"{dataset}/{init}: {reached}")
         metrics = evaluate_run(run_dir, split="test")  # the best checkpoint, once
     history = read_history(run_dir / "history.csv")
-    return {"dataset": dataset, "init": init, "epochs": len(history),
-            "minutes": sum(row["seconds"] for row in history) / 60, "n_test": metrics["n_items"],
-            "metrics": {column: metrics["metrics"][key] for column, key in METRICS.items()}}
+    return {
+        "dataset": dataset,
+        "init": init,
+        "epochs": len(history),
+        "minutes": sum(row["seconds"] for row in history) / 60,
+        "n_test": metrics["n_items"],
+        "metrics": {column: metrics["metrics"][key] for column, key in METRICS.items()},
+    }
 
 
 def _cell(metric: dict[str, Any] | None) -> str:
@@ -116,8 +148,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for dataset in DATASETS:
         for row in (r for r in rows if r["dataset"] == dataset):
             cells = [_cell(row["metrics"][m]) for m in METRICS]
-            lines.append(f"| {dataset} | MobileNetV2 + study E head, {row['init']} | {row['epochs']} | "
-                         f"{row['minutes']:.1f} | {row['n_test']} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {dataset} | MobileNetV2 + study E head, {row['init']} | {row['epochs']} | "
+                f"{row['minutes']:.1f} | {row['n_test']} | " + " | ".join(cells) + " |"
+            )
         if any(r["dataset"] == dataset for r in rows):
             label, figures = PUBLISHED[dataset]
             cells = [f"{figures[m]:.3f}" if m in figures else "-" for m in METRICS]
@@ -138,8 +172,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_study_e")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [row for dataset in args.datasets for init in args.init
-            if (row := run_one(dataset, init, args)) is not None]
+    rows = [row for dataset in args.datasets for init in args.init if (row := run_one(dataset, init, args)) is not None]
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print(markdown(rows))
 

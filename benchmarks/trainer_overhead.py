@@ -18,20 +18,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
-import covidscan  # noqa: F401  (compat shim before torchvision/timm)
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+import covidscan  # noqa: F401  (compat shim before torchvision/timm)
 from covidscan.config import config_from_dict
 from covidscan.models import create_model
 from covidscan.runtime import seed_everything
 from covidscan.training import Callback, train
 
-ROWS = ("plain PyTorch loop, images/s", "covidscan trainer epoch loop, images/s",
-        "covidscan trainer incl. per-epoch checkpoint + history, images/s",
-        "plain PyTorch loop, images per CPU-second", "covidscan trainer incl. checkpoint, images per CPU-second")
+ROWS = (
+    "plain PyTorch loop, images/s",
+    "covidscan trainer epoch loop, images/s",
+    "covidscan trainer incl. per-epoch checkpoint + history, images/s",
+    "plain PyTorch loop, images per CPU-second",
+    "covidscan trainer incl. checkpoint, images per CPU-second",
+)
 
 
 class EpochClock(Callback):
@@ -57,25 +61,41 @@ def placeholder_folder(root: Path, images: int) -> Path:
 @contextmanager
 def in_memory_datasets(tensors: TensorDataset):
     """Make the trainer train on ``tensors`` (and validate on nothing)."""
+
     def fake_build_dataset(config, samples, class_names, *, train, stats=None):
-        return tensors if train else TensorDataset(torch.empty(0, *tensors.tensors[0].shape[1:]),
-                                                   torch.empty(0, dtype=torch.long))
+        return (
+            tensors
+            if train
+            else TensorDataset(torch.empty(0, *tensors.tensors[0].shape[1:]), torch.empty(0, dtype=torch.long))
+        )
 
     with mock.patch("covidscan.training.trainer.build_dataset", fake_build_dataset):
         yield
 
 
-def run_trainer(source: Path, tensors: TensorDataset, args: argparse.Namespace,
-                out: Path) -> tuple[float, float, float]:
+def run_trainer(
+    source: Path, tensors: TensorDataset, args: argparse.Namespace, out: Path
+) -> tuple[float, float, float]:
     """Images/s of the epoch loop (history seconds), wall images/s and images per CPU-second per epoch."""
-    config = config_from_dict({
-        "name": "overhead", "output_dir": str(out),
-        "data": {"source": str(source), "image_size": args.size, "channels": 3, "normalize": "none",
-                 "split": {"method": "stratified", "ratios": [1.0, 0.0, 0.0]}},
-        "model": {"name": args.model},
-        "training": {"batch_size": args.batch_size, "checkpoint_monitor": "loss",
-                     "phases": [{"epochs": args.epochs + 1, "optimizer": "adam", "lr": 1e-4}]},
-    })
+    config = config_from_dict(
+        {
+            "name": "overhead",
+            "output_dir": str(out),
+            "data": {
+                "source": str(source),
+                "image_size": args.size,
+                "channels": 3,
+                "normalize": "none",
+                "split": {"method": "stratified", "ratios": [1.0, 0.0, 0.0]},
+            },
+            "model": {"name": args.model},
+            "training": {
+                "batch_size": args.batch_size,
+                "checkpoint_monitor": "loss",
+                "phases": [{"epochs": args.epochs + 1, "optimizer": "adam", "lr": 1e-4}],
+            },
+        }
+    )
     clock = EpochClock()
     with in_memory_datasets(tensors):
         result = train(config, callbacks=[clock])
@@ -115,8 +135,10 @@ def main() -> None:
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
-    tensors = TensorDataset(torch.randn(args.images, 3, args.size, args.size, generator=generator),
-                            torch.randint(0, 2, (args.images,), generator=generator))
+    tensors = TensorDataset(
+        torch.randn(args.images, 3, args.size, args.size, generator=generator),
+        torch.randint(0, 2, (args.images,), generator=generator),
+    )
     rates: dict[str, list[float]] = {name: [] for name in ROWS}
     with tempfile.TemporaryDirectory() as tmp:
         source = placeholder_folder(Path(tmp) / "images", args.images)
@@ -126,8 +148,10 @@ def main() -> None:
             for name, value in zip(ROWS, (plain_wall, loop, wall, plain_cpu, cpu)):
                 rates[name].append(value)
 
-    print(f"\n{args.model} at {args.size}x{args.size}, batch {args.batch_size}, {args.images} images x "
-          f"{args.epochs} epochs x {args.rounds} rounds, {torch.get_num_threads()} torch threads\n")
+    print(
+        f"\n{args.model} at {args.size}x{args.size}, batch {args.batch_size}, {args.images} images x "
+        f"{args.epochs} epochs x {args.rounds} rounds, {torch.get_num_threads()} torch threads\n"
+    )
     print("| measurement | median | per round | ratio to plain loop |")
     print("|---|---:|---|---:|")
     for name, values in rates.items():

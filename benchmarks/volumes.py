@@ -40,8 +40,17 @@ def rss_mb() -> float:
 
 def stream(depth: int, size: int, shuffled: bool, cache_dir: str | None = None) -> dict[str, float]:
     """One pass over every stack; with ``cache_dir`` a first untimed pass fills the disk cache."""
-    config = load_config(None, ["data.spatial_dims=3", f"data.depth={depth}", f"data.image_size={size}",
-                                "data.channels=3", "data.normalize=none", f"data.volume.cache_dir={cache_dir or 'null'}"]).data
+    config = load_config(
+        None,
+        [
+            "data.spatial_dims=3",
+            f"data.depth={depth}",
+            f"data.image_size={size}",
+            "data.channels=3",
+            "data.normalize=none",
+            f"data.volume.cache_dir={cache_dir or 'null'}",
+        ],
+    ).data
     samples = load_samples(SAMPLE)
     started = time.perf_counter()
     dataset = VolumeStackDataset(samples.samples, samples.class_names, config, train=False)
@@ -59,8 +68,14 @@ def stream(depth: int, size: int, shuffled: bool, cache_dir: str | None = None) 
         dataset[index]
     seconds = time.perf_counter() - started
     item_mb = 3 * depth * size * size * 4 / 2**20
-    return {"stacks": len(dataset), "index_s": indexed, "stacks_per_s": len(dataset) / seconds,
-            "all_stacks_mb": len(dataset) * item_mb, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "stacks": len(dataset),
+        "index_s": indexed,
+        "stacks_per_s": len(dataset) / seconds,
+        "all_stacks_mb": len(dataset) * item_mb,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def train_steps(depth: int, size: int, batch: int, steps: int) -> float:
@@ -89,24 +104,31 @@ def main() -> None:
         raise SystemExit(f"{SAMPLE} not found")
     warnings.simplefilter("ignore")  # the sample's every-4th-file spacing warning, once per series
     print(f"torch threads: {torch.get_num_threads()}, baseline peak RSS {peak_rss_mb():.0f} MB\n")
-    print("| measurement | stacks | header index (s) | stacks/s | all stacks in RAM would be (MB) | RSS before (MB) "
-          "| peak RSS (MB) |")
+    print(
+        "| measurement | stacks | header index (s) | stacks/s | all stacks in RAM would be (MB) | RSS before (MB) "
+        "| peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as cache_dir:
         runs = [(False, None), (True, None), (True, cache_dir)]
         results = [(shuffled, cached, stream(4, args.size, shuffled, cached)) for shuffled, cached in runs]
     for shuffled, cached, r in results:
-        label = (f"stream depth 4, {args.size}px, {'shuffled' if shuffled else 'scan order'}, RAM cache 4 scans"
-                 + (", warm disk cache" if cached else ""))
-        print(f"| {label} | {r['stacks']} | {r['index_s']:.2f} | {r['stacks_per_s']:.1f} | "
-              f"{r['all_stacks_mb']:.0f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+        label = f"stream depth 4, {args.size}px, {'shuffled' if shuffled else 'scan order'}, RAM cache 4 scans" + (
+            ", warm disk cache" if cached else ""
+        )
+        print(
+            f"| {label} | {r['stacks']} | {r['index_s']:.2f} | {r['stacks_per_s']:.1f} | "
+            f"{r['all_stacks_mb']:.0f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     print()
     print("| resnet3d_18 training step | batch | input | s/step | stacks/s |")
     print("|---|---|---|---|---|")
     for depth in (4, 16):
         seconds = train_steps(depth, args.train_size, args.batch, args.steps)
-        print(f"| depth {depth} | {args.batch} | 3x{depth}x{args.train_size}x{args.train_size} | {seconds:.2f} | "
-              f"{args.batch / seconds:.2f} |")
+        print(
+            f"| depth {depth} | {args.batch} | 3x{depth}x{args.train_size}x{args.train_size} | {seconds:.2f} | "
+            f"{args.batch / seconds:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -44,11 +44,19 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 32, seed
 
 def make_checkpoint(root: Path, model: str = "cnn1", size: int = 32, channels: int = 1, epoch: int = 2) -> Path:
     """A random-init run directory: serving must not depend on the trainer."""
-    config = config_from_dict({"name": f"{model}-test", "data": {"image_size": size, "channels": channels},
-                               "model": {"name": model}})
+    config = config_from_dict(
+        {"name": f"{model}-test", "data": {"image_size": size, "channels": channels}, "model": {"name": model}}
+    )
     run = root / f"{model}-run"
-    save_checkpoint(run / "checkpoints" / "best.pt", model=create_model(model, len(CLASSES), in_channels=channels),
-                    config=config, class_names=CLASSES, norm_stats=None, epoch=epoch, metrics={"val_accuracy": 0.5})
+    save_checkpoint(
+        run / "checkpoints" / "best.pt",
+        model=create_model(model, len(CLASSES), in_channels=channels),
+        config=config,
+        class_names=CLASSES,
+        norm_stats=None,
+        epoch=epoch,
+        metrics={"val_accuracy": 0.5},
+    )
     return run
 
 

@@ -9,6 +9,7 @@ from covidscan import compat
 
 def brute_force_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> list[int]:
     """Independent greedy NMS on Python floats: keep the best box, drop boxes overlapping a kept one."""
+
     def iou(a, b):
         w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
         h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))

@@ -20,27 +20,35 @@ def test_unknown_key_error_names_the_key():
 
 
 def test_set_overrides_nested_values_and_list_items():
-    config = config_from_dict({"training": {"phases": [{"epochs": 2}, {"epochs": 3}]}}, [
-        "data.image_size=64", "training.phases.1.lr=1e-5", "data.split.ratios=[0.7, 0, 0.3]",
-        "data.augment.hflip=true",
-    ])
+    config = config_from_dict(
+        {"training": {"phases": [{"epochs": 2}, {"epochs": 3}]}},
+        [
+            "data.image_size=64",
+            "training.phases.1.lr=1e-5",
+            "data.split.ratios=[0.7, 0, 0.3]",
+            "data.augment.hflip=true",
+        ],
+    )
     assert config.data.image_size == 64 and config.data.augment.hflip is True
     assert config.training.phases[1].lr == pytest.approx(1e-5) and config.training.phases[0].epochs == 2
     assert config.data.split.ratios == [0.7, 0.0, 0.3]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data.image_size=5", "data.image_size"),
-    ("data.split.ratios=[0.5, 0.5]", "data.split.ratios"),
-    ("data.split.ratios=[0.5, 0.4, 0.4]", "sum to 1"),
-    ("data.channels=2", "data.channels"),
-    ("data.normalize=zscore", "data.normalize"),
-    ("training.batch_size=yes", "training.batch_size"),
-    ("training.phases.0.trainable=some", "trainable"),
-    ("training.phases.5.lr=0.1", "no list index 5"),
-    ("data.split.method=file", "data.split.file"),
-    ("seed", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.image_size=5", "data.image_size"),
+        ("data.split.ratios=[0.5, 0.5]", "data.split.ratios"),
+        ("data.split.ratios=[0.5, 0.4, 0.4]", "sum to 1"),
+        ("data.channels=2", "data.channels"),
+        ("data.normalize=zscore", "data.normalize"),
+        ("training.batch_size=yes", "training.batch_size"),
+        ("training.phases.0.trainable=some", "trainable"),
+        ("training.phases.5.lr=0.1", "no list index 5"),
+        ("data.split.method=file", "data.split.file"),
+        ("seed", "key=value"),
+    ],
+)
 def test_invalid_values_are_rejected_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         config_from_dict({}, [override])

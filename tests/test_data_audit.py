@@ -54,8 +54,12 @@ def test_near_duplicate_pairs_matches_brute_force():
     hashes[10, 0] ^= np.uint64(0b1011)  # 3 bits apart
     pairs = near_duplicate_pairs(hashes, threshold=120, block=7)
     bits = np.unpackbits(hashes.view(np.uint8), axis=1)
-    expected = {(i, j, int((bits[i] != bits[j]).sum())) for i in range(60) for j in range(i + 1, 60)
-                if (bits[i] != bits[j]).sum() <= 120}
+    expected = {
+        (i, j, int((bits[i] != bits[j]).sum()))
+        for i in range(60)
+        for j in range(i + 1, 60)
+        if (bits[i] != bits[j]).sum() <= 120
+    }
     assert {tuple(map(int, p)) for p in pairs} == expected
     assert (3, 10, 3) in expected
     nearest = nearest_distances(hashes[:20], hashes[20:], block=6)
@@ -76,7 +80,7 @@ def test_audit_finds_planted_exact_and_near_duplicates_across_splits(planted):
 def test_audit_reports_unreadable_files_without_stopping(planted, tmp_path):
     broken = tmp_path / "COVID" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    data = SampleSet(planted.samples + [Sample(str(broken), "COVID", split="train")], planted.class_names)
+    data = SampleSet([*planted.samples, Sample(str(broken), "COVID", split="train")], planted.class_names)
     report = audit_samples(data, progress=False)
     assert [item["path"] for item in report["unreadable"]] == [str(broken)]
     assert "broken.png" in report["unreadable"][0]["reason"]
@@ -89,9 +93,14 @@ def test_audit_fingerprints_dicom_series_by_their_middle_slice(tmp_path):
     for name in ("a", "b"):
         write_dicom_series(tmp_path / "COVID" / name, rng.uniform(-1000, 400, (5, 32, 32)), slice_gap=2.0)
     shutil.copytree(tmp_path / "COVID" / "a", tmp_path / "normal" / "a-copy")
-    data = SampleSet([Sample(str(tmp_path / "COVID" / "a"), "COVID", "a", "train"),
-                      Sample(str(tmp_path / "COVID" / "b"), "COVID", "b", "train"),
-                      Sample(str(tmp_path / "normal" / "a-copy"), "normal", "a-copy", "test")], ["COVID", "normal"])
+    data = SampleSet(
+        [
+            Sample(str(tmp_path / "COVID" / "a"), "COVID", "a", "train"),
+            Sample(str(tmp_path / "COVID" / "b"), "COVID", "b", "train"),
+            Sample(str(tmp_path / "normal" / "a-copy"), "normal", "a-copy", "test"),
+        ],
+        ["COVID", "normal"],
+    )
     report = audit_samples(data, progress=False)
     assert report["image_sizes"]["most_common"][0] == ("5x32x32", 3) and report["modes"] == {"volume": 3}
     assert report["exact_duplicates"]["n_groups_with_conflicting_labels"] == 1
@@ -109,8 +118,9 @@ def test_check_split_leakage_warns_or_refuses(planted, tmp_path):
 
 def test_check_split_leakage_reports_patients_spanning_splits(planted):
     clean = [s for s in planted.samples if "copy" not in s.path and "brighter" not in s.path]
-    shared = [Sample(s.path, s.label, patient_id="p1" if i in (0, 7) else f"q{i}", split=s.split)
-              for i, s in enumerate(clean)]
+    shared = [
+        Sample(s.path, s.label, patient_id="p1" if i in (0, 7) else f"q{i}", split=s.split) for i, s in enumerate(clean)
+    ]
     with pytest.raises(DataError, match="1 patients appear in more than one split"):
         check_split_leakage(SampleSet(shared, planted.class_names), strict=True)
 

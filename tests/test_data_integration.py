@@ -13,13 +13,16 @@ from covidscan.data import assign_splits, load_samples, read_dicom, read_dicom_s
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("folder, n_classes, with_patients, with_splits, images", [
-    ("sarscov2-ct", 2, False, False, True),
-    ("covid-ct", 2, False, False, True),
-    ("covid-ct/metadata.csv", 2, True, False, True),
-    ("covid-ct-md-sample", 3, True, False, False),  # one DICOM series folder per patient
-    ("covid19-xray", 3, False, True, True),
-])
+@pytest.mark.parametrize(
+    "folder, n_classes, with_patients, with_splits, images",
+    [
+        ("sarscov2-ct", 2, False, False, True),
+        ("covid-ct", 2, False, False, True),
+        ("covid-ct/metadata.csv", 2, True, False, True),
+        ("covid-ct-md-sample", 3, True, False, False),  # one DICOM series folder per patient
+        ("covid19-xray", 3, False, True, True),
+    ],
+)
 def test_all_shared_datasets_load(shared_datasets, folder, n_classes, with_patients, with_splits, images):
     data = load_samples(shared_datasets / folder)
     assert len(data.class_names) == n_classes and min(data.class_counts().values()) > 0
@@ -27,7 +30,7 @@ def test_all_shared_datasets_load(shared_datasets, folder, n_classes, with_patie
     assert all(s.split for s in data.samples) == with_splits
     if images:
         image = read_image(data.samples[0].path)
-        assert image.ndim == 2 and 0 <= image.min() and image.max() <= 1
+        assert image.ndim == 2 and image.min() >= 0 and image.max() <= 1
 
 
 def test_xray_predefined_split_is_kept_and_val_carved_from_train(shared_datasets):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import write_image_folder
 from covidscan.cli import main
 from covidscan.data import load_samples, read_dicom, read_dicom_series, read_image, read_nifti, read_volume
 from covidscan.data.io import read_middle_slice
 from covidscan.data.records import DataError
 from covidscan.data.sources import parse_label_map
 from covidscan.data.synthetic import write_dicom_series, write_dicom_slice
+from helpers import write_image_folder
 
 
 def test_folder_names_with_spaces_and_parentheses(tmp_path):
@@ -59,8 +59,9 @@ def test_split_folder_tree_keeps_its_splits(tmp_path):
 def test_manifest_missing_file_names_csv_line(tmp_path):
     root = write_image_folder(tmp_path / "data", {"a": 2, "b": 2})
     manifest = tmp_path / "data" / "manifest.csv"
-    manifest.write_text("path,label,patient_id,split\na/a (0).png,a,p1,Train\nb/gone.png,b,p2,test\n"
-                        "b/b (0).png,b,p3,validation\n")
+    manifest.write_text(
+        "path,label,patient_id,split\na/a (0).png,a,p1,Train\nb/gone.png,b,p2,test\nb/b (0).png,b,p3,validation\n"
+    )
     with pytest.raises(DataError, match=r"manifest\.csv, line 3: file not found"):
         load_samples(manifest)
     data = load_samples(manifest, skip_bad=True)
@@ -71,8 +72,9 @@ def test_manifest_missing_file_names_csv_line(tmp_path):
 def test_manifest_column_aliases_and_label_map(tmp_path):
     write_image_folder(tmp_path / "data", {"CT_COVID": 2, "CT_NonCOVID": 2})
     manifest = tmp_path / "data" / "meta.csv"
-    manifest.write_text("Filename,Class,Patient\nCT_COVID/CT_COVID (0).png,CT_COVID,x\n"
-                        "CT_NonCOVID/CT_NonCOVID (1).png,CT_NonCOVID,y\n")
+    manifest.write_text(
+        "Filename,Class,Patient\nCT_COVID/CT_COVID (0).png,CT_COVID,x\nCT_NonCOVID/CT_NonCOVID (1).png,CT_NonCOVID,y\n"
+    )
     data = load_samples(manifest, label_map=parse_label_map(["CT_COVID=COVID", "CT_NonCOVID=non-COVID"]))
     assert data.class_names == ["COVID", "non-COVID"] and [s.patient_id for s in data.samples] == ["x", "y"]
     bad = tmp_path / "bad.csv"

@@ -66,8 +66,10 @@ def test_grouped_split_has_no_patient_in_two_splits():
 
 
 def test_auto_prefers_predefined_then_grouped():
-    predefined = SampleSet([s.with_split("test" if i % 4 == 0 else "train")
-                            for i, s in enumerate(make_set(20).samples)], ["COVID", "normal"])
+    predefined = SampleSet(
+        [s.with_split("test" if i % 4 == 0 else "train") for i, s in enumerate(make_set(20).samples)],
+        ["COVID", "normal"],
+    )
     result = assign_splits(predefined, SplitConfig(method="auto", ratios=[0.8, 0.0, 0.2]), 0)
     assert [s.split for s in result.samples] == [s.split for s in predefined.samples]
     grouped = assign_splits(make_set(40, slices_per_patient=5), SplitConfig(method="auto"), 0)
@@ -75,8 +77,10 @@ def test_auto_prefers_predefined_then_grouped():
 
 
 def test_predefined_without_val_carves_val_from_train_only():
-    data = SampleSet([s.with_split("test" if i % 5 == 0 else "train") for i, s in enumerate(make_set(50).samples)],
-                     ["COVID", "normal"])
+    data = SampleSet(
+        [s.with_split("test" if i % 5 == 0 else "train") for i, s in enumerate(make_set(50).samples)],
+        ["COVID", "normal"],
+    )
     result = assign_splits(data, SplitConfig(method="predefined", ratios=[0.8, 0.1, 0.1]), 0)
     for before, after in zip(data.samples, result.samples):
         assert (before.split == "test") == (after.split == "test")

@@ -13,14 +13,25 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 def test_demo_config_trains_and_evaluates_through_the_cli(tmp_path, capsys):
     run_dir = tmp_path / "demo-run"
-    code = main(["train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir),
-                 "--set", "training.phases.0.epochs=3"])
+    code = main(
+        ["train", "--config", str(DEMO_CONFIG), "--run-dir", str(run_dir), "--set", "training.phases.0.epochs=3"]
+    )
     assert code == 0
     assert str(run_dir) in capsys.readouterr().out
 
-    for name in ("config.yaml", "environment.json", "splits.csv", "label_map.json", "history.csv", "metrics.json",
-                 "plots/accuracy.png", "plots/loss.png", "checkpoints/best.pt", "checkpoints/last.pt",
-                 "evaluation/test/metrics.json"):
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "splits.csv",
+        "label_map.json",
+        "history.csv",
+        "metrics.json",
+        "plots/accuracy.png",
+        "plots/loss.png",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "evaluation/test/metrics.json",
+    ):
         assert (run_dir / name).is_file(), name
     with (run_dir / "history.csv").open() as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2, 3]

@@ -13,9 +13,9 @@ from torch import nn
 
 from covidscan.config import config_from_dict
 from covidscan.models import ClassifierModel
-from helpers import registered_model, write_image_folder
 from covidscan.training import train
 from covidscan.training.distributed import DistContext, env_context
+from helpers import registered_model, write_image_folder
 
 
 def ddp_test_net(num_classes: int, in_channels: int = 1, pretrained: bool = False, weights: str | None = None):
@@ -26,18 +26,27 @@ def ddp_test_net(num_classes: int, in_channels: int = 1, pretrained: bool = Fals
 
 def _config(source: Path, tmp_path: Path):
     # 16 train images, global batch 8: two full batches per epoch for one process, 4 + 4 per rank for two
-    return config_from_dict({
-        "name": "ddp", "output_dir": str(tmp_path / "runs"),
-        "data": {"source": str(source), "image_size": 32, "channels": 1, "normalize": "sample",
-                 "split": {"method": "stratified", "ratios": [0.5, 0.5, 0.0]}},
-        "model": {"name": "ddp_test_net"},
-        "training": {"batch_size": 8, "phases": [{"epochs": 2, "optimizer": "sgd", "lr": 0.05}]},
-    })
+    return config_from_dict(
+        {
+            "name": "ddp",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {
+                "source": str(source),
+                "image_size": 32,
+                "channels": 1,
+                "normalize": "sample",
+                "split": {"method": "stratified", "ratios": [0.5, 0.5, 0.0]},
+            },
+            "model": {"name": "ddp_test_net"},
+            "training": {"batch_size": 8, "phases": [{"epochs": 2, "optimizer": "sgd", "lr": 0.05}]},
+        }
+    )
 
 
 def _worker(rank: int, world_size: int, port: int, source: str, tmp_path: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     with registered_model("ddp_test_net", ddp_test_net):  # a spawned process starts with the built-ins only
         train(_config(Path(source), Path(tmp_path)), run_dir=Path(tmp_path) / "ddp")

@@ -24,8 +24,14 @@ from helpers import registered_model
 
 CLASSES = ("COVID", "normal")
 # patient -> (label, number of scans); p0 has two scans, which patient level must merge
-PATIENTS = {"p0": ("COVID", 2), "p1": ("COVID", 1), "p2": ("COVID", 1),
-            "p3": ("normal", 1), "p4": ("normal", 1), "p5": ("normal", 1)}
+PATIENTS = {
+    "p0": ("COVID", 2),
+    "p1": ("COVID", 1),
+    "p2": ("COVID", 1),
+    "p3": ("normal", 1),
+    "p4": ("normal", 1),
+    "p5": ("normal", 1),
+}
 
 
 def tiny3d(num_classes: int, in_channels: int = 1, pretrained: bool = False, weights: str | None = None):
@@ -49,13 +55,31 @@ def write_scans(root: Path) -> list[Sample]:
 
 def make_run(root: Path, name: str, depth: int, samples: list[Sample], seed: int) -> Path:
     """A checkpoint of an untrained tiny 3D model cutting scans into ``depth``-slice stacks."""
-    config = config_from_dict({"name": name, "data": {"source": str(root), "spatial_dims": 3, "depth": depth,
-                                                      "image_size": 16, "channels": 1, "normalize": "none"},
-                               "model": {"name": "compare_levels_tiny3d"}, "training": {"batch_size": 8}})
+    config = config_from_dict(
+        {
+            "name": name,
+            "data": {
+                "source": str(root),
+                "spatial_dims": 3,
+                "depth": depth,
+                "image_size": 16,
+                "channels": 1,
+                "normalize": "none",
+            },
+            "model": {"name": "compare_levels_tiny3d"},
+            "training": {"batch_size": 8},
+        }
+    )
     torch.manual_seed(seed)
     run = root / name
-    save_checkpoint(run / "checkpoints" / "best.pt", model=tiny3d(len(CLASSES)), config=config,
-                    class_names=list(CLASSES), norm_stats=None, epoch=0)
+    save_checkpoint(
+        run / "checkpoints" / "best.pt",
+        model=tiny3d(len(CLASSES)),
+        config=config,
+        class_names=list(CLASSES),
+        norm_stats=None,
+        epoch=0,
+    )
     save_splits(SampleSet(samples, list(CLASSES)), run / "splits.csv")
     return run
 
@@ -70,8 +94,11 @@ def _tiny3d_registered():
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("levels")
     samples = write_scans(root)
-    return {"d2": make_run(root, "d2", 2, samples, seed=0), "d4": make_run(root, "d4", 4, samples, seed=1),
-            "d4b": make_run(root, "d4b", 4, samples, seed=2)}
+    return {
+        "d2": make_run(root, "d2", 2, samples, seed=0),
+        "d4": make_run(root, "d4", 4, samples, seed=1),
+        "d4b": make_run(root, "d4b", 4, samples, seed=2),
+    }
 
 
 def fisher_table(pair: dict) -> list[list[int]]:
@@ -85,8 +112,9 @@ def test_item_level_refuses_different_depths_and_points_to_patient_level(runs, t
 
 
 def test_patient_level_counts_patients_in_every_test(runs, tmp_path):
-    result = compare_runs([runs["d2"], runs["d4"]], level="patient", metric="accuracy", n_bootstrap=20,
-                          out_dir=tmp_path / "cmp")
+    result = compare_runs(
+        [runs["d2"], runs["d4"]], level="patient", metric="accuracy", n_bootstrap=20, out_dir=tmp_path / "cmp"
+    )
     n_patients = len(PATIENTS)
     assert (result["level"], result["aggregation"], result["n_compared"]) == ("patient", "mean", n_patients)
     (pair,) = result["pairs"]
@@ -116,12 +144,30 @@ def test_auto_level_picks_patients_for_stacks_and_item_level_works_at_one_depth(
 
 def test_cli_compare_patient_level_and_label_map_errors(runs, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["compare", str(runs["d2"]), str(runs["d4"]), "--level", "patient", "--aggregation", "max",
-                 "--bootstrap", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(runs["d2"]),
+                str(runs["d4"]),
+                "--level",
+                "patient",
+                "--aggregation",
+                "max",
+                "--bootstrap",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"{len(PATIENTS)} patients, max of their items" in capsys.readouterr().out
     assert json.loads((out / "comparison.json").read_text())["aggregation"] == "max"
-    assert main(["compare", str(runs["d2"]), str(runs["d4"]), "--level", "item", "--bootstrap", "0",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["compare", str(runs["d2"]), str(runs["d4"]), "--level", "item", "--bootstrap", "0", "--out", str(out)])
+        == 2
+    )
     assert "--level patient" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(runs["d2"]), "--label-map", "COVID"]) == 2
     assert "'COVID' must look like RAW=CLASS" in capsys.readouterr().err

@@ -45,10 +45,17 @@ def random_set(rng: np.random.Generator, n: int, k: int, decimals: int | None = 
     return PredictionSet(y, proba, [f"class{i}" for i in range(k)])
 
 
-@pytest.mark.parametrize("names, expected", [
-    (["COVID", "normal"], 0), (["CT_COVID", "CT_NonCOVID"], 0), (["non-COVID", "COVID-19"], 1),
-    (["CP", "NCP", "Normal"], 1), (["Covid", "Normal", "Viral Pneumonia"], 0), (["Normal", "covid19"], 1),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["COVID", "normal"], 0),
+        (["CT_COVID", "CT_NonCOVID"], 0),
+        (["non-COVID", "COVID-19"], 1),
+        (["CP", "NCP", "Normal"], 1),
+        (["Covid", "Normal", "Viral Pneumonia"], 0),
+        (["Normal", "covid19"], 1),
+    ],
+)
 def test_positive_class_is_found_by_name(names, expected):
     assert resolve_positive_class(names) == expected
 
@@ -167,15 +174,21 @@ def test_patient_bootstrap_widens_intervals_for_correlated_slices():
     rng = np.random.default_rng(4)
     base = random_set(rng, 60, 2)
     repeat = 6  # six identical slices per patient
-    slices = PredictionSet(np.repeat(base.y_true, repeat), np.repeat(base.proba, repeat, axis=0), base.class_names,
-                           paths=[f"s{i}" for i in range(60 * repeat)],
-                           patient_ids=[f"p{i // repeat}" for i in range(60 * repeat)])
+    slices = PredictionSet(
+        np.repeat(base.y_true, repeat),
+        np.repeat(base.proba, repeat, axis=0),
+        base.class_names,
+        paths=[f"s{i}" for i in range(60 * repeat)],
+        patient_ids=[f"p{i // repeat}" for i in range(60 * repeat)],
+    )
     by_item = bootstrap_metrics(slices, 1, n_resamples=300, by_patient=False)
     by_patient = bootstrap_metrics(slices, 1, n_resamples=300, by_patient=True)
     patients_only = bootstrap_metrics(base, 1, n_resamples=300)
     for name in ("accuracy", "roc_auc"):
-        width = {label: r[name]["ci_high"] - r[name]["ci_low"]
-                 for label, r in (("item", by_item), ("patient", by_patient), ("base", patients_only))}
+        width = {
+            label: r[name]["ci_high"] - r[name]["ci_low"]
+            for label, r in (("item", by_item), ("patient", by_patient), ("base", patients_only))
+        }
         assert width["patient"] > 1.5 * width["item"], (name, width)
         assert width["patient"] == pytest.approx(width["base"], rel=0.35), (name, width)
 
@@ -196,6 +209,7 @@ def test_paired_difference_of_a_model_with_itself_is_zero_and_a_better_model_win
 
 def _slow_delong(is_pos: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """DeLong et al. (1988) from the definitions: O(N^2) pairwise kernel and placement values."""
+
     def components(score: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         x, y = score[is_pos], score[~is_pos]
         psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
@@ -310,8 +324,9 @@ def test_temperature_scaling_recovers_overconfidence():
     overconfident = apply_temperature(calibrated, 1 / 2.5)  # logits x 2.5
     temperature = fit_temperature(overconfident, draws)
     assert temperature == pytest.approx(2.5, rel=0.15)
-    assert expected_calibration_error(apply_temperature(overconfident, temperature), draws) < \
-        expected_calibration_error(overconfident, draws)
+    assert expected_calibration_error(
+        apply_temperature(overconfident, temperature), draws
+    ) < expected_calibration_error(overconfident, draws)
 
 
 def test_thresholds_youden_and_target_sensitivity():
@@ -327,8 +342,13 @@ def test_thresholds_youden_and_target_sensitivity():
 
 
 def test_patient_aggregation_mean_and_max():
-    predictions = PredictionSet([1, 1, 0, 0], [[0.2, 0.8], [0.6, 0.4], [0.9, 0.1], [0.7, 0.3]], ["normal", "COVID"],
-                                paths=["a1", "a2", "b1", "c1"], patient_ids=["A", "A", "B", None])
+    predictions = PredictionSet(
+        [1, 1, 0, 0],
+        [[0.2, 0.8], [0.6, 0.4], [0.9, 0.1], [0.7, 0.3]],
+        ["normal", "COVID"],
+        paths=["a1", "a2", "b1", "c1"],
+        patient_ids=["A", "A", "B", None],
+    )
     mean = aggregate_by_patient(predictions, "mean")
     assert mean.patient_ids == ["A", "B", "c1"]
     assert mean.proba[0].tolist() == pytest.approx([0.4, 0.6])

@@ -55,13 +55,24 @@ def assert_embedded_pngs(images: list[str], expected: int) -> None:
 
 def make_run(root: Path, name: str, model: str, images: Path, classes=("COVID", "normal"), seed: int = 0) -> Path:
     """A checkpoint of an untrained tiny model plus a splits.csv (alternate images to val / test)."""
-    config = config_from_dict({"name": name, "data": {"source": str(images), "image_size": 32, "channels": 1,
-                                                      "normalize": "sample"}, "model": {"name": model},
-                               "training": {"batch_size": 8}})
+    config = config_from_dict(
+        {
+            "name": name,
+            "data": {"source": str(images), "image_size": 32, "channels": 1, "normalize": "sample"},
+            "model": {"name": model},
+            "training": {"batch_size": 8},
+        }
+    )
     torch.manual_seed(seed)
     run = root / name
-    save_checkpoint(run / "checkpoints" / "best.pt", model=create_model(model, len(classes), in_channels=1),
-                    config=config, class_names=list(classes), norm_stats=None, epoch=0)
+    save_checkpoint(
+        run / "checkpoints" / "best.pt",
+        model=create_model(model, len(classes), in_channels=1),
+        config=config,
+        class_names=list(classes),
+        norm_stats=None,
+        epoch=0,
+    )
     samples = load_samples(images)
     split = [s.with_split(("train", "val", "test")[i % 3]) for i, s in enumerate(samples.samples)]
     save_splits(SampleSet(split, samples.class_names), run / "splits.csv")
@@ -73,15 +84,27 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluation")
     images = write_image_folder(root / "images", {"COVID": 12, "normal": 12})
     external = write_image_folder(root / "external", {"CT_COVID": 5, "CT_NonCOVID": 5}, seed=1)
-    return {"images": images, "external": external, "a": make_run(root, "a", "cnn1", images),
-            "b": make_run(root, "b", "cnn2", images, seed=1), "root": root}
+    return {
+        "images": images,
+        "external": external,
+        "a": make_run(root, "a", "cnn1", images),
+        "b": make_run(root, "b", "cnn2", images, seed=1),
+        "root": root,
+    }
 
 
 def test_evaluate_run_writes_every_output_and_a_self_contained_report(runs):
     result = evaluate_run(runs["a"], n_bootstrap=50)
     out = runs["a"] / "evaluation" / "test"
-    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc_pr_curves.png",
-                 "reliability_diagram.png", "report.html", "report.md"):
+    for name in (
+        "metrics.json",
+        "predictions.csv",
+        "confusion_matrix.png",
+        "roc_pr_curves.png",
+        "reliability_diagram.png",
+        "report.html",
+        "report.md",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n_items"] == result["n_items"] == 8 and saved["split"] == "test"
@@ -101,8 +124,13 @@ def test_evaluate_run_writes_every_output_and_a_self_contained_report(runs):
 
 
 def test_external_evaluation_with_label_map_states_mapping_and_shift(runs):
-    result = evaluate_run(runs["a"], data=runs["external"], external=True, n_bootstrap=20,
-                          label_map={"CT_COVID": "COVID", "CT_NonCOVID": "normal"})
+    result = evaluate_run(
+        runs["a"],
+        data=runs["external"],
+        external=True,
+        n_bootstrap=20,
+        label_map={"CT_COVID": "COVID", "CT_NonCOVID": "normal"},
+    )
     assert result["external"] and result["split"] == "all" and result["n_items"] == 10
     out = runs["a"] / "evaluation" / "external-external"
     html = (out / "report.html").read_text()
@@ -123,8 +151,7 @@ def test_empty_split_is_a_clear_error(runs, tmp_path):
     run = tmp_path / "empty"
     shutil.copytree(runs["a"], run)
     samples = load_samples(runs["images"])
-    save_splits(SampleSet([s.with_split("train") for s in samples.samples], samples.class_names),
-                run / "splits.csv")
+    save_splits(SampleSet([s.with_split("train") for s in samples.samples], samples.class_names), run / "splits.csv")
     with pytest.raises(DataError, match="holds no samples"):
         evaluate_run(run, n_bootstrap=0)
 
@@ -158,8 +185,9 @@ def test_three_class_run_reports_macro_metrics_and_covid_vs_rest(tmp_path):
 
 
 def test_compare_runs_table_tests_and_grids(runs, tmp_path):
-    result = compare_runs([runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, grid_size=4,
-                          out_dir=tmp_path / "cmp")
+    result = compare_runs(
+        [runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, grid_size=4, out_dir=tmp_path / "cmp"
+    )
     assert [row["rank"] for row in result["rows"]] == [1, 2]
     values = [row["metrics"]["accuracy"]["value"] for row in result["rows"]]
     assert values == sorted(values, reverse=True)
@@ -175,21 +203,51 @@ def test_compare_refuses_runs_scored_on_different_items(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs["b"], other)
     samples = load_samples(runs["images"])
-    save_splits(SampleSet([s.with_split(("test", "val", "train")[i % 3]) for i, s in enumerate(samples.samples)],
-                          samples.class_names), other / "splits.csv")
+    save_splits(
+        SampleSet(
+            [s.with_split(("test", "val", "train")[i % 3]) for i, s in enumerate(samples.samples)], samples.class_names
+        ),
+        other / "splits.csv",
+    )
     with pytest.raises(DataError, match="different items"):
         compare_runs([runs["a"], other], n_bootstrap=0, out_dir=tmp_path / "cmp")
 
 
 def test_cli_evaluate_and_compare(runs, tmp_path, capsys):
-    code = main(["evaluate", "--checkpoint", str(runs["a"]), "--bootstrap", "20", "--target-sensitivity", "0.9",
-                 "--temperature-scaling", "--out", str(tmp_path / "ev")])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(runs["a"]),
+            "--bootstrap",
+            "20",
+            "--target-sensitivity",
+            "0.9",
+            "--temperature-scaling",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert code == 0
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["operating_point"]["method"] == "sensitivity" and saved["calibration"]["temperature"] > 0
     assert "report:" in capsys.readouterr().out
-    assert main(["compare", str(runs["a"]), str(runs["b"]), "--bootstrap", "20", "--grid-size", "2",
-                 "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(runs["a"]),
+                str(runs["b"]),
+                "--bootstrap",
+                "20",
+                "--grid-size",
+                "2",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     assert "vs" in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", str(runs["a"]), "--data", str(runs["external"])]) == 2
     assert "--label-map" in capsys.readouterr().err
@@ -199,8 +257,14 @@ def test_cli_evaluate_and_compare(runs, tmp_path, capsys):
 def test_external_evaluation_on_real_covid_ct(runs, shared_datasets, tmp_path):
     """UCSD COVID-CT as an external set: its NonCOVID label mapped to the model's class, patients known."""
     manifest = shared_datasets / "covid-ct" / "metadata.csv"
-    result = evaluate_run(runs["a"], data=manifest, external=True, n_bootstrap=50, out_dir=tmp_path / "ext",
-                          label_map={"NonCOVID": "normal"})
+    result = evaluate_run(
+        runs["a"],
+        data=manifest,
+        external=True,
+        n_bootstrap=50,
+        out_dir=tmp_path / "ext",
+        label_map={"NonCOVID": "normal"},
+    )
     assert result["n_items"] == 746 and result["class_counts"] == {"COVID": 349, "normal": 397}
     assert result["bootstrap"]["unit"] == "patient" and result["patient_level"]["n_patients"] < 746
     assert "NonCOVID &rarr; normal" in (tmp_path / "ext" / "report.html").read_text()

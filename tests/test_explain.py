@@ -31,7 +31,7 @@ def blob_image(rng: np.random.Generator, with_blob: bool) -> tuple[np.ndarray, t
     if not with_blob:
         return image, None
     top, left = (int(v) for v in rng.integers(0, SIZE - BLOB, 2))
-    image[top:top + BLOB, left:left + BLOB] = 0.95
+    image[top : top + BLOB, left : left + BLOB] = 0.95
     return image, (top, left)
 
 
@@ -51,13 +51,21 @@ def blob_run(tmp_path_factory) -> Path:
         for i in range(64):
             image, _ = blob_image(rng, name == "blob")
             Image.fromarray((image * 255).astype(np.uint8)).save(root / "images" / name / f"{i}.png")
-    config = config_from_dict({
-        "name": "blobs", "output_dir": str(root / "runs"),
-        "data": {"source": str(root / "images"), "image_size": SIZE, "channels": 1, "normalize": "sample",
-                 "split": {"method": "stratified", "ratios": [0.75, 0.25, 0.0]}},
-        "model": {"name": "cnn1"},
-        "training": {"batch_size": 16, "phases": [{"epochs": 6, "lr": 0.003}]},
-    })
+    config = config_from_dict(
+        {
+            "name": "blobs",
+            "output_dir": str(root / "runs"),
+            "data": {
+                "source": str(root / "images"),
+                "image_size": SIZE,
+                "channels": 1,
+                "normalize": "sample",
+                "split": {"method": "stratified", "ratios": [0.75, 0.25, 0.0]},
+            },
+            "model": {"name": "cnn1"},
+            "training": {"batch_size": 16, "phases": [{"epochs": 6, "lr": 0.003}]},
+        }
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LeakageWarning)  # synthetic images have no patients to group
         return Path(train(config).run_dir)
@@ -100,12 +108,30 @@ def test_cli_writes_overlays_maps_and_reports_bad_files(blob_run, tmp_path, caps
         Image.fromarray((blob_image(rng, True)[0] * 255).astype(np.uint8)).save(inputs / f"scan{i}.png")
     (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    code = cli_main(["explain", "--checkpoint", str(blob_run), "--input", str(inputs), "--method",
-                     "smoothgradcampp", "--samples", "2", "--out", str(out)])
+    code = cli_main(
+        [
+            "explain",
+            "--checkpoint",
+            str(blob_run),
+            "--input",
+            str(inputs),
+            "--method",
+            "smoothgradcampp",
+            "--samples",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1  # a bad file makes the run fail visibly, the good ones are still written
     assert "broken.png" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["explanations.csv", "scan0.npy", "scan0.png", "scan1.npy",
-                                                     "scan1.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "explanations.csv",
+        "scan0.npy",
+        "scan0.png",
+        "scan1.npy",
+        "scan1.png",
+    ]
     assert np.load(out / "scan0.npy").shape == (SIZE, SIZE)
     with open(out / "explanations.csv") as handle:
         assert [row["overlay"] for row in csv.DictReader(handle)] == ["scan0.png", "scan1.png"]
@@ -113,8 +139,13 @@ def test_cli_writes_overlays_maps_and_reports_bad_files(blob_run, tmp_path, caps
 
 
 def tiny_3d_model() -> ClassifierModel:
-    backbone = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool3d(2),
-                             nn.Conv3d(4, 8, 3, padding=1), nn.ReLU(inplace=True))
+    backbone = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool3d(2),
+        nn.Conv3d(4, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
     head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 3))
     return ClassifierModel(backbone, head, spatial_dims=3)
 
@@ -142,8 +173,13 @@ def test_target_layer_is_the_models_cam_target_and_overridable():
 
 def test_no_hooks_gradients_or_memory_leak_over_100_calls():
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True))
+    backbone = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 2))
     model = ClassifierModel(backbone, head)
     model.train()
@@ -189,8 +225,9 @@ def test_scan_explanation_covers_every_slice_of_the_scan(tmp_path):
 
     hu = np.random.default_rng(4).normal(-600, 300, (20, 18, 10)).astype(np.float32)  # nibabel (x, y, z)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "scan.nii.gz")
-    config = config_from_dict({"data": {"spatial_dims": 3, "depth": 4, "image_size": 16, "channels": 1,
-                                        "normalize": "sample"}})
+    config = config_from_dict(
+        {"data": {"spatial_dims": 3, "depth": 4, "image_size": 16, "channels": 1, "normalize": "sample"}}
+    )
     loaded = LoadedModel(tiny_3d_model().eval(), config, ["CP", "NCP", "Normal"], None, tmp_path / "best.pt", {})
     explanation = explain_image(loaded, tmp_path / "scan.nii.gz", "gradcam")
     assert explanation.map.shape == (10, 16, 16)

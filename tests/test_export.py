@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from conftest import SHARED_DATASETS, write_image_folder
-from helpers import CLASSES, make_checkpoint, png_bytes
-
 from covidscan.cli import main
 from covidscan.data import read_image
 from covidscan.serving import create_app, export_model, load_predictor, predict_files
 from covidscan.serving.engine import metadata_path, preprocessing
+from helpers import CLASSES, make_checkpoint, png_bytes
 
 pytest.importorskip("onnxruntime")
 
@@ -72,7 +71,7 @@ def test_predict_with_onnx_matches_pytorch(exported, tmp_path):
 def test_serve_onnx(exported):
     from fastapi.testclient import TestClient
 
-    run, result = exported
+    _run, result = exported
     with TestClient(create_app(onnx=result.path)) as client:
         assert client.get("/v1/model").json()["engine"] == "onnxruntime"
         files = {"file": ("a.png", png_bytes(), "image/png")}

@@ -15,8 +15,21 @@ MIN_SIZE = {"alexnet": 64}  # AlexNet's 11x11/stride-4 stem and three max-pools 
 
 
 def test_registry_lists_the_study_models():
-    expected = {"cnn1", "cnn2", "cnn3", "sepconv", "alexnet", "vgg16", "resnet18", "resnet50", "resnet101",
-                "densenet121", "mobilenet", "xception", "efficientnet_b0"}
+    expected = {
+        "cnn1",
+        "cnn2",
+        "cnn3",
+        "sepconv",
+        "alexnet",
+        "vgg16",
+        "resnet18",
+        "resnet50",
+        "resnet101",
+        "densenet121",
+        "mobilenet",
+        "xception",
+        "efficientnet_b0",
+    }
     assert expected <= set(MODELS_2D)
 
 

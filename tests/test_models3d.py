@@ -10,6 +10,7 @@ from torch import nn
 
 from covidscan.models import create_model, list_models
 
+
 def first_conv(model: nn.Module) -> nn.Conv3d:
     return next(m for m in model.backbone.modules() if isinstance(m, nn.Conv3d))
 

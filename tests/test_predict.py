@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_image_folder
-from helpers import CLASSES, make_checkpoint
-
 from covidscan.cli import main
 from covidscan.data import list_inputs, read_image
 from covidscan.serving import load_predictor, predict_files
 from covidscan.serving.engine import preprocessing
+from helpers import CLASSES, make_checkpoint, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +72,9 @@ def test_existing_csv_from_another_model_is_refused(predictor, images, tmp_path)
 
 def test_worker_processes_give_the_same_rows(predictor, images, tmp_path):
     single = read_rows(predict_files(predictor, [images], tmp_path / "a.csv", batch_size=3, progress=False).out)
-    workers = read_rows(predict_files(predictor, [images], tmp_path / "b.csv", batch_size=3, num_workers=2,
-                                      progress=False).out)
+    workers = read_rows(
+        predict_files(predictor, [images], tmp_path / "b.csv", batch_size=3, num_workers=2, progress=False).out
+    )
     assert single == workers
 
 

@@ -15,39 +15,78 @@ from covidscan.tracking import find_run_dirs, format_runs, list_runs, show_run, 
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr", "seconds"]
 
 
-def make_run(root: Path, name: str, *, val_losses: list[float], test: dict | None = None, finished: bool = True,
-             time_utc: str = "2026-11-22T10:00:00+00:00", config: RunConfig | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    val_losses: list[float],
+    test: dict | None = None,
+    finished: bool = True,
+    time_utc: str = "2026-11-22T10:00:00+00:00",
+    config: RunConfig | None = None,
+) -> Path:
     """A run directory as the trainer leaves it (metrics.json only once training finished)."""
     run_dir = root / name
     (run_dir / "checkpoints").mkdir(parents=True)
-    config = config or config_from_dict({"name": name, "model": {"name": "cnn2"},
-                                         "training": {"phases": [{"epochs": 5}]}})
+    config = config or config_from_dict(
+        {"name": name, "model": {"name": "cnn2"}, "training": {"phases": [{"epochs": 5}]}}
+    )
     config.save(run_dir / "config.yaml")
     (run_dir / "environment.json").write_text(json.dumps({"time_utc": time_utc}))
-    rows = [{"epoch": i + 1, "phase": 1, "loss": 0.7, "accuracy": 0.5, "val_loss": v, "val_accuracy": 0.5,
-             "val_auc": 0.5, "lr": 1e-3, "seconds": 2.0} for i, v in enumerate(val_losses)]
+    rows = [
+        {
+            "epoch": i + 1,
+            "phase": 1,
+            "loss": 0.7,
+            "accuracy": 0.5,
+            "val_loss": v,
+            "val_accuracy": 0.5,
+            "val_auc": 0.5,
+            "lr": 1e-3,
+            "seconds": 2.0,
+        }
+        for i, v in enumerate(val_losses)
+    ]
     with (run_dir / "history.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     if finished:
         best = min(rows, key=lambda row: row["val_loss"])
-        (run_dir / "metrics.json").write_text(json.dumps({
-            "best_epoch": best["epoch"], "monitor": "val_loss", "best": best, "test": test,
-            "epochs_trained": len(rows), "runtime_seconds": 2.0 * len(rows)}))
+        (run_dir / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "best_epoch": best["epoch"],
+                    "monitor": "val_loss",
+                    "best": best,
+                    "test": test,
+                    "epochs_trained": len(rows),
+                    "runtime_seconds": 2.0 * len(rows),
+                }
+            )
+        )
     return run_dir
 
 
 @pytest.fixture
 def runs_root(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
-    test = {"metrics": {"accuracy": {"value": 0.9, "ci_low": 0.85, "ci_high": 0.94},
-                        "f1": {"value": 0.88, "ci_low": 0.8, "ci_high": 0.93},
-                        "roc_auc": {"value": 0.95, "ci_low": 0.9, "ci_high": 0.99}},
-            "per_class": {"COVID": {"f1": 0.1}}}
+    test = {
+        "metrics": {
+            "accuracy": {"value": 0.9, "ci_low": 0.85, "ci_high": 0.94},
+            "f1": {"value": 0.88, "ci_low": 0.8, "ci_high": 0.93},
+            "roc_auc": {"value": 0.95, "ci_low": 0.9, "ci_high": 0.99},
+        },
+        "per_class": {"COVID": {"f1": 0.1}},
+    }
     make_run(root, "good", val_losses=[0.6, 0.4, 0.5], test=test, time_utc="2026-11-22T09:00:00+00:00")
-    make_run(root, "flat", val_losses=[0.5, 0.45], test={"accuracy": 0.7, "macro_f1": 0.6, "macro_auroc": 0.8},
-             time_utc="2026-11-22T11:00:00+00:00")
+    make_run(
+        root,
+        "flat",
+        val_losses=[0.5, 0.45],
+        test={"accuracy": 0.7, "macro_f1": 0.6, "macro_auroc": 0.8},
+        time_utc="2026-11-22T11:00:00+00:00",
+    )
     make_run(root, "crashed", val_losses=[0.65, 0.3], finished=False, time_utc="2026-11-22T12:00:00+00:00")
     make_run(root / "sweeps" / "s", "trial000", val_losses=[], finished=False, time_utc="2026-11-22T08:00:00+00:00")
     broken = root / "broken"
@@ -135,9 +174,13 @@ def test_cli_list_and_show(runs_root, capsys):
 def test_summary_of_a_real_training_run(tmp_path):
     from covidscan.training import train
 
-    config = config_from_dict({"output_dir": str(tmp_path), "data": {"image_size": 32, "max_per_class": 8,
-                                                                     "channels": 1, "split": {"ratios": [0.6, 0.4, 0.0]}},
-                               "training": {"batch_size": 8, "phases": [{"epochs": 1}]}})
+    config = config_from_dict(
+        {
+            "output_dir": str(tmp_path),
+            "data": {"image_size": 32, "max_per_class": 8, "channels": 1, "split": {"ratios": [0.6, 0.4, 0.0]}},
+            "training": {"batch_size": 8, "phases": [{"epochs": 1}]},
+        }
+    )
     result = train(config)
     summary = summarize_run(result.run_dir)
     assert summary.status == "complete" and summary.epochs == 1

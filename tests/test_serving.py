@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import covidscan  # noqa: F401  (compat shim before torch extras)
+import covidscan
 from helpers import CLASSES, dicom_bytes, make_checkpoint, png_bytes
 
 fastapi = pytest.importorskip("fastapi")
@@ -60,27 +60,33 @@ def test_predict_png_matches_python_api(client, run_dir, tmp_path):
     assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] >= 0
 
 
-@pytest.mark.parametrize("name, data, content_type, fmt", [
-    ("slice.jpg", png_bytes(fmt="JPEG"), "image/jpeg", "jpeg"),
-    ("slice.dcm", dicom_bytes(), "application/dicom", "dicom"),
-    ("slice.dcm", dicom_bytes(), "application/octet-stream", "dicom"),  # what browsers send for .dcm
-])
+@pytest.mark.parametrize(
+    "name, data, content_type, fmt",
+    [
+        ("slice.jpg", png_bytes(fmt="JPEG"), "image/jpeg", "jpeg"),
+        ("slice.dcm", dicom_bytes(), "application/dicom", "dicom"),
+        ("slice.dcm", dicom_bytes(), "application/octet-stream", "dicom"),  # what browsers send for .dcm
+    ],
+)
 def test_predict_other_formats(client, name, data, content_type, fmt):
     body = upload(client, data, name, content_type).json()
     assert body["image"]["format"] == fmt
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("data, content_type, status, error", [
-    (b"", "image/png", 400, "empty_upload"),
-    (b"%PDF-1.4 definitely not an image" * 10, "application/octet-stream", 415, "not_an_image"),
-    (png_bytes(), "text/plain", 415, "unsupported_media_type"),
-    (png_bytes((64, 64))[:200], "image/png", 422, "corrupt_image"),  # truncated mid-stream
-    (png_bytes((64, 64), fmt="JPEG")[:30], "image/jpeg", 422, "corrupt_image"),  # truncated header
-    (png_bytes((2000, 8)), "image/png", 413, "image_too_large"),  # declared side > max_pixels (1024)
-    (b"\x89PNG\r\n\x1a\n" + b"\0" * 400_000, "image/png", 413, "upload_too_large"),  # > max_bytes
-    (dicom_bytes(with_pixels=False), "application/dicom", 422, "dicom_without_pixels"),
-])
+@pytest.mark.parametrize(
+    "data, content_type, status, error",
+    [
+        (b"", "image/png", 400, "empty_upload"),
+        (b"%PDF-1.4 definitely not an image" * 10, "application/octet-stream", 415, "not_an_image"),
+        (png_bytes(), "text/plain", 415, "unsupported_media_type"),
+        (png_bytes((64, 64))[:200], "image/png", 422, "corrupt_image"),  # truncated mid-stream
+        (png_bytes((64, 64), fmt="JPEG")[:30], "image/jpeg", 422, "corrupt_image"),  # truncated header
+        (png_bytes((2000, 8)), "image/png", 413, "image_too_large"),  # declared side > max_pixels (1024)
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 400_000, "image/png", 413, "upload_too_large"),  # > max_bytes
+        (dicom_bytes(with_pixels=False), "application/dicom", 422, "dicom_without_pixels"),
+    ],
+)
 def test_bad_uploads_get_json_4xx_and_server_keeps_serving(client, data, content_type, status, error):
     for path in ("/v1/predict", "/v1/preview"):
         response = upload(client, data, content_type=content_type, path=path)

@@ -40,10 +40,20 @@ def test_sample_series_load_in_slice_order(shared_datasets: Path) -> None:
     for sample in samples:
         assert read_scan_header(sample.path).num_slices == len(list(Path(sample.path).glob("*.dcm")))
     series = Path(samples[0].path)
-    by_position = sorted(series.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
-                                                                       .ImagePositionPatient[2]))
-    config = load_config(None, ["data.spatial_dims=3", "data.depth=4", "data.image_size=512", "data.channels=1",
-                                "data.normalize=none", "data.window={level: -600, width: 1500}"]).data
+    by_position = sorted(
+        series.glob("*.dcm"), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+    )
+    config = load_config(
+        None,
+        [
+            "data.spatial_dims=3",
+            "data.depth=4",
+            "data.image_size=512",
+            "data.channels=1",
+            "data.normalize=none",
+            "data.window={level: -600, width: 1500}",
+        ],
+    ).data
     dataset = VolumeStackDataset([samples[0]], ["CAP", "COVID-19", "Normal"], config, train=False)
     for slice_index, file in ((0, by_position[0]), (-1, by_position[-1])):
         ds = pydicom.dcmread(file)
@@ -59,9 +69,18 @@ def test_cli_trains_and_evaluates_resnet3d_with_patient_aggregation(shared_datas
     if not (ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample").is_dir():
         pytest.skip("configs/study_c_sample_split.csv expects ../shared/datasets beside the project")
     run_dir = tmp_path / "run"
-    overrides = [f"data.source={SAMPLE_SPLIT}", "data.split.method=predefined", "data.split.ratios=[0.5, 0, 0.5]",
-                 "training.checkpoint_monitor=loss", "data.image_size=32", "data.channels=1", "data.depth=4",
-                 "data.volume.stride=12", "training.batch_size=8", "training.phases.0.epochs=1"]
+    overrides = [
+        f"data.source={SAMPLE_SPLIT}",
+        "data.split.method=predefined",
+        "data.split.ratios=[0.5, 0, 0.5]",
+        "training.checkpoint_monitor=loss",
+        "data.image_size=32",
+        "data.channels=1",
+        "data.depth=4",
+        "data.volume.stride=12",
+        "training.batch_size=8",
+        "training.phases.0.epochs=1",
+    ]
     argv = ["train", "--config", str(ROOT / "configs" / "study_c_resnet3d_18_d4.yaml"), "--run-dir", str(run_dir)]
     assert main(argv + [arg for item in overrides for arg in ("--set", item)]) == 0
     out = tmp_path / "evaluation"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_image_folder
 from covidscan.config import load_config
 from covidscan.models import list_models
+from helpers import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_study_data_paths_are_relative_to_the_project(path):
 
 
 def _folder(root: Path, classes: list[str]) -> Path:
-    return write_image_folder(root, {name: 10 for name in classes}, size=32)
+    return write_image_folder(root, dict.fromkeys(classes, 10), size=32)
 
 
 def _manifest(root: Path) -> Path:
@@ -69,8 +69,13 @@ def test_study_recipe_runs_end_to_end_on_a_tiny_stand_in(study, tmp_path):
 
     source = STUDY_RUNS[study](tmp_path / "data")
     base = load_config(ROOT / "configs" / f"{study}.yaml")
-    overrides = [f"data.source={source}", "data.image_size=32", "model.pretrained=false",
-                 "training.batch_size=8", f"output_dir={tmp_path / 'runs'}"]
+    overrides = [
+        f"data.source={source}",
+        "data.image_size=32",
+        "model.pretrained=false",
+        "training.batch_size=8",
+        f"output_dir={tmp_path / 'runs'}",
+    ]
     overrides += [f"training.phases.{i}.epochs=1" for i in range(len(base.training.phases))]
     config = load_config(ROOT / "configs" / f"{study}.yaml", overrides)
     result = train(config)

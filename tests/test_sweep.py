@@ -15,16 +15,25 @@ from covidscan.tracking import TrialCallback, list_runs, parse_search_space, run
 from covidscan.tracking.sweep import load_search_space, plot_param_importances
 
 ROOT = Path(__file__).resolve().parents[1]
-SPACE = {"training.phases.0.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-         "training.batch_size": {"type": "categorical", "choices": [4, 8]},
-         "model.kwargs.dropout": {"type": "float", "low": 0.2, "high": 0.6}}
+SPACE = {
+    "training.phases.0.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "training.batch_size": {"type": "categorical", "choices": [4, 8]},
+    "model.kwargs.dropout": {"type": "float", "low": 0.2, "high": 0.6},
+}
 
 
 def tiny_config(output_dir: Path) -> RunConfig:
     """The demo config shrunk to a few seconds per trial: 32 px, 8 images per class, 1 epoch."""
-    return load_config(ROOT / "configs" / "demo.yaml", [
-        f"output_dir={output_dir}", "data.image_size=32", "data.max_per_class=8",
-        "data.split.ratios=[0.6, 0.4, 0.0]", "training.phases.0.epochs=1"])
+    return load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"output_dir={output_dir}",
+            "data.image_size=32",
+            "data.max_per_class=8",
+            "data.split.ratios=[0.6, 0.4, 0.0]",
+            "training.phases.0.epochs=1",
+        ],
+    )
 
 
 def test_interrupted_sweep_resumes_up_to_the_total(tmp_path, monkeypatch):
@@ -34,6 +43,7 @@ def test_interrupted_sweep_resumes_up_to_the_total(tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(sweep_module, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, parse_search_space(SPACE), 3, study_name="s")
@@ -63,13 +73,16 @@ def test_a_bad_space_key_fails_before_any_trial(tmp_path):
     assert not (tmp_path / "sweeps").exists()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"type": "uniform", "low": 0, "high": 1}, "needs 'type'"),
-    ({"type": "float", "low": 0.1}, "needs 'high'"),
-    ({"type": "float", "low": 1.0, "high": 0.1}, "low"),
-    ({"type": "int", "low": 1, "high": 4, "choices": [1]}, "unknown field"),
-    ({"type": "categorical", "choices": []}, "non-empty"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "uniform", "low": 0, "high": 1}, "needs 'type'"),
+        ({"type": "float", "low": 0.1}, "needs 'high'"),
+        ({"type": "float", "low": 1.0, "high": 0.1}, "low"),
+        ({"type": "int", "low": 1, "high": 4, "choices": [1]}, "unknown field"),
+        ({"type": "categorical", "choices": []}, "non-empty"),
+    ],
+)
 def test_invalid_distributions_name_the_key(spec, message):
     with pytest.raises(ConfigError, match=message) as error:
         parse_search_space({"training.phases.0.lr": spec}, "space.yaml")
@@ -78,8 +91,12 @@ def test_invalid_distributions_name_the_key(spec, message):
 
 def test_study_b_space_file_is_valid_for_the_config():
     space = load_search_space(ROOT / "configs" / "sweeps" / "study_b_random.yaml")
-    assert set(space) == {"training.phases.0.lr", "training.batch_size", "training.phases.0.scheduler.decay_rate",
-                          "model.kwargs.dropout"}
+    assert set(space) == {
+        "training.phases.0.lr",
+        "training.batch_size",
+        "training.phases.0.scheduler.decay_rate",
+        "model.kwargs.dropout",
+    }
     low_values = {key: getattr(dist, "low", None) or dist.choices[0] for key, dist in space.items()}
     config = sweep_module.apply_params(load_config(ROOT / "configs" / "study_b_sepconv.yaml"), low_values)
     assert config.training.phases[0].lr == pytest.approx(1e-4)
@@ -116,8 +133,9 @@ def _study_with(values: list[tuple[float, float]]) -> optuna.Study:
     study = optuna.create_study()
     dist = optuna.distributions.FloatDistribution(0, 1)
     for x, y in values:
-        study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions={"x": dist, "y": dist},
-                                                  value=x))
+        study.add_trial(
+            optuna.trial.create_trial(params={"x": x, "y": y}, distributions={"x": dist, "y": dist}, value=x)
+        )
     return study
 
 

@@ -24,8 +24,13 @@ from covidscan.training.history import read_history
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
-TINY = ["data.image_size=32", "data.max_per_class=16", "data.split.ratios=[0.6, 0.2, 0.2]",
-        "training.phases.0.epochs=2", "training.batch_size=8"]  # the demo config shrunk to seconds
+TINY = [
+    "data.image_size=32",
+    "data.max_per_class=16",
+    "data.split.ratios=[0.6, 0.2, 0.2]",
+    "training.phases.0.epochs=2",
+    "training.batch_size=8",
+]  # the demo config shrunk to seconds
 
 
 def tiny_config(output_dir: Path) -> RunConfig:
@@ -87,8 +92,7 @@ def test_trackers_write_nothing_off_rank_zero(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("error, status", [(RuntimeError("out of memory"), "FAILED"),
-                                           (optuna.TrialPruned(), "KILLED")])
+@pytest.mark.parametrize("error, status", [(RuntimeError("out of memory"), "FAILED"), (optuna.TrialPruned(), "KILLED")])
 def test_a_run_that_raises_ends_failed_or_killed(tracked_run, tmp_path, error, status):
     from mlflow import MlflowClient
 
@@ -121,8 +125,11 @@ def test_a_resumed_run_continues_its_mlflow_run(tracked_run):
 
 def test_flatten_gives_the_dotted_keys_of_set_overrides():
     tree = {"training": {"phases": [{"lr": 0.1}], "batch_size": 8}, "data": {"split": {"ratios": [0.8, 0.1, 0.1]}}}
-    assert flatten(tree) == {"training.phases.0.lr": 0.1, "training.batch_size": 8,
-                             "data.split.ratios": [0.8, 0.1, 0.1]}
+    assert flatten(tree) == {
+        "training.phases.0.lr": 0.1,
+        "training.batch_size": 8,
+        "data.split.ratios": [0.8, 0.1, 0.1],
+    }
 
 
 def test_scalar_tags_pair_train_and_validation():
@@ -136,8 +143,9 @@ def test_tracker_selection_from_the_command_line():
 
     parser = argparse.ArgumentParser()
     add_tracking_arguments(parser)
-    trackers = callbacks_from_args(parser.parse_args(["--track", "mlflow", "tensorboard", "--tracking-uri",
-                                                      "http://mlflow:5000"]))
+    trackers = callbacks_from_args(
+        parser.parse_args(["--track", "mlflow", "tensorboard", "--tracking-uri", "http://mlflow:5000"])
+    )
     assert [type(t) for t in trackers] == [MLflowCallback, TensorBoardCallback]
     assert trackers[0].tracking_uri == "http://mlflow:5000"
     assert callbacks_from_args(parser.parse_args([])) == []
@@ -146,8 +154,12 @@ def test_tracker_selection_from_the_command_line():
 
 
 def test_test_scalars_keep_the_headline_metrics_with_intervals():
-    evaluation = {"n_items": 40, "metrics": {"accuracy": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95,
-                                                          "undefined": None},
-                                             "roc_auc": {"value": None, "undefined": "one class"}}}
+    evaluation = {
+        "n_items": 40,
+        "metrics": {
+            "accuracy": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95, "undefined": None},
+            "roc_auc": {"value": None, "undefined": "one class"},
+        },
+    }
     assert evaluation_scalars(evaluation) == {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.95}
     assert evaluation_scalars(None) == {}

@@ -17,9 +17,15 @@ from covidscan.training.optim import build_optimizer, build_schedule
 def tiny_config(source: Path, tmp_path: Path, overrides: list[str] = ()):  # type: ignore[assignment]
     """32 px grayscale, cnn1, no test split (evaluation is covered by the demo test)."""
     raw = {
-        "name": "tiny", "output_dir": str(tmp_path / "runs"),
-        "data": {"source": str(source), "image_size": 32, "channels": 1, "normalize": "sample",
-                 "split": {"method": "stratified", "ratios": [0.75, 0.25, 0.0]}},
+        "name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "data": {
+            "source": str(source),
+            "image_size": 32,
+            "channels": 1,
+            "normalize": "sample",
+            "split": {"method": "stratified", "ratios": [0.75, 0.25, 0.0]},
+        },
         "model": {"name": "cnn1"},
         "training": {"batch_size": 8, "phases": [{"epochs": 2, "lr": 0.001}]},
     }
@@ -81,22 +87,39 @@ def test_balanced_class_weights_and_weighted_loss():
 def test_sigmoid_head_uses_binary_cross_entropy_on_one_hot_targets():
     logits, targets = torch.randn(5, 3), torch.tensor([0, 1, 2, 2, 1])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, torch.nn.functional.one_hot(targets, 3).float())
+        logits, torch.nn.functional.one_hot(targets, 3).float()
+    )
     assert ClassificationLoss("sigmoid", 3)(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_train_with_sigmoid_head_exponential_decay_and_class_weights(image_folder, tmp_path):
-    config = tiny_config(image_folder, tmp_path, [
-        "model.head=sigmoid", "training.class_weights=balanced", "training.grad_clip=1.0",
-        "training.phases.0.scheduler={name: exponential, decay_steps: 5, decay_rate: 0.5}"])
+    config = tiny_config(
+        image_folder,
+        tmp_path,
+        [
+            "model.head=sigmoid",
+            "training.class_weights=balanced",
+            "training.grad_clip=1.0",
+            "training.phases.0.scheduler={name: exponential, decay_steps: 5, decay_rate: 0.5}",
+        ],
+    )
     result = train(config)
     steps_per_epoch = math.ceil(18 / 8)  # 24 images, 75% train
     assert [row["epoch"] for row in result.history] == [1, 2]
     for row in result.history:
         assert row["lr"] == pytest.approx(0.001 * 0.5 ** (row["epoch"] * steps_per_epoch / 5))
         assert math.isfinite(row["loss"]) and 0 <= row["val_accuracy"] <= 1
-    for name in ("config.yaml", "splits.csv", "label_map.json", "history.csv", "metrics.json",
-                 "checkpoints/best.pt", "checkpoints/last.pt", "plots/accuracy.png", "plots/loss.png"):
+    for name in (
+        "config.yaml",
+        "splits.csv",
+        "label_map.json",
+        "history.csv",
+        "metrics.json",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "plots/accuracy.png",
+        "plots/loss.png",
+    ):
         assert (result.run_dir / name).is_file(), name
 
 
@@ -112,8 +135,11 @@ class StateRecorder(Callback):
 
 
 def test_head_only_phase_leaves_the_backbone_unchanged(image_folder, tmp_path):
-    config = tiny_config(image_folder, tmp_path, [
-        "training.phases=[{epochs: 2, lr: 0.01, trainable: head}, {epochs: 1, lr: 0.01, optimizer: sgd}]"])
+    config = tiny_config(
+        image_folder,
+        tmp_path,
+        ["training.phases=[{epochs: 2, lr: 0.01, trainable: head}, {epochs: 1, lr: 0.01, optimizer: sgd}]"],
+    )
     recorder = StateRecorder()
     result = train(config, callbacks=[recorder])
     assert [row["phase"] for row in result.history] == [1, 1, 2]
@@ -127,9 +153,15 @@ def test_head_only_phase_leaves_the_backbone_unchanged(image_folder, tmp_path):
 
 
 def test_early_stopping_ends_the_phase(image_folder, tmp_path):
-    config = tiny_config(image_folder, tmp_path, [
-        "training.phases.0.epochs=6", "training.phases.0.lr=1e-9",
-        "training.early_stopping={monitor: val_accuracy, mode: max, patience: 1, min_delta: 0.5}"])
+    config = tiny_config(
+        image_folder,
+        tmp_path,
+        [
+            "training.phases.0.epochs=6",
+            "training.phases.0.lr=1e-9",
+            "training.early_stopping={monitor: val_accuracy, mode: max, patience: 1, min_delta: 0.5}",
+        ],
+    )
     result = train(config)
     assert len(result.history) == 2
 
@@ -141,8 +173,10 @@ class Interrupt(Callback):
 
 
 def test_resume_continues_after_an_interruption_with_nothing_lost(image_folder, tmp_path):
-    overrides = ["training.phases=[{epochs: 2, lr: 0.003, trainable: head}, {epochs: 2, lr: 0.001}]",
-                 "data.augment.hflip=true"]
+    overrides = [
+        "training.phases=[{epochs: 2, lr: 0.003, trainable: head}, {epochs: 2, lr: 0.001}]",
+        "data.augment.hflip=true",
+    ]
     reference = train(tiny_config(image_folder, tmp_path, overrides), run_dir=tmp_path / "reference")
     config = tiny_config(image_folder, tmp_path, overrides)
     run_dir = tmp_path / "interrupted"
@@ -175,9 +209,18 @@ def test_the_same_trainer_trains_a_3d_model_on_volumes(tmp_path):
         for scan in range(4):
             hu = rng.normal(-800 + 400 * offset, 50, (16, 16, 8)).astype(np.float32)  # nibabel (x, y, z)
             nib.save(nib.Nifti1Image(hu, np.eye(4)), str(tmp_path / "scans" / name / f"scan{scan}.nii.gz"))
-    config = tiny_config(tmp_path / "scans", tmp_path, [
-        "data.spatial_dims=3", "data.depth=4", "data.image_size=16", "model.name=resnet3d_18",
-        "data.split.ratios=[0.5, 0.5, 0.0]", "training.phases.0.epochs=1"])
+    config = tiny_config(
+        tmp_path / "scans",
+        tmp_path,
+        [
+            "data.spatial_dims=3",
+            "data.depth=4",
+            "data.image_size=16",
+            "model.name=resnet3d_18",
+            "data.split.ratios=[0.5, 0.5, 0.0]",
+            "training.phases.0.epochs=1",
+        ],
+    )
     result = train(config)
     assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
     assert (result.run_dir / "checkpoints" / "best.pt").is_file()

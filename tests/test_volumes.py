@@ -22,9 +22,15 @@ from covidscan.data.volumes import VolumeStackDataset, lung_mask, scan_stacks, s
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def write_dicom_series(folder: Path, hu: np.ndarray, *, z_mm: float = 2.0, modality: str = "CT",
-                       orientations: list[tuple[float, ...]] | None = None,
-                       positions: list[float] | None = None) -> Path:
+def write_dicom_series(
+    folder: Path,
+    hu: np.ndarray,
+    *,
+    z_mm: float = 2.0,
+    modality: str = "CT",
+    orientations: list[tuple[float, ...]] | None = None,
+    positions: list[float] | None = None,
+) -> Path:
     """One CT series; file names run opposite to the slice order, as in real exports."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
@@ -35,7 +41,11 @@ def write_dicom_series(folder: Path, hu: np.ndarray, *, z_mm: float = 2.0, modal
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = pydicom.Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID, series_uid
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = (
+            CTImageStorage,
+            meta.MediaStorageSOPInstanceUID,
+            series_uid,
+        )
         ds.Modality = modality
         ds.ImageOrientationPatient = list(orientations[index] if orientations else AXIAL)
         z = positions[index] if positions else index * z_mm
@@ -70,8 +80,9 @@ def test_stack_starts_cover_every_slice() -> None:
 
 def test_dicom_series_stacks_in_slice_order_inherit_label_and_patient(tmp_path: Path) -> None:
     series = write_dicom_series(tmp_path / "COVID" / "p1", ramp(10))
-    dataset = build_dataset(data_config(channels=3), [Sample(str(series), "COVID", "p1")], ["COVID", "normal"],
-                            train=False)
+    dataset = build_dataset(
+        data_config(channels=3), [Sample(str(series), "COVID", "p1")], ["COVID", "normal"], train=False
+    )
     assert isinstance(dataset, VolumeStackDataset)
     assert len(dataset) == 3
     x, label = dataset[0]
@@ -149,7 +160,9 @@ def phantom(slices: int = 6, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Outside air, a soft-tissue body and two air-filled lungs (HU) plus the true lung mask."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     body = ((xx - 0.5) / 0.45) ** 2 + ((yy - 0.5) / 0.35) ** 2 < 1
-    lungs = (((xx - 0.32) / 0.12) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1) | (((xx - 0.68) / 0.12) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1)
+    lungs = (((xx - 0.32) / 0.12) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1) | (
+        ((xx - 0.68) / 0.12) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1
+    )
     plane = np.where(lungs, -850.0, np.where(body, 40.0, -1000.0))
     return np.repeat(plane[None], slices, 0), np.repeat(lungs[None], slices, 0)
 
@@ -164,8 +177,12 @@ def test_lung_crop_and_mask_modes(tmp_path: Path) -> None:
     hu, truth = phantom()
     scan = [Sample(str(write_dicom_series(tmp_path / "p", hu)), "COVID")]
     full = VolumeStackDataset(scan, ["COVID"], data_config(image_size=64), train=False).stack(0)
-    masked = VolumeStackDataset(scan, ["COVID"], data_config(image_size=64, volume={"lung": "mask"}), train=False).stack(0)
-    cropped = VolumeStackDataset(scan, ["COVID"], data_config(image_size=64, volume={"lung": "crop"}), train=False).stack(0)
+    masked = VolumeStackDataset(
+        scan, ["COVID"], data_config(image_size=64, volume={"lung": "mask"}), train=False
+    ).stack(0)
+    cropped = VolumeStackDataset(
+        scan, ["COVID"], data_config(image_size=64, volume={"lung": "crop"}), train=False
+    ).stack(0)
     assert float(masked[0, 0][~torch.from_numpy(truth[0])].max()) == 0.0  # outside the lungs is blanked
     assert cropped.shape == full.shape
     lung_share = [float(((x > 0.28) & (x < 0.4)).float().mean()) for x in (full, cropped)]  # -850 HU -> 0.33
@@ -175,8 +192,9 @@ def test_lung_crop_and_mask_modes(tmp_path: Path) -> None:
     for k in range(4):
         Image.fromarray(np.zeros((20, 20), np.uint8)).save(images / f"{k}.png")
     with pytest.raises(DataError, match="HU"):
-        VolumeStackDataset([Sample(str(images), "COVID")], ["COVID"], data_config(volume={"lung": "crop"}),
-                           train=False)[0]
+        VolumeStackDataset(
+            [Sample(str(images), "COVID")], ["COVID"], data_config(volume={"lung": "crop"}), train=False
+        )[0]
 
 
 def test_augmentation_only_when_training(tmp_path: Path) -> None:

@@ -17,13 +17,20 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATASETS
+from covidscan.serving import create_app
 from helpers import make_checkpoint, png_bytes
 
-from covidscan.serving import create_app
-
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason="/usr/bin/chromium absent (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright Python package not installed")
@@ -73,8 +80,10 @@ def test_upload_shows_probability_bars_and_heatmap(server_url, tmp_path):
             page.wait_for_function("document.getElementById('model-line').textContent.includes('classes')")
             page.set_input_files("#file", str(ct_slice(tmp_path)))
             page.wait_for_selector("#bars .bar", timeout=30_000)
-            assert sorted(page.locator("#bars .bar").evaluate_all("rows => rows.map(r => r.dataset.class)")) == \
-                ["COVID", "normal"]
+            assert sorted(page.locator("#bars .bar").evaluate_all("rows => rows.map(r => r.dataset.class)")) == [
+                "COVID",
+                "normal",
+            ]
             assert page.locator("#label").inner_text() in ("COVID", "normal")
             page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0", timeout=60_000)
             page.wait_for_function("document.getElementById('image').naturalWidth > 0")

@@ -24,9 +24,17 @@ BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
 
 
-def save_checkpoint(path: str | Path, *, model: nn.Module, config: RunConfig, class_names: list[str],
-                    norm_stats: NormStats | None, epoch: int, metrics: dict[str, float] | None = None,
-                    training_state: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    config: RunConfig,
+    class_names: list[str],
+    norm_stats: NormStats | None,
+    epoch: int,
+    metrics: dict[str, float] | None = None,
+    training_state: dict[str, Any] | None = None,
+) -> None:
     """Write atomically (temp + rename): an interrupted save never corrupts the previous file."""
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -51,8 +59,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         for candidate in (path / "checkpoints" / BEST_NAME, path / BEST_NAME, path / "checkpoints" / LAST_NAME):
             if candidate.is_file():
                 return candidate
-        raise FileNotFoundError(f"{path}: no checkpoints/{BEST_NAME} in this run directory; did training finish "
-                                "an epoch?")
+        raise FileNotFoundError(
+            f"{path}: no checkpoints/{BEST_NAME} in this run directory; did training finish an epoch?"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint or run directory not found")
     return path
@@ -115,8 +124,9 @@ def build_model_from_config(config: RunConfig, num_classes: int) -> nn.Module:
     from covidscan.models import create_model
 
     in_channels = config.data.channels
-    return create_model(config.model.name, num_classes=num_classes, in_channels=in_channels,
-                        pretrained=False, **config.model.kwargs)
+    return create_model(
+        config.model.name, num_classes=num_classes, in_channels=in_channels, pretrained=False, **config.model.kwargs
+    )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
@@ -128,10 +138,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(f"{payload['path']}: its weights do not fit model {config.model.name!r} as this covidscan "
-                         f"version builds it (was the checkpoint made by another version, or edited?): "
-                         f"{str(exc).splitlines()[0]} ...") from exc
+        raise ValueError(
+            f"{payload['path']}: its weights do not fit model {config.model.name!r} as this covidscan "
+            f"version builds it (was the checkpoint made by another version, or edited?): "
+            f"{str(exc).splitlines()[0]} ..."
+        ) from exc
     model.eval().to(device)
     stats = payload.get("norm_stats")
-    return LoadedModel(model, config, class_names, NormStats(**stats) if stats else None,
-                       Path(payload["path"]), payload.get("metrics", {}))
+    return LoadedModel(
+        model,
+        config,
+        class_names,
+        NormStats(**stats) if stats else None,
+        Path(payload["path"]),
+        payload.get("metrics", {}),
+    )

@@ -88,7 +88,7 @@ def ensure_torchvision_importable() -> bool:
     if "torchvision" in sys.modules or _extension_loads():
         return False
     _library = torch.library.Library("torchvision", "DEF")
-    for name, schema in _SCHEMAS.items():
+    for _name, schema in _SCHEMAS.items():
         _library.define(schema)
     _library.impl("nms", nms_reference, "CompositeExplicitAutograd")
     _library.impl("qnms", _quantized_nms_unavailable, "CompositeExplicitAutograd")

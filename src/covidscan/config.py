@@ -6,6 +6,7 @@ so a typo in a config fails before any data is read, naming the key and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
@@ -240,18 +241,7 @@ def _build(cls: Any, value: Any, key: str) -> Any:
     """Turn plain YAML data into the annotated type, naming ``key`` on any mismatch."""
     origin = typing.get_origin(cls)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(cls)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _build(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        return _build_union(typing.get_args(cls), value, key)
     if origin is Literal:
         allowed = typing.get_args(cls)
         _check(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}")
@@ -264,28 +254,52 @@ def _build(cls: Any, value: Any, key: str) -> Any:
         _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
         return dict(value)
     if dataclasses.is_dataclass(cls):
-        _check(isinstance(value, dict), f"{key or 'config'} must be a mapping, got {value!r}")
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - names)
-        _check(not unknown, f"unknown config key(s) {[f'{key}.{u}'.lstrip('.') for u in unknown]}; "
-               f"allowed under {key or 'the top level'}: {sorted(names)}")
-        kwargs = {name: _build(hints[name], item, f"{key}.{name}".lstrip(".")) for name, item in value.items()}
+        return _build_dataclass(cls, value, key)
+    return _build_scalar(cls, value, key)
+
+
+def _build_union(options: tuple[Any, ...], value: Any, key: str) -> Any:
+    """The first option that accepts ``value``; the first option's complaint when none does."""
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
         try:
-            return cls(**kwargs)
-        except ConfigError:
-            raise
-        except TypeError as exc:
-            raise ConfigError(f"{key}: {exc}") from exc
-    if cls is Any:
-        return value
+            return _build(option, value, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+
+
+def _build_dataclass(cls: Any, value: Any, key: str) -> Any:
+    _check(isinstance(value, dict), f"{key or 'config'} must be a mapping, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    _check(
+        not unknown,
+        f"unknown config key(s) {[f'{key}.{u}'.lstrip('.') for u in unknown]}; "
+        f"allowed under {key or 'the top level'}: {sorted(names)}",
+    )
+    kwargs = {name: _build(hints[name], item, f"{key}.{name}".lstrip(".")) for name, item in value.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def _build_scalar(cls: Any, value: Any, key: str) -> Any:
     if cls is float:
         if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as text; accept it as the number it is
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, got {value!r}"
+        )
         return float(value)
     if cls is int:
         _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
@@ -294,7 +308,9 @@ def _build(cls: Any, value: Any, key: str) -> Any:
         _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value
     if cls is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key} must be text, got {value!r}")
+        _check(
+            isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key} must be text, got {value!r}"
+        )
         return str(value)
     return value
 
@@ -374,7 +390,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         return raw
     for key in ("source", "test_source"):
         value = data.get(key)
-        if isinstance(value, str) and value != "sample" and not Path(value).is_absolute():
-            if not Path(value).exists() and (base / value).exists():
-                data[key] = str(base / value)
+        if (
+            isinstance(value, str)
+            and value != "sample"
+            and not Path(value).is_absolute()
+            and not Path(value).exists()
+            and (base / value).exists()
+        ):
+            data[key] = str(base / value)
     return raw

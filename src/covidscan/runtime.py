@@ -9,7 +9,7 @@ import random
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,18 @@ import torch
 
 from covidscan.config import RunConfig
 
-_REPORTED_PACKAGES = ("covidscan", "torch", "torchvision", "timm", "monai", "numpy", "scikit-learn",
-                      "pydicom", "pillow", "nibabel")
+_REPORTED_PACKAGES = (
+    "covidscan",
+    "torch",
+    "torchvision",
+    "timm",
+    "monai",
+    "numpy",
+    "scikit-learn",
+    "pydicom",
+    "pillow",
+    "nibabel",
+)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -60,7 +70,7 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "packages": packages,
         "command": " ".join(sys.argv),
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time_utc": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

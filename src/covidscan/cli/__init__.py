@@ -1,8 +1,8 @@
 """``covidscan`` command line: each verb is a thin layer over the Python API.
 
 Each verb lives in its own module exposing ``register(subparsers)``, which adds its parser and
-sets ``handler`` to a function taking the parsed arguments; ``VERBS`` lists them in help order. Heavy imports happen inside the
-handlers so ``covidscan --help`` stays instant.
+sets ``handler`` to a function taking the parsed arguments; ``VERBS`` lists them in help order.
+Heavy imports happen inside the handlers so ``covidscan --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub that cannot be reached
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -57,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config FILE`` and repeated ``--set key=value`` overrides, shared by train and sweep."""
     parser.add_argument("--config", "-c", help="YAML run config (see configs/); defaults when omitted")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set training.batch_size=16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set training.batch_size=16 (repeatable)",
+    )
 
 
 if __name__ == "__main__":

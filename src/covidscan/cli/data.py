@@ -7,61 +7,101 @@ from pathlib import Path
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="folder of class sub-folders (optionally under train/ val/ test/), "
-                        "a CSV manifest path,label[,patient_id][,split], or 'sample' (the demo set)")
-    parser.add_argument("--label-map", nargs="+", default=[], metavar="RAW=CLASS",
-                        help="rename raw labels, e.g. CT_NonCOVID=non-COVID")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip unknown file types, empty class folders and bad manifest rows (listed) "
-                             "instead of stopping")
+    parser.add_argument(
+        "source",
+        help="folder of class sub-folders (optionally under train/ val/ test/), "
+        "a CSV manifest path,label[,patient_id][,split], or 'sample' (the demo set)",
+    )
+    parser.add_argument(
+        "--label-map", nargs="+", default=[], metavar="RAW=CLASS", help="rename raw labels, e.g. CT_NonCOVID=non-COVID"
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unknown file types, empty class folders and bad manifest rows (listed) instead of stopping",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="inspect, split and audit datasets",
-                                   description="Inspect, split and audit datasets; write the demo sample.")
+    parser = subparsers.add_parser(
+        "data",
+        help="inspect, split and audit datasets",
+        description="Inspect, split and audit datasets; write the demo sample.",
+    )
     verbs = parser.add_subparsers(dest="data_verb", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda args: parser.print_help() or 2)
 
-    info = verbs.add_parser("info", help="classes, counts, patients and predefined splits of a source",
-                            description="Print classes, image counts, patients and predefined splits.")
+    info = verbs.add_parser(
+        "info",
+        help="classes, counts, patients and predefined splits of a source",
+        description="Print classes, image counts, patients and predefined splits.",
+    )
     _add_source_arguments(info)
     info.set_defaults(handler=_info)
 
-    split = verbs.add_parser("split", help="assign train/val/test and save splits.csv",
-                             description="Split a source (patient-grouped when patient ids exist) and save "
-                                         "path,label,patient_id,split to a CSV that `train` and `data audit` "
-                                         "can reuse (data.split.method: file).")
+    split = verbs.add_parser(
+        "split",
+        help="assign train/val/test and save splits.csv",
+        description="Split a source (patient-grouped when patient ids exist) and save "
+        "path,label,patient_id,split to a CSV that `train` and `data audit` "
+        "can reuse (data.split.method: file).",
+    )
     _add_source_arguments(split)
     split.add_argument("--out", required=True, help="splits CSV to write")
-    split.add_argument("--method", default="auto",
-                       choices=["auto", "stratified", "grouped", "kfold", "predefined"],
-                       help="auto = predefined > grouped (patient ids) > stratified (default: auto)")
-    split.add_argument("--ratios", nargs=3, type=float, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
-                       help="shares summing to 1; 0 leaves a split empty, e.g. 0.7 0 0.3 (default 0.8 0.1 0.1)")
+    split.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "stratified", "grouped", "kfold", "predefined"],
+        help="auto = predefined > grouped (patient ids) > stratified (default: auto)",
+    )
+    split.add_argument(
+        "--ratios",
+        nargs=3,
+        type=float,
+        default=[0.8, 0.1, 0.1],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="shares summing to 1; 0 leaves a split empty, e.g. 0.7 0 0.3 (default 0.8 0.1 0.1)",
+    )
     split.add_argument("--folds", type=int, default=5, help="k for --method kfold (default 5)")
     split.add_argument("--fold", type=int, default=0, help="which fold is the test split (default 0)")
     split.add_argument("--seed", type=int, default=42, help="random seed; same seed, same split (default 42)")
     split.set_defaults(handler=_split)
 
-    audit = verbs.add_parser("audit", help="leakage guard: duplicates, near-duplicates, patients across splits",
-                             description="Report class counts, image sizes and modes, unreadable files, exact "
-                                         "and near-duplicate images (perceptual hash) inside the data and across "
-                                         "train/val/test, and patients spanning splits.")
+    audit = verbs.add_parser(
+        "audit",
+        help="leakage guard: duplicates, near-duplicates, patients across splits",
+        description="Report class counts, image sizes and modes, unreadable files, exact "
+        "and near-duplicate images (perceptual hash) inside the data and across "
+        "train/val/test, and patients spanning splits.",
+    )
     _add_source_arguments(audit)
     audit.add_argument("--splits", help="splits CSV (from `data split` or a run directory) to audit across")
-    audit.add_argument("--out", help="write the full report as JSON here (for split data, also OUT.png: each "
-                       "val/test image's distance to its nearest train image)")
-    audit.add_argument("--threshold", type=int, default=24,
-                       help="near-duplicate Hamming distance in phash bits (default 24 of 256)")
-    audit.add_argument("--hash-size", type=int, default=16, help="phash side: 16 (256 bits, default), 8 (64 bits, "
-                       "coarse: matches different patients' CT slices), 24, ...")
-    audit.add_argument("--strict", action="store_true",
-                       help="exit with an error when val/test share near-duplicates or patients with train")
+    audit.add_argument(
+        "--out",
+        help="write the full report as JSON here (for split data, also OUT.png: each "
+        "val/test image's distance to its nearest train image)",
+    )
+    audit.add_argument(
+        "--threshold", type=int, default=24, help="near-duplicate Hamming distance in phash bits (default 24 of 256)"
+    )
+    audit.add_argument(
+        "--hash-size",
+        type=int,
+        default=16,
+        help="phash side: 16 (256 bits, default), 8 (64 bits, coarse: matches different patients' CT slices), 24, ...",
+    )
+    audit.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with an error when val/test share near-duplicates or patients with train",
+    )
     audit.set_defaults(handler=_audit)
 
-    sample = verbs.add_parser("sample", help="write the embedded synthetic demo dataset",
-                              description="Write the synthetic demo CT set (class folders + manifest.csv "
-                                          "with patient ids) to OUT.")
+    sample = verbs.add_parser(
+        "sample",
+        help="write the embedded synthetic demo dataset",
+        description="Write the synthetic demo CT set (class folders + manifest.csv with patient ids) to OUT.",
+    )
     sample.add_argument("out", help="folder to write")
     sample.add_argument("--patients", type=int, default=12, help="patients per class (default 12)")
     sample.add_argument("--slices", type=int, default=4, help="slices per patient (default 4)")
@@ -127,8 +167,11 @@ def _audit(args: argparse.Namespace) -> int:
     if args.out:
         print(f"full report: {args.out}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
     leakage = report.get("leakage") or {}
-    if args.strict and (leakage.get("test_with_train_near_duplicate") or leakage.get("val_with_train_near_duplicate")
-                        or leakage.get("patients_spanning_splits")):
+    if args.strict and (
+        leakage.get("test_with_train_near_duplicate")
+        or leakage.get("val_with_train_near_duplicate")
+        or leakage.get("patients_spanning_splits")
+    ):
         raise DataError("leakage between splits found (see the report above); refused because of --strict")
     return 0
 
@@ -136,7 +179,8 @@ def _audit(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from covidscan.data.sample import make_sample_dataset
 
-    manifest = make_sample_dataset(args.out, patients_per_class=args.patients, slices_per_patient=args.slices,
-                                   size=args.size, seed=args.seed)
+    manifest = make_sample_dataset(
+        args.out, patients_per_class=args.patients, slices_per_patient=args.slices, size=args.size, seed=args.seed
+    )
     print(f"wrote {manifest} ({2 * args.patients * args.slices} images)")
     return 0

@@ -7,10 +7,12 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="export a trained model to ONNX or TorchScript",
+        "export",
+        help="export a trained model to ONNX or TorchScript",
         description="Export a checkpoint to ONNX or TorchScript. The exported model takes a preprocessed float32 "
-                    "batch (N, C, S, S) and returns class probabilities; <out>.json beside it holds the classes, "
-                    "input size and normalisation. The export is compared with PyTorch before it is accepted.")
+        "batch (N, C, S, S) and returns class probabilities; <out>.json beside it holds the classes, "
+        "input size and normalisation. The export is compared with PyTorch before it is accepted.",
+    )
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint .pt")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: %(default)s")
     parser.add_argument("--out", help="output file (default: <run>/export/model.onnx or model.torchscript.pt)")

@@ -7,10 +7,12 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="predict images or folders into a CSV (submission file)",
+        "predict",
+        help="predict images or folders into a CSV (submission file)",
         description="Predict every PNG/JPEG/DICOM under --input into a CSV (path, predicted_label, prob_<class>..., "
-                    "error). Rows are flushed per batch; rerunning the same command resumes, skipping files already "
-                    "in the CSV. Unreadable files get an error row instead of stopping the run.")
+        "error). Rows are flushed per batch; rerunning the same command resumes, skipping files already "
+        "in the CSV. Unreadable files get an error row instead of stopping the run.",
+    )
     parser.add_argument("--checkpoint", help="run directory or checkpoint .pt (not needed with --onnx)")
     parser.add_argument("--onnx", metavar="MODEL.onnx", help="run this exported model with ONNX Runtime instead")
     parser.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH", help="image files and/or folders")
@@ -26,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = load_predictor(args.checkpoint, args.onnx, threads=args.threads)
     summary = predict_files(predictor, args.input, args.out, batch_size=args.batch_size, num_workers=args.workers)
-    print(f"{summary.out}: {summary.predicted} predicted, {summary.failed} unreadable (see the error column), "
-          f"{summary.skipped} already done")
+    print(
+        f"{summary.out}: {summary.predicted} predicted, {summary.failed} unreadable (see the error column), "
+        f"{summary.skipped} already done"
+    )
     return 0

@@ -7,16 +7,24 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve a model over HTTP with a web page",
+        "serve",
+        help="serve a model over HTTP with a web page",
         description="Serve a trained model: POST /v1/predict, /v1/explain, /v1/preview; GET /v1/model, /healthz, "
-                    "/docs (OpenAPI) and a web page at /. Research use only, not a diagnosis.")
+        "/docs (OpenAPI) and a web page at /. Research use only, not a diagnosis.",
+    )
     parser.add_argument("--checkpoint", help="run directory or checkpoint .pt (needed for Grad-CAM)")
     parser.add_argument("--onnx", metavar="MODEL.onnx", help="predict with this exported model (ONNX Runtime)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=8192,
-                        help="largest accepted image side in pixels, checked before decoding (default: %(default)s)")
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=8192,
+        help="largest accepted image side in pixels, checked before decoding (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all)")
     parser.set_defaults(handler=run)
 

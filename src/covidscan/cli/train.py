@@ -11,17 +11,25 @@ from covidscan.cli import add_config_arguments
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a model from a config file",
+        "train",
+        help="train a model from a config file",
         description="Train a model from a YAML run config. Writes a run directory (splits, history, plots, "
-                    "checkpoints, metrics.json) and evaluates the best checkpoint on the test split. "
-                    "Runs unchanged under `torchrun --nproc_per_node N` for distributed training.")
+        "checkpoints, metrics.json) and evaluates the best checkpoint on the test split. "
+        "Runs unchanged under `torchrun --nproc_per_node N` for distributed training.",
+    )
     add_config_arguments(parser)
     parser.add_argument("--run-dir", help="write the run here instead of <output_dir>/<name>-<timestamp>")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run from RUN_DIR/checkpoints/last.pt; its config.yaml is "
-                             "used unless --config is given (--set overrides still apply)")
-    parser.add_argument("--strict", action="store_true",
-                        help="refuse to train when val/test share patients or near-duplicate images with train")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from RUN_DIR/checkpoints/last.pt; its config.yaml is "
+        "used unless --config is given (--set overrides still apply)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to train when val/test share patients or near-duplicate images with train",
+    )
     from covidscan.tracking.options import add_tracking_arguments
 
     add_tracking_arguments(parser)  # --track mlflow|tensorboard, --tracking-uri, --experiment
@@ -58,5 +66,7 @@ def _headline(evaluation: dict | None) -> dict | None:
     """Test metric values (CIs and the full report are under RUN/evaluation/test/)."""
     if evaluation is None:
         return None
-    return {name: entry.get("value") if isinstance(entry, dict) else entry
-            for name, entry in evaluation.get("metrics", {}).items()}
+    return {
+        name: entry.get("value") if isinstance(entry, dict) else entry
+        for name, entry in evaluation.get("metrics", {}).items()
+    }

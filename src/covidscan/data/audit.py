@@ -94,14 +94,17 @@ def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageF
     return facts
 
 
-def inspect_samples(samples: Sequence[Sample], hash_size: int = DEFAULT_HASH_SIZE,
-                    progress: bool = True) -> list[ImageFacts]:
+def inspect_samples(
+    samples: Sequence[Sample], hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True
+) -> list[ImageFacts]:
     from tqdm import tqdm
 
     if hash_size < 8 or (hash_size * hash_size) % 64:
         raise ValueError(f"hash_size must be 8, 16, 24, ... (hash bits a multiple of 64), got {hash_size}")
-    return [inspect_sample(s, hash_size) for s in tqdm(samples, desc="hashing images", unit="img",
-                                                       disable=not progress, leave=False)]
+    return [
+        inspect_sample(s, hash_size)
+        for s in tqdm(samples, desc="hashing images", unit="img", disable=not progress, leave=False)
+    ]
 
 
 def near_duplicate_pairs(hashes: np.ndarray, threshold: int, block: int = 512) -> np.ndarray:
@@ -115,7 +118,7 @@ def near_duplicate_pairs(hashes: np.ndarray, threshold: int, block: int = 512) -
         raise ValueError(f"hashes must be (N, words) uint64, got shape {hashes.shape}")
     found = []
     for start in range(0, len(hashes), block):
-        rows = hashes[start:start + block]
+        rows = hashes[start : start + block]
         distance = np.bitwise_count(rows[:, None, :] ^ hashes[None, :, :]).sum(axis=-1, dtype=np.int32)
         i, j = np.nonzero(distance <= threshold)
         i = i + start
@@ -128,8 +131,10 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, block: int = 5
     """Hamming distance from each query hash to its closest reference hash (same vectorised blocks)."""
     if len(reference) == 0:
         return np.full(len(queries), -1, np.int32)
-    out = [np.bitwise_count(queries[start:start + block, None, :] ^ reference[None, :, :]).sum(axis=-1).min(axis=1)
-           for start in range(0, len(queries), block)]
+    out = [
+        np.bitwise_count(queries[start : start + block, None, :] ^ reference[None, :, :]).sum(axis=-1).min(axis=1)
+        for start in range(0, len(queries), block)
+    ]
     return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
@@ -141,8 +146,11 @@ def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_split = {name: np.stack([f.phash for f in hashed if f.sample.split == name])
-                for name in SPLIT_NAMES if any(f.sample.split == name for f in hashed)}
+    by_split = {
+        name: np.stack([f.phash for f in hashed if f.sample.split == name])
+        for name in SPLIT_NAMES
+        if any(f.sample.split == name for f in hashed)
+    }
     figure, axis = plt.subplots(figsize=(7, 4))
     bits = by_split["train"].shape[1] * 64 if "train" in by_split else 64
     bins = np.arange(0, bits // 2 + 2, 2)
@@ -196,9 +204,14 @@ def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndar
     return result
 
 
-def audit_samples(sample_set: SampleSet, *, threshold: int = DEFAULT_NEAR_THRESHOLD,
-                  hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True,
-                  plot_path: str | Path | None = None) -> dict[str, Any]:
+def audit_samples(
+    sample_set: SampleSet,
+    *,
+    threshold: int = DEFAULT_NEAR_THRESHOLD,
+    hash_size: int = DEFAULT_HASH_SIZE,
+    progress: bool = True,
+    plot_path: str | Path | None = None,
+) -> dict[str, Any]:
     """The full audit as a JSON-ready dict (see the module docstring for what it covers); with splits
     and ``plot_path``, also the nearest-train-distance histogram (:func:`plot_nearest_train_distances`)."""
     if threshold < 0:
@@ -210,8 +223,11 @@ def audit_samples(sample_set: SampleSet, *, threshold: int = DEFAULT_NEAR_THRESH
         "n_samples": len(facts),
         "classes": sample_set.class_counts(),
         "patients": len({f.sample.patient_id for f in facts if f.sample.patient_id}) or None,
-        "splits": ({name: dict(Counter(f.sample.label for f in facts if f.sample.split == name))
-                    for name in SPLIT_NAMES} if has_splits else None),
+        "splits": (
+            {name: dict(Counter(f.sample.label for f in facts if f.sample.split == name)) for name in SPLIT_NAMES}
+            if has_splits
+            else None
+        ),
         "image_sizes": _size_summary([f.size for f in readable]),
         "modes": dict(Counter(f.mode for f in readable).most_common()),
         "unreadable": [{"path": f.sample.path, "reason": f.error} for f in facts if f.error],
@@ -233,12 +249,15 @@ def audit_samples(sample_set: SampleSet, *, threshold: int = DEFAULT_NEAR_THRESH
     report["near_duplicates"] = {
         "hash": f"phash {hash_size}x{hash_size} ({hash_size * hash_size} bits)",
         "threshold_bits": threshold,
-        "n_pairs": int(len(pairs)),
-        "n_images_involved": int(len(involved)),
-        "n_pairs_with_conflicting_labels": int(sum(hashed[i].sample.label != hashed[j].sample.label
-                                                   for i, j, _ in pairs)),
-        "pairs": [{"a": hashed[i].sample.path, "b": hashed[j].sample.path, "distance": int(d)}
-                  for i, j, d in sorted(pairs.tolist(), key=lambda p: p[2])[:_MAX_LISTED_PAIRS]],
+        "n_pairs": len(pairs),
+        "n_images_involved": len(involved),
+        "n_pairs_with_conflicting_labels": int(
+            sum(hashed[i].sample.label != hashed[j].sample.label for i, j, _ in pairs)
+        ),
+        "pairs": [
+            {"a": hashed[i].sample.path, "b": hashed[j].sample.path, "distance": int(d)}
+            for i, j, d in sorted(pairs.tolist(), key=lambda p: p[2])[:_MAX_LISTED_PAIRS]
+        ],
     }
     if has_splits:
         report["leakage"] = _leakage([f.sample for f in facts], [f.sample for f in hashed], pairs)
@@ -259,9 +278,15 @@ def _size_summary(sizes: Sequence[str | None]) -> dict[str, Any]:
     return summary
 
 
-def check_split_leakage(sample_set: SampleSet, strict: bool = False, report_path: str | Path | None = None, *,
-                        threshold: int = DEFAULT_NEAR_THRESHOLD, hash_size: int = DEFAULT_HASH_SIZE,
-                        progress: bool = False) -> dict[str, Any]:
+def check_split_leakage(
+    sample_set: SampleSet,
+    strict: bool = False,
+    report_path: str | Path | None = None,
+    *,
+    threshold: int = DEFAULT_NEAR_THRESHOLD,
+    hash_size: int = DEFAULT_HASH_SIZE,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Warn (or raise ``DataError`` when ``strict``) if val/test share near-duplicates or patients with
     train; return the findings, also written to ``report_path`` as JSON when given."""
     from covidscan.runtime import write_json
@@ -276,15 +301,22 @@ def check_split_leakage(sample_set: SampleSet, strict: bool = False, report_path
     for name in ("test", "val"):
         count = findings[f"{name}_with_train_near_duplicate"]
         if count:
-            problems.append(f"{count} of {findings[f'{name}_size']} {name} images have a near-duplicate "
-                            f"(phash distance <= {threshold}) in train, e.g. {findings[f'{name}_examples'][0]}")
+            problems.append(
+                f"{count} of {findings[f'{name}_size']} {name} images have a near-duplicate "
+                f"(phash distance <= {threshold}) in train, e.g. {findings[f'{name}_examples'][0]}"
+            )
     if findings["patients_spanning_splits"]:
-        problems.append(f"{findings['patients_spanning_splits']} patients appear in more than one split, e.g. "
-                        f"{findings['patients_spanning_splits_examples'][0]}")
+        problems.append(
+            f"{findings['patients_spanning_splits']} patients appear in more than one split, e.g. "
+            f"{findings['patients_spanning_splits_examples'][0]}"
+        )
     if problems:
-        message = ("possible leakage between splits: " + "; ".join(problems)
-                   + ". Use a patient-grouped split (manifest with patient_id) or remove the duplicates; "
-                   "see `covidscan data audit`")
+        message = (
+            "possible leakage between splits: "
+            + "; ".join(problems)
+            + ". Use a patient-grouped split (manifest with patient_id) or remove the duplicates; "
+            "see `covidscan data audit`"
+        )
         if strict:
             raise DataError(message + " (refused because of --strict / training.strict_leakage)")
         warn_leakage_once(message, message)
@@ -295,7 +327,7 @@ def format_report(report: dict[str, Any]) -> str:
     """A short human summary of :func:`audit_samples`' report (the JSON holds the details)."""
     near, exact = report["near_duplicates"], report["exact_duplicates"]
     sizes = report["image_sizes"]
-    extent = (f", width {sizes['width_range']}, height {sizes['height_range']}" if "width_range" in sizes else "")
+    extent = f", width {sizes['width_range']}, height {sizes['height_range']}" if "width_range" in sizes else ""
     lines = [
         f"samples: {report['n_samples']}  classes: {report['classes']}  patients: {report['patients'] or 'unknown'}",
         f"sizes: {sizes.get('distinct', 0)} distinct{extent}, most common {sizes.get('most_common', [])[:3]}  "
@@ -311,9 +343,11 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("splits"):
         lines.append(f"splits: {report['splits']}")
         leak = report["leakage"]
-        lines.append(f"across splits: near-duplicate pairs {leak['cross_split_near_duplicate_pairs']}; "
-                     f"test images with a train near-duplicate: {leak['test_with_train_near_duplicate']}/"
-                     f"{leak['test_size']} ({leak['test_with_train_near_duplicate_fraction']:.1%}); val: "
-                     f"{leak['val_with_train_near_duplicate']}/{leak['val_size']}; patients spanning splits: "
-                     f"{leak['patients_spanning_splits']}")
+        lines.append(
+            f"across splits: near-duplicate pairs {leak['cross_split_near_duplicate_pairs']}; "
+            f"test images with a train near-duplicate: {leak['test_with_train_near_duplicate']}/"
+            f"{leak['test_size']} ({leak['test_with_train_near_duplicate_fraction']:.1%}); val: "
+            f"{leak['val_with_train_near_duplicate']}/{leak['val_size']}; patients spanning splits: "
+            f"{leak['patients_spanning_splits']}"
+        )
     return "\n".join(lines)

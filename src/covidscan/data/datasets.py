@@ -20,8 +20,13 @@ class ImageDataset(Dataset):
     Unlabeled samples get index -1. Decoding errors surface as ``DataError`` naming the file.
     """
 
-    def __init__(self, samples: Sequence[Sample], class_names: Sequence[str],
-                 transform: Callable[[np.ndarray], torch.Tensor], window: WindowConfig | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        class_names: Sequence[str],
+        transform: Callable[[np.ndarray], torch.Tensor],
+        window: WindowConfig | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.class_index = {name: i for i, name in enumerate(class_names)}
         self.transform = transform
@@ -44,8 +49,14 @@ class ImageDataset(Dataset):
         return self.transform(self.read(index)), label
 
 
-def build_dataset(config: DataConfig, samples: Sequence[Sample], class_names: Sequence[str], *, train: bool,
-                  stats: NormStats | None = None) -> Dataset:
+def build_dataset(
+    config: DataConfig,
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    *,
+    train: bool,
+    stats: NormStats | None = None,
+) -> Dataset:
     """The dataset a config asks for: 2D images, or (``spatial_dims: 3``) slice stacks of volumes."""
     if config.spatial_dims == 3:
         from covidscan.data.volumes import build_volume_dataset

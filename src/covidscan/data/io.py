@@ -50,12 +50,16 @@ def read_image(path: str | Path, window: WindowConfig | None = None) -> np.ndarr
     if is_nifti(path):
         volume = read_nifti(path)
         if volume.shape[0] != 1:
-            raise DataError(f"{path}: NIfTI volume with {volume.shape[0]} slices given where a 2D image was "
-                            "expected; use a 3D (spatial_dims: 3) config for volumes")
+            raise DataError(
+                f"{path}: NIfTI volume with {volume.shape[0]} slices given where a 2D image was "
+                "expected; use a 3D (spatial_dims: 3) config for volumes"
+            )
         return apply_window(volume[0], window or LUNG_WINDOW)
     if suffix not in IMAGE_EXTENSIONS:
-        raise DataError(f"{path}: unknown image extension {suffix!r}; supported: "
-                        f"{sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS)} and .nii/.nii.gz")
+        raise DataError(
+            f"{path}: unknown image extension {suffix!r}; supported: "
+            f"{sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS)} and .nii/.nii.gz"
+        )
     try:
         with Image.open(path) as image:
             image.load()
@@ -104,14 +108,18 @@ def read_dicom(path: str | Path, *, pixels: bool = True) -> DicomSlice:
     array = np.zeros((0, 0), np.float32)
     if pixels:
         if "PixelData" not in ds:
-            raise DataError(f"{path}: DICOM has no pixel data (a report or structured object?); remove it "
-                            "from the dataset or pass --skip-bad")
+            raise DataError(
+                f"{path}: DICOM has no pixel data (a report or structured object?); remove it "
+                "from the dataset or pass --skip-bad"
+            )
         try:
             raw = ds.pixel_array
         except Exception as exc:  # pydicom raises many types for missing/broken codecs
-            raise DataError(f"{path}: cannot decode DICOM pixels (transfer syntax "
-                            f"{getattr(ds.file_meta, 'TransferSyntaxUID', '?')}): {exc}. Compressed CT needs "
-                            "pylibjpeg + pylibjpeg-libjpeg (installed with covidscan)") from exc
+            raise DataError(
+                f"{path}: cannot decode DICOM pixels (transfer syntax "
+                f"{getattr(ds.file_meta, 'TransferSyntaxUID', '?')}): {exc}. Compressed CT needs "
+                "pylibjpeg + pylibjpeg-libjpeg (installed with covidscan)"
+            ) from exc
         if raw.ndim == 3 and ds.get("SamplesPerPixel", 1) == 3:
             raw = raw.mean(axis=-1)
         if raw.ndim != 2:
@@ -146,23 +154,28 @@ class Volume:
     source: str
 
 
-def _series_headers(folder: Path, allowed_modalities: tuple[str, ...]
-                    ) -> tuple[list[tuple[Path, DicomSlice]], tuple[float, float, float] | None]:
+def _series_headers(
+    folder: Path, allowed_modalities: tuple[str, ...]
+) -> tuple[list[tuple[Path, DicomSlice]], tuple[float, float, float] | None]:
     """Validate a series from its headers alone; return its files in slice order and its spacing."""
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix))
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and (p.suffix.lower() in DICOM_EXTENSIONS or not p.suffix)
+    )
     if not files:
         raise DataError(f"{folder}: no DICOM files (*.dcm) in this series folder")
     slices = [(f, read_dicom(f, pixels=False)) for f in files]
     modalities = {s.modality for _, s in slices if s.modality}
     bad = modalities - set(allowed_modalities)
     if allowed_modalities and bad:
-        raise DataError(f"{folder}: modality {sorted(bad)} is not {list(allowed_modalities)}; "
-                        "covidscan volumes expect CT series")
+        raise DataError(
+            f"{folder}: modality {sorted(bad)} is not {list(allowed_modalities)}; covidscan volumes expect CT series"
+        )
     orientations = {tuple(round(v, 3) for v in s.orientation) for _, s in slices if s.orientation}
     if len(orientations) > 1:
-        raise DataError(f"{folder}: slices have {len(orientations)} different orientations; split the "
-                        "folder into one series per orientation")
+        raise DataError(
+            f"{folder}: slices have {len(orientations)} different orientations; split the "
+            "folder into one series per orientation"
+        )
     if any(s.position is None for _, s in slices):
         missing = next(str(f) for f, s in slices if s.position is None)
         raise DataError(f"{missing}: no ImagePositionPatient or SliceLocation; cannot order the series")
@@ -174,14 +187,19 @@ def _series_headers(folder: Path, allowed_modalities: tuple[str, ...]
     z = float(np.median(np.abs(gaps))) if len(gaps) else (slices[0][1].thickness or 1.0)
     if len(gaps) > 2 and np.max(np.abs(gaps)) > 1.5 * z + 1e-3:
         import warnings
-        warnings.warn(f"{folder}: uneven slice spacing (median {z:.2f} mm, max {np.max(np.abs(gaps)):.2f} mm): "
-                      "slices may be missing", stacklevel=3)
+
+        warnings.warn(
+            f"{folder}: uneven slice spacing (median {z:.2f} mm, max {np.max(np.abs(gaps)):.2f} mm): "
+            "slices may be missing",
+            stacklevel=3,
+        )
     first = slices[0][1]
     return slices, ((z, *first.spacing) if first.spacing else None)
 
 
-def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...] = ("CT",),
-                      pixels: bool = True) -> Volume:
+def read_dicom_series(
+    folder: str | Path, *, allowed_modalities: tuple[str, ...] = ("CT",), pixels: bool = True
+) -> Volume:
     """Read every DICOM file in ``folder`` as one series, sorted by slice position, in HU.
 
     Headers are read and validated first, then slices are decoded straight into one preallocated
@@ -199,8 +217,7 @@ def read_dicom_series(folder: str | Path, *, allowed_modalities: tuple[str, ...]
         if hu is None:
             hu = np.empty((len(slices), *image.shape), np.float32)
         elif image.shape != hu.shape[1:]:
-            raise DataError(f"{file}: slice size {image.shape} differs from the series' {hu.shape[1:]}; "
-                            "not one series")
+            raise DataError(f"{file}: slice size {image.shape} differs from the series' {hu.shape[1:]}; not one series")
         hu[index] = image
     return Volume(hu, spacing, str(folder))
 

@@ -17,7 +17,7 @@ class Sample:
     patient_id: str | None = None
     split: str | None = None  # "train" / "val" / "test" once assigned
 
-    def with_split(self, split: str) -> "Sample":
+    def with_split(self, split: str) -> Sample:
         return replace(self, split=split)
 
 
@@ -40,7 +40,7 @@ class SampleSet:
     def has_patients(self) -> bool:
         return any(s.patient_id for s in self.samples)
 
-    def subset(self, split: str) -> "SampleSet":
+    def subset(self, split: str) -> SampleSet:
         return SampleSet([s for s in self.samples if s.split == split], self.class_names)
 
     def labels(self) -> list[int]:

@@ -23,9 +23,16 @@ SAMPLE_VERSION = 2  # bump when the generator changes, so a cached older sample 
 def _anatomy(rng: np.random.Generator) -> dict[str, float]:
     """One synthetic patient's body and lung geometry: patients differ, as real ones do, so the
     leakage audit sees different patients as different images."""
-    return {"body_w": rng.uniform(0.36, 0.48), "body_h": rng.uniform(0.28, 0.42), "tilt": rng.uniform(-0.35, 0.35),
-            "lung_dx": rng.uniform(0.13, 0.22), "lung_w": rng.uniform(0.09, 0.16), "lung_h": rng.uniform(0.18, 0.3),
-            "cy": rng.uniform(0.42, 0.58), "body_level": rng.uniform(0.4, 0.7)}
+    return {
+        "body_w": rng.uniform(0.36, 0.48),
+        "body_h": rng.uniform(0.28, 0.42),
+        "tilt": rng.uniform(-0.35, 0.35),
+        "lung_dx": rng.uniform(0.13, 0.22),
+        "lung_w": rng.uniform(0.09, 0.16),
+        "lung_h": rng.uniform(0.18, 0.3),
+        "cy": rng.uniform(0.42, 0.58),
+        "body_level": rng.uniform(0.4, 0.7),
+    }
 
 
 def _slice(rng: np.random.Generator, size: int, covid: bool, anatomy: dict[str, float], z: float) -> np.ndarray:
@@ -51,8 +58,9 @@ def _slice(rng: np.random.Generator, size: int, covid: bool, anatomy: dict[str, 
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def make_sample_dataset(root: str | Path, *, patients_per_class: int = 12, slices_per_patient: int = 4,
-                        size: int = 96, seed: int = 0) -> Path:
+def make_sample_dataset(
+    root: str | Path, *, patients_per_class: int = 12, slices_per_patient: int = 4, size: int = 96, seed: int = 0
+) -> Path:
     """Write the synthetic set under ``root`` (class folders + ``manifest.csv``); return the manifest."""
     root = Path(root)
     rng = np.random.default_rng(seed)

@@ -27,6 +27,8 @@ def canonical_split(name: str) -> str:
     """``Validation`` -> ``val`` etc.; unknown names are returned lower-cased for the caller to reject."""
     name = name.strip().lower()
     return SPLIT_ALIASES.get(name, name)
+
+
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
@@ -133,9 +135,11 @@ def _manifest_columns(path: Path, header: list[str]) -> dict[str, str]:
             rename[match] = column
     missing = [c for c in ("path", "label") if c not in rename.values()]
     if missing:
-        raise DataError(f"{path}: manifest lacks column(s) {missing}; expected header "
-                        f"path,label[,patient_id][,split] (or aliases such as filename/class/patient), "
-                        f"got {[h.strip() for h in header]}; rename the columns")
+        raise DataError(
+            f"{path}: manifest lacks column(s) {missing}; expected header "
+            f"path,label[,patient_id][,split] (or aliases such as filename/class/patient), "
+            f"got {[h.strip() for h in header]}; rename the columns"
+        )
     return rename
 
 
@@ -178,24 +182,31 @@ def load_samples(
     elif source.is_dir():
         samples, skipped = discover_folder(source, skip_bad=skip_bad)
     else:
-        raise DataError(f"{source}: data source must be a folder of class sub-folders or a .csv manifest "
-                        "(path,label[,patient_id][,split]); not found or not one of those")
+        raise DataError(
+            f"{source}: data source must be a folder of class sub-folders or a .csv manifest "
+            "(path,label[,patient_id][,split]); not found or not one of those"
+        )
     if label_map:
-        samples = [Sample(s.path, label_map.get(s.label, s.label) if s.label else None, s.patient_id, s.split)
-                   for s in samples]
+        samples = [
+            Sample(s.path, label_map.get(s.label, s.label) if s.label else None, s.patient_id, s.split) for s in samples
+        ]
     if not samples:
         raise DataError(f"{source}: no usable samples found")
     present = sorted({s.label for s in samples if s.label is not None})
     if require_labels:
         unlabeled = [s.path for s in samples if s.label is None]
         if unlabeled:
-            raise DataError(f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled rows); training and "
-                            "evaluation need a label for every sample")
+            raise DataError(
+                f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled rows); training and "
+                "evaluation need a label for every sample"
+            )
     if classes is not None:
         unknown = sorted(set(present) - set(classes))
         if unknown:
-            raise DataError(f"{source}: labels {unknown} are not among the classes {classes}; map them with "
-                            "data.label_map (e.g. --label-map CT_NonCOVID=non-COVID) or drop them")
+            raise DataError(
+                f"{source}: labels {unknown} are not among the classes {classes}; map them with "
+                "data.label_map (e.g. --label-map CT_NonCOVID=non-COVID) or drop them"
+            )
         class_names = list(classes)
     else:
         class_names = present

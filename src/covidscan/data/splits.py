@@ -65,15 +65,20 @@ def assign_splits(sample_set: SampleSet, split_config: SplitConfig, seed: int) -
     samples = sample_set.samples
     ratios = tuple(split_config.ratios)
     if method in ("stratified", "kfold") and not sample_set.has_patients():
-        warn_leakage_once("no-patients", "no patient ids: a random split may put slices of one patient in both train and "
-                  "test (e.g. sarscov2-ct), inflating accuracy. Give a manifest with patient_id to get a "
-                  "patient-grouped split, and run `covidscan data audit` to check near-duplicates")
+        warn_leakage_once(
+            "no-patients",
+            "no patient ids: a random split may put slices of one patient in both train and "
+            "test (e.g. sarscov2-ct), inflating accuracy. Give a manifest with patient_id to get a "
+            "patient-grouped split, and run `covidscan data audit` to check near-duplicates",
+        )
     if method == "stratified":
         names = _ratio_split(_labels(samples), ratios, seed)
     elif method == "grouped":
         if not sample_set.has_patients():
-            raise DataError("split method 'grouped' needs patient ids (a manifest with a patient_id column); "
-                            "use 'stratified' for data without patients")
+            raise DataError(
+                "split method 'grouped' needs patient ids (a manifest with a patient_id column); "
+                "use 'stratified' for data without patients"
+            )
         names = _ratio_split(_labels(samples), ratios, seed, groups=_groups(samples))
     elif method == "kfold":
         names = _kfold_split(samples, split_config, seed)
@@ -83,8 +88,7 @@ def assign_splits(sample_set: SampleSet, split_config: SplitConfig, seed: int) -
         return _apply_file(sample_set, Path(split_config.file))
     else:
         raise DataError(f"unknown split method {method!r}")
-    split_set = SampleSet([s.with_split(n) for s, n in zip(samples, names)], sample_set.class_names,
-                          sample_set.skipped)
+    split_set = SampleSet([s.with_split(n) for s, n in zip(samples, names)], sample_set.class_names, sample_set.skipped)
     logger.info("split (%s, seed %d): %s", method, seed, split_counts(split_set))
     return split_set
 
@@ -111,8 +115,10 @@ def _two_way(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     try:
         _, picked = train_test_split(index, test_size=share, random_state=seed, stratify=labels)
     except ValueError as exc:  # a class with one member, or fewer picked samples than classes
-        warn_leakage_once(f"unstratified-{len(labels)}-{share}",
-                  f"split could not be stratified ({exc}); falling back to a plain random split")
+        warn_leakage_once(
+            f"unstratified-{len(labels)}-{share}",
+            f"split could not be stratified ({exc}); falling back to a plain random split",
+        )
         _, picked = train_test_split(index, test_size=share, random_state=seed)
     mask = np.zeros(len(labels), bool)
     mask[picked] = True
@@ -121,17 +127,17 @@ def _two_way(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
 
 def _majority_labels(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique groups (in first-seen order) and the most common label of each."""
-    unique, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    unique, _first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     votes: dict[int, Counter] = {}
     for g, label in zip(inverse, labels):
         votes.setdefault(int(g), Counter())[label] += 1
-    group_labels = np.array([sorted(votes[g].items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-                             for g in range(len(unique))])
+    group_labels = np.array(
+        [sorted(votes[g].items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for g in range(len(unique))]
+    )
     return inverse, group_labels
 
 
-def _ratio_split(labels: np.ndarray, ratios: Sequence[float], seed: int,
-                 groups: np.ndarray | None = None) -> list[str]:
+def _ratio_split(labels: np.ndarray, ratios: Sequence[float], seed: int, groups: np.ndarray | None = None) -> list[str]:
     """Split names by (train, val, test) ratios; whole groups move together when given."""
     if groups is not None:
         inverse, unit_labels = _majority_labels(labels, groups)
@@ -153,7 +159,8 @@ def _kfold_split(samples: Sequence[Sample], config: SplitConfig, seed: int) -> l
     has_groups = any(s.patient_id for s in samples)
     groups = _groups(samples) if has_groups else None
     splitter = (StratifiedGroupKFold if has_groups else StratifiedKFold)(
-        n_splits=config.folds, shuffle=True, random_state=seed)
+        n_splits=config.folds, shuffle=True, random_state=seed
+    )
     try:
         folds = list(splitter.split(np.zeros(len(samples)), labels, groups))
     except ValueError as exc:
@@ -164,16 +171,19 @@ def _kfold_split(samples: Sequence[Sample], config: SplitConfig, seed: int) -> l
     train_r, val_r, _ = config.ratios
     rest = np.flatnonzero(names == "train")
     if val_r > 0:
-        names[rest] = _ratio_split(labels[rest], (train_r, val_r, 0.0), seed,
-                                   groups=groups[rest] if groups is not None else None)
+        names[rest] = _ratio_split(
+            labels[rest], (train_r, val_r, 0.0), seed, groups=groups[rest] if groups is not None else None
+        )
     return list(names)
 
 
 def _predefined_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int) -> list[str]:
     missing = [s.path for s in samples if not s.split]
     if missing:
-        raise DataError(f"split method 'predefined' needs a split for every sample; {len(missing)} have none "
-                        f"(first: {missing[0]}). Fill the manifest's split column or choose another method")
+        raise DataError(
+            f"split method 'predefined' needs a split for every sample; {len(missing)} have none "
+            f"(first: {missing[0]}). Fill the manifest's split column or choose another method"
+        )
     names = np.array([s.split for s in samples], dtype=object)
     train_r, val_r, _ = ratios
     if "val" not in set(names) and val_r > 0:
@@ -199,12 +209,16 @@ def _apply_file(sample_set: SampleSet, path: Path) -> SampleSet:
             missing.append(s.path)
             continue
         if row.label != s.label:
-            raise DataError(f"{path}: {s.path} is labelled {row.label!r} there but {s.label!r} in the data; "
-                            "the splits file belongs to another version of this dataset")
+            raise DataError(
+                f"{path}: {s.path} is labelled {row.label!r} there but {s.label!r} in the data; "
+                "the splits file belongs to another version of this dataset"
+            )
         assigned.append(s.with_split(row.split))
     if missing:
-        raise DataError(f"{path}: {len(missing)} sample(s) of the data are not in this splits file (first: "
-                        f"{missing[0]}); re-split with another method or regenerate the file")
+        raise DataError(
+            f"{path}: {len(missing)} sample(s) of the data are not in this splits file (first: "
+            f"{missing[0]}); re-split with another method or regenerate the file"
+        )
     return SampleSet(assigned, sample_set.class_names, sample_set.skipped)
 
 
@@ -222,8 +236,10 @@ def load_splits(path: str | Path) -> SampleSet:
     """Read a ``splits.csv``; class names are the sorted labels found in it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: splits file not found; pass a splits.csv written by `covidscan data split` "
-                        "or a run directory's splits.csv")
+        raise DataError(
+            f"{path}: splits file not found; pass a splits.csv written by `covidscan data split` "
+            "or a run directory's splits.csv"
+        )
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in ("path", "split") if c not in (reader.fieldnames or [])]
@@ -234,8 +250,14 @@ def load_splits(path: str | Path) -> SampleSet:
             split = (row.get("split") or "").strip()
             if split not in SPLIT_NAMES:
                 raise DataError(f"{path}, line {line}: split {split!r} is not one of {list(SPLIT_NAMES)}")
-            samples.append(Sample(row["path"], (row.get("label") or "").strip() or None,
-                                  (row.get("patient_id") or "").strip() or None, split))
+            samples.append(
+                Sample(
+                    row["path"],
+                    (row.get("label") or "").strip() or None,
+                    (row.get("patient_id") or "").strip() or None,
+                    split,
+                )
+            )
     if not samples:
         raise DataError(f"{path}: no rows")
     return SampleSet(samples, sorted({s.label for s in samples if s.label}))

@@ -13,9 +13,17 @@ from pathlib import Path
 import numpy as np
 
 
-def write_dicom_slice(path: str | Path, hu: np.ndarray | None, position_z: float, *,
-                      spacing: tuple[float, float] = (0.7, 0.7), thickness: float = 2.5,
-                      intercept: float = -1024.0, slope: float = 1.0, series_uid: str | None = None) -> Path:
+def write_dicom_slice(
+    path: str | Path,
+    hu: np.ndarray | None,
+    position_z: float,
+    *,
+    spacing: tuple[float, float] = (0.7, 0.7),
+    thickness: float = 2.5,
+    intercept: float = -1024.0,
+    slope: float = 1.0,
+    series_uid: str | None = None,
+) -> Path:
     """One CT slice; ``hu=None`` writes a header-only object (no PixelData)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -51,8 +59,14 @@ def write_dicom_slice(path: str | Path, hu: np.ndarray | None, position_z: float
     return path
 
 
-def write_dicom_series(folder: str | Path, hu: np.ndarray, *, slice_gap: float = 2.5,
-                       file_order: Sequence[int] | None = None, **slice_options) -> list[Path]:
+def write_dicom_series(
+    folder: str | Path,
+    hu: np.ndarray,
+    *,
+    slice_gap: float = 2.5,
+    file_order: Sequence[int] | None = None,
+    **slice_options,
+) -> list[Path]:
     """Write a (D, H, W) HU volume as ``folder/slice_XXXX.dcm``; slice ``k`` sits at ``z = k * slice_gap``.
 
     ``file_order`` names slice ``k`` by its position in that permutation, so file-name order
@@ -65,5 +79,7 @@ def write_dicom_series(folder: str | Path, hu: np.ndarray, *, slice_gap: float =
     order = list(file_order) if file_order is not None else list(range(len(hu)))
     series_uid = generate_uid()
     options = {"thickness": slice_gap, **slice_options}
-    return [write_dicom_slice(folder / f"slice_{order[k]:04d}.dcm", hu[k], k * slice_gap, series_uid=series_uid,
-                              **options) for k in range(len(hu))]
+    return [
+        write_dicom_slice(folder / f"slice_{order[k]:04d}.dcm", hu[k], k * slice_gap, series_uid=series_uid, **options)
+        for k in range(len(hu))
+    ]

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from covidscan import compat  # noqa: F401
 from torchvision.transforms import v2
 
+from covidscan import compat  # noqa: F401
 from covidscan.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,8 +56,13 @@ def build_transform(config: DataConfig, *, train: bool, stats: NormStats | None 
     aug = config.augment
     if train:
         if aug.rotation or aug.shift or aug.zoom:
-            steps.append(v2.RandomAffine(degrees=aug.rotation, translate=(aug.shift, aug.shift) if aug.shift else None,
-                                         scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None))
+            steps.append(
+                v2.RandomAffine(
+                    degrees=aug.rotation,
+                    translate=(aug.shift, aug.shift) if aug.shift else None,
+                    scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom else None,
+                )
+            )
         if aug.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if aug.brightness:
@@ -76,7 +80,7 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
 
-def fit_norm_stats(images: "list[np.ndarray] | torch.utils.data.Dataset", image_size: int) -> NormStats:
+def fit_norm_stats(images: list[np.ndarray] | torch.utils.data.Dataset, image_size: int) -> NormStats:
     """Dataset-wide mean/std (Keras ``featurewise_center``) over resized training images."""
     resize = v2.Resize((image_size, image_size), antialias=True)
     total, total_sq, count = 0.0, 0.0, 0

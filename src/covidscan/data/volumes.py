@@ -80,8 +80,9 @@ def read_scan_header(path: str | Path) -> ScanHeader:
             return ScanHeader(series.hu.shape[0], series.spacing[0] if series.spacing else None, True)
         files = slice_image_files(path)
         if not files:
-            raise DataError(f"{path}: neither DICOM files nor slice images ({sorted(IMAGE_EXTENSIONS)}) in this "
-                            "scan folder")
+            raise DataError(
+                f"{path}: neither DICOM files nor slice images ({sorted(IMAGE_EXTENSIONS)}) in this scan folder"
+            )
         return ScanHeader(len(files), None, False)
     if is_nifti(path):
         import nibabel as nib
@@ -96,8 +97,10 @@ def read_scan_header(path: str | Path) -> ScanHeader:
         if len(shape) not in (2, 3):
             raise DataError(f"{path}: expected a 3D NIfTI volume, got shape {shape}")
         return ScanHeader(shape[2] if len(shape) == 3 else 1, float(zooms[2]) if len(zooms) > 2 else None, True)
-    raise DataError(f"{path}: a 3D scan must be a DICOM series folder, a .nii/.nii.gz file or a folder of slice "
-                    "images; for single 2D images use data.spatial_dims: 2")
+    raise DataError(
+        f"{path}: a 3D scan must be a DICOM series folder, a .nii/.nii.gz file or a folder of slice "
+        "images; for single 2D images use data.spatial_dims: 2"
+    )
 
 
 def resampled_slice_count(header: ScanHeader, z_spacing: float | None, path: str) -> int:
@@ -105,8 +108,10 @@ def resampled_slice_count(header: ScanHeader, z_spacing: float | None, path: str
     if z_spacing is None:
         return header.num_slices
     if header.z_spacing is None:
-        raise DataError(f"{path}: slice spacing unknown (slice images carry none), so data.volume.z_spacing cannot "
-                        "be applied; unset it or give DICOM/NIfTI scans")
+        raise DataError(
+            f"{path}: slice spacing unknown (slice images carry none), so data.volume.z_spacing cannot "
+            "be applied; unset it or give DICOM/NIfTI scans"
+        )
     return max(1, round(header.num_slices * header.z_spacing / z_spacing))
 
 
@@ -130,8 +135,9 @@ def lung_mask(hu: np.ndarray, threshold: float = LUNG_THRESHOLD_HU) -> np.ndarra
     if count == 0:
         return np.zeros_like(air)
     sizes = np.asarray(ndimage.sum_labels(air, labels, index=np.arange(1, count + 1)))
-    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    border = np.unique(
+        np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
+    )
     sizes[border[border > 0] - 1] = 0
     order = np.argsort(sizes)[::-1][:2]
     keep = [i + 1 for i in order if sizes[i] > 0 and sizes[i] >= 0.1 * sizes[order[0]]]
@@ -162,12 +168,16 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
     lung = config.volume.lung
     if lung != "none":
         if not header.is_hu:
-            raise DataError(f"{path}: data.volume.lung '{lung}' needs CT values in HU (DICOM/NIfTI); slice images "
-                            "are already windowed. Set data.volume.lung: none")
+            raise DataError(
+                f"{path}: data.volume.lung '{lung}' needs CT values in HU (DICOM/NIfTI); slice images "
+                "are already windowed. Set data.volume.lung: none"
+            )
         mask = lung_mask(volume)
         if not mask.any():
-            raise DataError(f"{path}: no lung region found (air below {LUNG_THRESHOLD_HU:g} HU inside the body); "
-                            "is this a chest CT? Set data.volume.lung: none to use the full slices")
+            raise DataError(
+                f"{path}: no lung region found (air below {LUNG_THRESHOLD_HU:g} HU inside the body); "
+                "is this a chest CT? Set data.volume.lung: none to use the full slices"
+            )
     if header.is_hu:
         volume = apply_window(volume, config.window or LUNG_WINDOW)
     if lung == "mask":
@@ -178,12 +188,14 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
     tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     size = config.image_size
     if tensor.shape[1:] != (size, size):
-        tensor = F.interpolate(tensor[:, None], size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)[:, 0]
+        tensor = F.interpolate(
+            tensor[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )[:, 0]
     depth = resampled_slice_count(header, config.volume.z_spacing, str(path))
     if depth != tensor.shape[0]:
-        tensor = F.interpolate(tensor[None, None], size=(depth, size, size), mode="trilinear",
-                               align_corners=False)[0, 0]
+        tensor = F.interpolate(tensor[None, None], size=(depth, size, size), mode="trilinear", align_corners=False)[
+            0, 0
+        ]
     return tensor.clamp_(0.0, 1.0)
 
 
@@ -210,9 +222,15 @@ def volume_transform(config: DataConfig, *, train: bool):
     steps = []
     if train:
         if aug.rotation or aug.zoom or aug.shift:
-            steps.append(RandAffine(prob=1.0, rotate_range=(np.deg2rad(aug.rotation), 0, 0),
-                                    scale_range=(0, aug.zoom, aug.zoom),
-                                    translate_range=(0, aug.shift * size, aug.shift * size), padding_mode="zeros"))
+            steps.append(
+                RandAffine(
+                    prob=1.0,
+                    rotate_range=(np.deg2rad(aug.rotation), 0, 0),
+                    scale_range=(0, aug.zoom, aug.zoom),
+                    translate_range=(0, aug.shift * size, aug.shift * size),
+                    padding_mode="zeros",
+                )
+            )
         if aug.hflip:
             steps.append(RandFlip(prob=0.5, spatial_axis=2))
         if aug.brightness:
@@ -221,14 +239,18 @@ def volume_transform(config: DataConfig, *, train: bool):
     if config.channels == 3:
         steps.append(RepeatChannel(repeats=3))
     if config.normalize == "imagenet":
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if config.channels == 3 else \
-            ([float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))])
+        mean, std = (
+            (IMAGENET_MEAN, IMAGENET_STD)
+            if config.channels == 3
+            else ([float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))])
+        )
         steps.append(NormalizeIntensity(subtrahend=mean, divisor=std, channel_wise=True))
     elif config.normalize == "sample":
         steps.append(NormalizeIntensity())
     elif config.normalize == "dataset":
-        raise ConfigError("data.normalize 'dataset' is not available for 3D volumes; use 'sample', 'imagenet' "
-                          "or 'none'")
+        raise ConfigError(
+            "data.normalize 'dataset' is not available for 3D volumes; use 'sample', 'imagenet' or 'none'"
+        )
     steps.append(ToTensor(track_meta=False))
     return Compose(steps)
 
@@ -240,8 +262,7 @@ class VolumeStackDataset(Dataset):
     patient id (the scan path when it has none), so per-patient aggregation groups a scan's stacks.
     """
 
-    def __init__(self, scans: Sequence[Sample], class_names: Sequence[str], config: DataConfig, *,
-                 train: bool) -> None:
+    def __init__(self, scans: Sequence[Sample], class_names: Sequence[str], config: DataConfig, *, train: bool) -> None:
         from tqdm.auto import tqdm
 
         self.scans = list(scans)
@@ -254,26 +275,33 @@ class VolumeStackDataset(Dataset):
         self.stacks: list[tuple[int, int]] = []  # (scan index, first slice)
         self._item_samples: list[Sample] = []
         short = []
-        for scan_index, scan in enumerate(tqdm(self.scans, desc="indexing scans", unit="scan", leave=False,
-                                               disable=len(self.scans) < 50)):
+        for scan_index, scan in enumerate(
+            tqdm(self.scans, desc="indexing scans", unit="scan", leave=False, disable=len(self.scans) < 50)
+        ):
             header = read_scan_header(scan.path)
             slices = resampled_slice_count(header, config.volume.z_spacing, scan.path)
             if slices == 1 and depth > 1:
-                raise DataError(f"{scan.path}: a single-slice scan cannot make a {depth}-slice stack; use "
-                                "data.spatial_dims: 2 for single images, or data.depth: 1")
+                raise DataError(
+                    f"{scan.path}: a single-slice scan cannot make a {depth}-slice stack; use "
+                    "data.spatial_dims: 2 for single images, or data.depth: 1"
+                )
             if slices < depth:
                 if config.volume.short_scan == "refuse":
-                    raise DataError(f"{scan.path}: {slices} slices, fewer than data.depth {depth}; lower data.depth, "
-                                    "or set data.volume.short_scan: pad to repeat the edge slices")
+                    raise DataError(
+                        f"{scan.path}: {slices} slices, fewer than data.depth {depth}; lower data.depth, "
+                        "or set data.volume.short_scan: pad to repeat the edge slices"
+                    )
                 short.append(scan.path)
             self.headers.append(header)
             for k, start in enumerate(stack_starts(slices, depth, stride)):
                 self.stacks.append((scan_index, start))
-                self._item_samples.append(Sample(f"{scan.path}{STACK_SEPARATOR}{k}", scan.label,
-                                                 scan.patient_id or scan.path, scan.split))
+                self._item_samples.append(
+                    Sample(f"{scan.path}{STACK_SEPARATOR}{k}", scan.label, scan.patient_id or scan.path, scan.split)
+                )
         if short:
-            logger.warning("%d scan(s) have fewer than %d slices and are edge-padded (first: %s)",
-                           len(short), depth, short[0])
+            logger.warning(
+                "%d scan(s) have fewer than %d slices and are edge-padded (first: %s)", len(short), depth, short[0]
+            )
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:
@@ -305,8 +333,16 @@ class VolumeStackDataset(Dataset):
         if self.config.volume.cache_dir is None:
             return load_scan(path, self.config, header)
         config = self.config
-        key = repr((str(Path(path).resolve()), Path(path).stat().st_mtime_ns, config.window, config.image_size,
-                    config.volume.z_spacing, config.volume.lung))
+        key = repr(
+            (
+                str(Path(path).resolve()),
+                Path(path).stat().st_mtime_ns,
+                config.window,
+                config.image_size,
+                config.volume.z_spacing,
+                config.volume.lung,
+            )
+        )
         file = Path(config.volume.cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
         if not file.is_file():
             with atomic_path(file) as tmp:  # a concurrent worker or an interrupted run never sees half a file
@@ -316,7 +352,7 @@ class VolumeStackDataset(Dataset):
     def stack(self, index: int) -> torch.Tensor:
         """Item ``index`` as a (1, depth, S, S) [0, 1] stack, edge-padded when the scan is short."""
         scan_index, start = self.stacks[index]
-        stack = self.scan_volume(scan_index)[start:start + self.config.depth]
+        stack = self.scan_volume(scan_index)[start : start + self.config.depth]
         missing = self.config.depth - stack.shape[0]
         if missing:
             stack = F.pad(stack[None, None], (0, 0, 0, 0, missing // 2, missing - missing // 2), mode="replicate")[0, 0]
@@ -329,8 +365,9 @@ class VolumeStackDataset(Dataset):
         return self.transform(self.stack(index)), self.class_index[label] if label is not None else -1
 
 
-def build_volume_dataset(config: DataConfig, samples: Sequence[Sample], class_names: Sequence[str], *,
-                         train: bool) -> VolumeStackDataset:
+def build_volume_dataset(
+    config: DataConfig, samples: Sequence[Sample], class_names: Sequence[str], *, train: bool
+) -> VolumeStackDataset:
     """The 3D dataset ``build_dataset`` returns for ``data.spatial_dims: 3``."""
     return VolumeStackDataset(samples, class_names, config, train=train)
 

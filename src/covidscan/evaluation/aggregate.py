@@ -40,5 +40,10 @@ def aggregate_by_patient(predictions: PredictionSet, method: Aggregation = "mean
     if mixed:
         logger.warning("%d patient(s) have items with different labels; using each one's majority label", mixed)
     patient_ids = [predictions.patient_ids[i] or predictions.paths[i] for i in first[order]]
-    return PredictionSet(votes.argmax(axis=1)[order], proba[order], predictions.class_names,
-                         paths=[predictions.paths[i] for i in first[order]], patient_ids=patient_ids)
+    return PredictionSet(
+        votes.argmax(axis=1)[order],
+        proba[order],
+        predictions.class_names,
+        paths=[predictions.paths[i] for i in first[order]],
+        patient_ids=patient_ids,
+    )

@@ -147,8 +147,9 @@ class BatchMetrics:
             denom = confusion.sum(axis=2) + confusion.sum(axis=1)
             class_f1 = np.where(denom > 0, 2 * diag / np.where(denom > 0, denom, 1), 0.0)  # zero_division=0
             out["macro_f1"] = class_f1.mean(axis=1)
-            out["macro_auroc"] = np.mean([ranked.auc_and_ap(weights[:, ranked.order])[0]
-                                          for ranked in self.per_class], axis=0)
+            out["macro_auroc"] = np.mean(
+                [ranked.auc_and_ap(weights[:, ranked.order])[0] for ranked in self.per_class], axis=0
+            )
         return out
 
 
@@ -159,8 +160,9 @@ def _check(n_resamples: int, confidence: float) -> None:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
-def _resampled_metrics(batches: list[BatchMetrics], groups: np.ndarray | None, n_resamples: int, seed: int,
-                       workers: int | None) -> list[dict[str, np.ndarray]]:
+def _resampled_metrics(
+    batches: list[BatchMetrics], groups: np.ndarray | None, n_resamples: int, seed: int, workers: int | None
+) -> list[dict[str, np.ndarray]]:
     """Every metric of every batch over the *same* resamples (paired when there are several models).
 
     Units are patients (``groups``) or items. Item units are numbered in the first batch's score
@@ -180,14 +182,17 @@ def _resampled_metrics(batches: list[BatchMetrics], groups: np.ndarray | None, n
 
     def resample_chunk(rows: int, seed_sequence: np.random.SeedSequence) -> list[dict[str, np.ndarray]]:
         counts = _resample_counts(n_units, rows, np.random.default_rng(seed_sequence))
-        return [batch(counts if index is None else np.take(counts, index, axis=1))
-                for batch, index in zip(batches, gathers)]
+        return [
+            batch(counts if index is None else np.take(counts, index, axis=1)) for batch, index in zip(batches, gathers)
+        ]
 
     sizes = _chunk_sizes(n_items, n_resamples)  # bounds the (rows, items) weight matrix
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         chunks = list(pool.map(resample_chunk, sizes, np.random.SeedSequence(seed).spawn(len(sizes))))
-    return [{name: np.concatenate([chunk[i][name] for chunk in chunks]) for name in chunks[0][i]}
-            for i in range(len(batches))]
+    return [
+        {name: np.concatenate([chunk[i][name] for chunk in chunks]) for name in chunks[0][i]}
+        for i in range(len(batches))
+    ]
 
 
 def _percentile_interval(values: np.ndarray, confidence: float) -> dict[str, float | int | None]:
@@ -200,10 +205,17 @@ def _percentile_interval(values: np.ndarray, confidence: float) -> dict[str, flo
     return {"ci_low": float(low), "ci_high": float(high), "n_defined": int(finite.size)}
 
 
-def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples: int = 1000,
-                      confidence: float = 0.95, seed: int = 0, by_patient: bool | None = None,
-                      threshold: float | None = None, workers: int | None = None
-                      ) -> dict[str, dict[str, float | int | None]]:
+def bootstrap_metrics(
+    predictions: PredictionSet,
+    positive: int,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    by_patient: bool | None = None,
+    threshold: float | None = None,
+    workers: int | None = None,
+) -> dict[str, dict[str, float | int | None]]:
     """Percentile bootstrap CIs for every metric: ``{name: {ci_low, ci_high, n_defined}}``.
 
     ``by_patient`` resamples patients (default: whenever patient ids exist), so correlated slices of
@@ -213,15 +225,21 @@ def bootstrap_metrics(predictions: PredictionSet, positive: int, *, n_resamples:
     if by_patient is None:
         by_patient = predictions.has_patients()
     batch = BatchMetrics(predictions, positive, threshold)
-    (samples,) = _resampled_metrics([batch], predictions.groups() if by_patient else None, n_resamples, seed,
-                                    workers)
+    (samples,) = _resampled_metrics([batch], predictions.groups() if by_patient else None, n_resamples, seed, workers)
     return {name: _percentile_interval(values, confidence) for name, values in samples.items()}
 
 
-def paired_bootstrap_difference(first: PredictionSet, second: PredictionSet, positive: int, *,
-                                n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
-                                by_patient: bool | None = None, workers: int | None = None
-                                ) -> dict[str, dict[str, float | int | None]]:
+def paired_bootstrap_difference(
+    first: PredictionSet,
+    second: PredictionSet,
+    positive: int,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    by_patient: bool | None = None,
+    workers: int | None = None,
+) -> dict[str, dict[str, float | int | None]]:
     """CI of ``metric(first) - metric(second)`` for every metric, both models scored on the same
     resamples of the same items (in the same order): how much better, and how sure."""
     _check(n_resamples, confidence)
@@ -230,8 +248,9 @@ def paired_bootstrap_difference(first: PredictionSet, second: PredictionSet, pos
     if by_patient is None:
         by_patient = first.has_patients()
     batches = [BatchMetrics(first, positive), BatchMetrics(second, positive)]
-    samples_a, samples_b = _resampled_metrics(batches, first.groups() if by_patient else None, n_resamples,
-                                              seed, workers)
+    samples_a, samples_b = _resampled_metrics(
+        batches, first.groups() if by_patient else None, n_resamples, seed, workers
+    )
     return {name: _percentile_interval(samples_a[name] - samples_b[name], confidence) for name in samples_a}
 
 

@@ -33,8 +33,13 @@ class ReliabilityTable:
         def clean(values: np.ndarray) -> list[float | None]:
             return [None if np.isnan(v) else float(v) for v in values]
 
-        return {"ece": self.ece, "edges": self.edges.tolist(), "confidence": clean(self.confidence),
-                "accuracy": clean(self.accuracy), "count": self.count.astype(int).tolist()}
+        return {
+            "ece": self.ece,
+            "edges": self.edges.tolist(),
+            "confidence": clean(self.confidence),
+            "accuracy": clean(self.accuracy),
+            "count": self.count.astype(int).tolist(),
+        }
 
 
 def reliability_table(proba: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> ReliabilityTable:

@@ -53,9 +53,13 @@ def _run_info(evaluation: Evaluation) -> dict[str, Any]:
         except json.JSONDecodeError:
             logger.warning("%s: unreadable metrics.json; runtime not shown", run_dir)
     parameters = sum(p.numel() for p in evaluation.loaded.model.parameters())
-    return {"run": run_dir.name, "run_dir": str(run_dir), "model": evaluation.loaded.config.model.name,
-            "parameters": int(training.get("parameters") or parameters),
-            "runtime_seconds": training.get("runtime_seconds")}
+    return {
+        "run": run_dir.name,
+        "run_dir": str(run_dir),
+        "model": evaluation.loaded.config.model.name,
+        "parameters": int(training.get("parameters") or parameters),
+        "runtime_seconds": training.get("runtime_seconds"),
+    }
 
 
 def _resolve_level(level: Level, evaluations: list[Evaluation]) -> str:
@@ -73,8 +77,13 @@ def _compared_set(evaluation: Evaluation, level: str, aggregation: Aggregation) 
     if level == "item":
         return evaluation.predictions
     patients = aggregate_by_patient(evaluation.predictions, aggregation)
-    return PredictionSet(patients.y_true, patients.proba, patients.class_names, paths=patients.patient_ids,
-                         patient_ids=patients.patient_ids)
+    return PredictionSet(
+        patients.y_true,
+        patients.proba,
+        patients.class_names,
+        paths=patients.patient_ids,
+        patient_ids=patients.patient_ids,
+    )
 
 
 def _level_metrics(evaluation: Evaluation, level: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -96,47 +105,64 @@ def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: st
     for predictions, evaluation in zip(sets, evaluations):
         run_dir, paths = evaluation.loaded.run_dir, predictions.paths
         if predictions.class_names != reference.class_names:
-            raise DataError(f"{run_dir}: classes {predictions.class_names} differ from {reference.class_names} of "
-                            f"{reference_run}; only models with the same classes can be compared")
+            raise DataError(
+                f"{run_dir}: classes {predictions.class_names} differ from {reference.class_names} of "
+                f"{reference_run}; only models with the same classes can be compared"
+            )
         if len(paths) != len(index) or set(paths) != set(index):
             stacks = any(STACK_SEPARATOR in path for path in [*paths, *index])
-            fix = ("the runs cut the scans into different stacks (different data.depth?): compare per patient "
-                   "with --level patient" if level == "item" and stacks else
-                   "pass --data with one common test set, or compare runs trained with the same splits file "
-                   "(data.split.method: file)")
-            raise DataError(f"{run_dir} was evaluated on different {unit} than {reference_run} ({len(paths)} vs "
-                            f"{len(index)}; e.g. {sorted(set(paths) ^ set(index))[:1]}); {fix}")
+            fix = (
+                "the runs cut the scans into different stacks (different data.depth?): compare per patient "
+                "with --level patient"
+                if level == "item" and stacks
+                else "pass --data with one common test set, or compare runs trained with the same splits file "
+                "(data.split.method: file)"
+            )
+            raise DataError(
+                f"{run_dir} was evaluated on different {unit} than {reference_run} ({len(paths)} vs "
+                f"{len(index)}; e.g. {sorted(set(paths) ^ set(index))[:1]}); {fix}"
+            )
         order = np.empty(len(paths), dtype=int)
         order[[index[p] for p in paths]] = np.arange(len(paths))
-        reordered = PredictionSet(predictions.y_true[order], predictions.proba[order], predictions.class_names,
-                                  paths=[paths[i] for i in order],
-                                  patient_ids=[predictions.patient_ids[i] for i in order])
+        reordered = PredictionSet(
+            predictions.y_true[order],
+            predictions.proba[order],
+            predictions.class_names,
+            paths=[paths[i] for i in order],
+            patient_ids=[predictions.patient_ids[i] for i in order],
+        )
         disagree = np.flatnonzero(reordered.y_true != reference.y_true)
         if disagree.size:
             first = int(disagree[0])
-            raise DataError(f"{run_dir}: {reordered.paths[first]!r} is labelled "
-                            f"{reordered.class_names[reordered.y_true[first]]!r} but "
-                            f"{reference.class_names[reference.y_true[first]]!r} in {reference_run} "
-                            f"({disagree.size} {unit} disagree); check the runs' data.label_map or --label-map")
+            raise DataError(
+                f"{run_dir}: {reordered.paths[first]!r} is labelled "
+                f"{reordered.class_names[reordered.y_true[first]]!r} but "
+                f"{reference.class_names[reference.y_true[first]]!r} in {reference_run} "
+                f"({disagree.size} {unit} disagree); check the runs' data.label_map or --label-map"
+            )
         aligned.append(reordered)
     return aligned
 
 
-def _differences(a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int
-                 ) -> dict[str, dict[str, float | None]]:
+def _differences(
+    a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int
+) -> dict[str, dict[str, float | None]]:
     """Metric of A minus metric of B with a paired bootstrap CI (same resamples for both)."""
     values_a, values_b = compute_metrics(a, positive), compute_metrics(b, positive)
-    intervals = (paired_bootstrap_difference(a, b, positive, n_resamples=n_bootstrap, seed=seed)
-                 if n_bootstrap > 0 else {})
+    intervals = (
+        paired_bootstrap_difference(a, b, positive, n_resamples=n_bootstrap, seed=seed) if n_bootstrap > 0 else {}
+    )
     differences = {}
     for name, metric_a in values_a.items():
         metric_b = values_b[name]
         defined = metric_a.value is not None and metric_b.value is not None
         interval = intervals.get(name, {})
-        differences[name] = {"value": metric_a.value - metric_b.value if defined else None,
-                             "ci_low": interval.get("ci_low") if defined else None,
-                             "ci_high": interval.get("ci_high") if defined else None,
-                             "undefined": None if defined else "undefined for at least one model"}
+        differences[name] = {
+            "value": metric_a.value - metric_b.value if defined else None,
+            "ci_low": interval.get("ci_low") if defined else None,
+            "ci_high": interval.get("ci_high") if defined else None,
+            "undefined": None if defined else "undefined for at least one model",
+        }
     return differences
 
 
@@ -160,16 +186,31 @@ def prediction_grid(evaluation: Evaluation, path: Path, size: int = 16, seed: in
     except (DataError, OSError, ValueError) as exc:
         logger.warning("prediction grid skipped: %s", exc)
         return None
-    return plot_prediction_grid(images, [names[predictions.y_true[i]] for i in items],
-                                [names[evaluation.predicted[i]] for i in items], path,
-                                confidences=[float(predictions.proba[i].max()) for i in items])
+    return plot_prediction_grid(
+        images,
+        [names[predictions.y_true[i]] for i in items],
+        [names[evaluation.predicted[i]] for i in items],
+        path,
+        confidences=[float(predictions.proba[i].max()) for i in items],
+    )
 
 
-def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: str = "test",
-                 metric: str = "f1", out_dir: str | Path | None = None, n_bootstrap: int = 1000,
-                 label_map: dict[str, str] | None = None, external: bool = False, *,
-                 positive_class: str | None = None, grid_size: int = 16, seed: int = 0, level: Level = "auto",
-                 aggregation: Aggregation = "mean") -> dict[str, Any]:
+def compare_runs(
+    runs: list[str | Path],
+    data: str | Path | None = None,
+    split: str = "test",
+    metric: str = "f1",
+    out_dir: str | Path | None = None,
+    n_bootstrap: int = 1000,
+    label_map: dict[str, str] | None = None,
+    external: bool = False,
+    *,
+    positive_class: str | None = None,
+    grid_size: int = 16,
+    seed: int = 0,
+    level: Level = "auto",
+    aggregation: Aggregation = "mean",
+) -> dict[str, Any]:
     """Evaluate ``runs`` on the same items and write ``comparison.{html,md,csv,json}`` plus one
     prediction grid per run into ``out_dir`` (default: ``comparisons/`` beside the first run).
 
@@ -183,8 +224,22 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if aggregation not in ("mean", "max"):
         raise ValueError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
-    evaluations = [evaluate(run, data, split, None, label_map, n_bootstrap, external, positive_class=positive_class,
-                            aggregation=aggregation, seed=seed, write=False) for run in runs]
+    evaluations = [
+        evaluate(
+            run,
+            data,
+            split,
+            None,
+            label_map,
+            n_bootstrap,
+            external,
+            positive_class=positive_class,
+            aggregation=aggregation,
+            seed=seed,
+            write=False,
+        )
+        for run in runs
+    ]
     names = metric_names(evaluations[0].predictions.num_classes)
     if metric not in names:
         raise ValueError(f"--metric {metric!r} is not one of {list(names)}")
@@ -197,22 +252,34 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
     rows = []
     for evaluation in evaluations:
         rows.append({**_run_info(evaluation), "metrics": _level_metrics(evaluation, level)[0]})
-    rows.sort(key=lambda row: -(row["metrics"][metric]["value"] if row["metrics"][metric]["value"] is not None
-                                else -np.inf))
+    rows.sort(
+        key=lambda row: -(row["metrics"][metric]["value"] if row["metrics"][metric]["value"] is not None else -np.inf)
+    )
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
 
-    out = Path(out_dir) if out_dir is not None else reference.loaded.run_dir.parent / "comparisons" / (
-        f"{split}-" + "-vs-".join(e.loaded.run_dir.name for e in evaluations)[:120])
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else reference.loaded.run_dir.parent
+        / "comparisons"
+        / (f"{split}-" + "-vs-".join(e.loaded.run_dir.name for e in evaluations)[:120])
+    )
     out.mkdir(parents=True, exist_ok=True)
     predicted = [predict_labels(a.proba, positive) for a in aligned]
     pairs = []
     for (i, a), (j, b) in combinations(enumerate(aligned), 2):
-        tests = compare_predictions(y_true, predicted[i], predicted[j], positive, a.proba[:, positive],
-                                    b.proba[:, positive])
-        pairs.append({"a": evaluations[i].loaded.run_dir.name, "b": evaluations[j].loaded.run_dir.name,
-                      "tests": [t.to_dict() for t in tests],
-                      "differences": _differences(a, b, positive, n_bootstrap, seed)})
+        tests = compare_predictions(
+            y_true, predicted[i], predicted[j], positive, a.proba[:, positive], b.proba[:, positive]
+        )
+        pairs.append(
+            {
+                "a": evaluations[i].loaded.run_dir.name,
+                "b": evaluations[j].loaded.run_dir.name,
+                "tests": [t.to_dict() for t in tests],
+                "differences": _differences(a, b, positive, n_bootstrap, seed),
+            }
+        )
     grids = {}
     shown = evaluations if level == "item" else []  # a patient is several images: none to show
     for evaluation in shown:
@@ -221,11 +288,21 @@ def compare_runs(runs: list[str | Path], data: str | Path | None = None, split: 
         if grid is not None:
             grids[name] = grid.name
 
-    payload = {"dataset": reference.payload["dataset"], "split": reference.payload["split"],
-               "external": reference.payload["external"], "level": level,
-               "aggregation": aggregation if level == "patient" else None, "n_compared": len(y_true),
-               "positive_class": reference.payload["positive_class"], "ranked_by": metric, "metrics": list(names),
-               "bootstrap": _level_metrics(reference, level)[1], "rows": rows, "pairs": pairs, "grids": grids}
+    payload = {
+        "dataset": reference.payload["dataset"],
+        "split": reference.payload["split"],
+        "external": reference.payload["external"],
+        "level": level,
+        "aggregation": aggregation if level == "patient" else None,
+        "n_compared": len(y_true),
+        "positive_class": reference.payload["positive_class"],
+        "ranked_by": metric,
+        "metrics": list(names),
+        "bootstrap": _level_metrics(reference, level)[1],
+        "rows": rows,
+        "pairs": pairs,
+        "grids": grids,
+    }
     _write_csv(out / "comparison.csv", payload)
     context = {"c": payload, "labels": METRIC_LABELS, "out_dir": out}
     write_text(out / "comparison.html", render("comparison.html.j2", **context))
@@ -246,8 +323,16 @@ def _write_csv(path: Path, comparison: dict[str, Any]) -> None:
         writer = csv.writer(handle)
         writer.writerow(header)
         for row in comparison["rows"]:
-            line = [row["rank"], row["run"], row["model"], row["parameters"], row["runtime_seconds"],
-                    comparison["level"], comparison["aggregation"], comparison["n_compared"]]
+            line = [
+                row["rank"],
+                row["run"],
+                row["model"],
+                row["parameters"],
+                row["runtime_seconds"],
+                comparison["level"],
+                comparison["aggregation"],
+                comparison["n_compared"],
+            ]
             for name in names:
                 m = row["metrics"][name]
                 line += [m["value"], m["ci_low"], m["ci_high"]]

@@ -52,7 +52,8 @@ EXTERNAL_WARNING = (
     "External evaluation: this dataset was never seen in training. A drop from the internal test "
     "metrics measures domain shift (scanner, protocol, population, image source); a model that scored "
     "well internally but not here may have learned shortcuts (source-specific text, borders, image "
-    "statistics) rather than disease.")
+    "statistics) rather than disease."
+)
 
 
 @dataclass
@@ -86,13 +87,16 @@ def _dataset_name(spec: str) -> str:
 def _run_splits(run_dir: Path) -> Path:
     path = run_dir / "splits.csv"
     if not path.is_file():
-        raise DataError(f"{run_dir}: no splits.csv in this run directory, so its test split is unknown; "
-                        "pass --data with a dataset to evaluate on")
+        raise DataError(
+            f"{run_dir}: no splits.csv in this run directory, so its test split is unknown; "
+            "pass --data with a dataset to evaluate on"
+        )
     return path
 
 
-def select_samples(loaded: LoadedModel, data: str | Path | None, split: str, label_map: dict[str, str] | None,
-                   external: bool) -> EvaluationSet:
+def select_samples(
+    loaded: LoadedModel, data: str | Path | None, split: str, label_map: dict[str, str] | None, external: bool
+) -> EvaluationSet:
     """The run's own split (``data`` None) or a dataset spec, checked against the model's classes."""
     run_dir = loaded.run_dir
     mapping = {**loaded.config.data.label_map, **(label_map or {})}
@@ -113,46 +117,69 @@ def select_samples(loaded: LoadedModel, data: str | Path | None, split: str, lab
         base = _dataset_name(dataset)
         name = f"external-{base}" if external else f"{base}-{used_split}"
     if not samples:
-        raise DataError(f"{dataset}: split {split!r} holds no samples; nothing to evaluate. Choose another "
-                        "--split (train/val/test) or check the run's splits.csv")
+        raise DataError(
+            f"{dataset}: split {split!r} holds no samples; nothing to evaluate. Choose another "
+            "--split (train/val/test) or check the run's splits.csv"
+        )
     unlabeled = [s.path for s in samples if s.label is None]
     if unlabeled:
-        raise DataError(f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled items); evaluation needs labels "
-                        "(use `covidscan predict` for unlabeled images)")
+        raise DataError(
+            f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled items); evaluation needs labels "
+            "(use `covidscan predict` for unlabeled images)"
+        )
     unknown = sorted({s.label for s in samples} - set(loaded.class_names))
     if unknown:
-        raise DataError(f"{dataset}: labels {unknown} are not among the model's classes {loaded.class_names}; map "
-                        f"them with --label-map {unknown[0]}=CLASS (CLASS one of {loaded.class_names})")
+        raise DataError(
+            f"{dataset}: labels {unknown} are not among the model's classes {loaded.class_names}; map "
+            f"them with --label-map {unknown[0]}=CLASS (CLASS one of {loaded.class_names})"
+        )
     return EvaluationSet(samples, dataset, used_split, name, external, mapping)
 
 
-def predict(loaded: LoadedModel, samples: Sequence[Sample], batch_size: int | None = None,
-            desc: str = "evaluate") -> PredictionSet:
+def predict(
+    loaded: LoadedModel, samples: Sequence[Sample], batch_size: int | None = None, desc: str = "evaluate"
+) -> PredictionSet:
     """Class probabilities for every item of ``samples`` (one item per image or per slice stack)."""
     config = loaded.config
     dataset = build_dataset(config.data, list(samples), loaded.class_names, train=False, stats=loaded.norm_stats)
     if len(dataset) == 0:
         raise DataError("the evaluation set is empty after loading (no image or slice stack could be built)")
-    loader = DataLoader(dataset, batch_size=batch_size or config.training.batch_size, shuffle=False,
-                        num_workers=config.data.num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size or config.training.batch_size, shuffle=False, num_workers=config.data.num_workers
+    )
     probabilities, labels = [], []
     for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
         probabilities.append(loaded.predict_batch(images))
         labels.append(torch.as_tensor(targets).numpy())
     items = dataset.item_samples
-    return PredictionSet(np.concatenate(labels), np.concatenate(probabilities), list(loaded.class_names),
-                         paths=[s.path for s in items], patient_ids=[s.patient_id for s in items])
+    return PredictionSet(
+        np.concatenate(labels),
+        np.concatenate(probabilities),
+        list(loaded.class_names),
+        paths=[s.path for s in items],
+        patient_ids=[s.patient_id for s in items],
+    )
 
 
-def _metrics_with_ci(predictions: PredictionSet, positive: int, n_bootstrap: int, seed: int,
-                     threshold: float | None = None) -> tuple[dict[str, MetricValue], dict[str, Any]]:
+def _metrics_with_ci(
+    predictions: PredictionSet, positive: int, n_bootstrap: int, seed: int, threshold: float | None = None
+) -> tuple[dict[str, MetricValue], dict[str, Any]]:
     values = compute_metrics(predictions, positive, threshold)
     by_patient = predictions.has_patients()
     if n_bootstrap > 0:
-        attach_intervals(values, bootstrap_metrics(predictions, positive, n_resamples=n_bootstrap, seed=seed,
-                                                   by_patient=by_patient, threshold=threshold))
-    info = {"n_resamples": n_bootstrap, "confidence": 0.95, "method": "nonparametric percentile",
-            "unit": "patient" if by_patient else "item", "seed": seed}
+        attach_intervals(
+            values,
+            bootstrap_metrics(
+                predictions, positive, n_resamples=n_bootstrap, seed=seed, by_patient=by_patient, threshold=threshold
+            ),
+        )
+    info = {
+        "n_resamples": n_bootstrap,
+        "confidence": 0.95,
+        "method": "nonparametric percentile",
+        "unit": "patient" if by_patient else "item",
+        "seed": seed,
+    }
     return values, info
 
 
@@ -161,8 +188,9 @@ def _confusion(predictions: PredictionSet, positive: int, threshold: float | Non
     return {"counts": counts.tolist(), "normalised": normalise_confusion(counts).round(4).tolist()}
 
 
-def _write_predictions(path: Path, predictions: PredictionSet, predicted: np.ndarray,
-                       at_threshold: np.ndarray | None) -> None:
+def _write_predictions(
+    path: Path, predictions: PredictionSet, predicted: np.ndarray, at_threshold: np.ndarray | None
+) -> None:
     names = predictions.class_names
     header = ["path", "patient_id", "true", "predicted"] + [f"prob_{n}" for n in names]
     if at_threshold is not None:
@@ -171,8 +199,13 @@ def _write_predictions(path: Path, predictions: PredictionSet, predicted: np.nda
         writer = csv.writer(handle)
         writer.writerow(header)
         for i in range(len(predictions)):
-            row = [predictions.paths[i], predictions.patient_ids[i] or "", names[predictions.y_true[i]],
-                   names[predicted[i]], *(f"{p:.6f}" for p in predictions.proba[i])]
+            row = [
+                predictions.paths[i],
+                predictions.patient_ids[i] or "",
+                names[predictions.y_true[i]],
+                names[predicted[i]],
+                *(f"{p:.6f}" for p in predictions.proba[i]),
+            ]
             if at_threshold is not None:
                 row.append(names[at_threshold[i]])
             writer.writerow(row)
@@ -194,43 +227,61 @@ def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
     if chosen.external:
         warnings.append(EXTERNAL_WARNING)
     elif chosen.split == "all":
-        warnings.append(f"{chosen.dataset} has no split column, so all its samples were evaluated; if the model was "
-                        "trained on it, this includes training images. Omit --data to evaluate the run's test "
-                        "split, or pass --external for a dataset the model never saw")
+        warnings.append(
+            f"{chosen.dataset} has no split column, so all its samples were evaluated; if the model was "
+            "trained on it, this includes training images. Omit --data to evaluate the run's test "
+            "split, or pass --external for a dataset the model never saw"
+        )
     absent = [c for i, c in enumerate(predictions.class_names) if not np.any(predictions.y_true == i)]
     if absent:
         warnings.append(f"class(es) {absent} do not occur in this set; metrics needing them are undefined")
     if not predictions.has_patients():
-        warnings.append("no patient ids: CIs resample images as if independent; slices of one patient are "
-                        "correlated, so the intervals may be too narrow")
+        warnings.append(
+            "no patient ids: CIs resample images as if independent; slices of one patient are "
+            "correlated, so the intervals may be too narrow"
+        )
     return warnings
 
 
-def _calibrate(predictions: PredictionSet, validation: PredictionSet | None, temperature_scaling: bool,
-               run_dir: Path) -> tuple[dict[str, Any], ReliabilityTable]:
+def _calibrate(
+    predictions: PredictionSet, validation: PredictionSet | None, temperature_scaling: bool, run_dir: Path
+) -> tuple[dict[str, Any], ReliabilityTable]:
     """ECE and reliability table; with ``temperature_scaling`` first rescale both sets in place by a
     temperature fitted on validation."""
-    calibration: dict[str, Any] = {"ece_before_scaling": reliability_table(predictions.proba,
-                                                                           predictions.y_true).ece}
+    calibration: dict[str, Any] = {"ece_before_scaling": reliability_table(predictions.proba, predictions.y_true).ece}
     if temperature_scaling:
         if validation is None:
-            raise DataError(f"{run_dir}: temperature scaling needs the run's validation split "
-                            "(splits.csv with val rows)")
+            raise DataError(
+                f"{run_dir}: temperature scaling needs the run's validation split (splits.csv with val rows)"
+            )
         temperature = fit_temperature(validation.proba, validation.y_true)
         predictions.proba = apply_temperature(predictions.proba, temperature)
         validation.proba = apply_temperature(validation.proba, temperature)
         calibration["temperature"] = temperature
     reliability = reliability_table(predictions.proba, predictions.y_true)
-    calibration.update(ece=reliability.ece, reliability=reliability.to_dict(), bins="15 equal-width bins of "
-                       "top-class confidence")
+    calibration.update(
+        ece=reliability.ece, reliability=reliability.to_dict(), bins="15 equal-width bins of top-class confidence"
+    )
     return calibration, reliability
 
 
-def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test", out_dir: str | Path | None = None,
-             label_map: dict[str, str] | None = None, n_bootstrap: int = 1000, external: bool = False, *,
-             positive_class: str | None = None, target_sensitivity: float | None = None,
-             temperature_scaling: bool = False, aggregation: Aggregation = "mean", batch_size: int | None = None,
-             seed: int = 0, write: bool = True) -> Evaluation:
+def evaluate(
+    run: str | Path,
+    data: str | Path | None = None,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    label_map: dict[str, str] | None = None,
+    n_bootstrap: int = 1000,
+    external: bool = False,
+    *,
+    positive_class: str | None = None,
+    target_sensitivity: float | None = None,
+    temperature_scaling: bool = False,
+    aggregation: Aggregation = "mean",
+    batch_size: int | None = None,
+    seed: int = 0,
+    write: bool = True,
+) -> Evaluation:
     """Full evaluation of one run; see :func:`evaluate_run` for the arguments. ``write=False`` only
     computes (``compare`` uses it, so comparing never overwrites a run's own evaluation files)."""
     loaded = load_model(run)
@@ -242,11 +293,17 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
     values, bootstrap_info = _metrics_with_ci(predictions, positive, n_bootstrap, seed)
     predicted = predict_labels(predictions.proba, positive)
     payload: dict[str, Any] = {
-        "run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint_path), "model": loaded.config.model.name,
-        "dataset": chosen.dataset, "split": chosen.split, "external": chosen.external,
-        "label_map": chosen.label_map, "class_names": loaded.class_names,
-        "positive_class": loaded.class_names[positive], "n_items": len(predictions),
-        "n_patients": int(len(np.unique(predictions.groups()))) if predictions.has_patients() else None,
+        "run": str(loaded.run_dir),
+        "checkpoint": str(loaded.checkpoint_path),
+        "model": loaded.config.model.name,
+        "dataset": chosen.dataset,
+        "split": chosen.split,
+        "external": chosen.external,
+        "label_map": chosen.label_map,
+        "class_names": loaded.class_names,
+        "positive_class": loaded.class_names[positive],
+        "n_items": len(predictions),
+        "n_patients": len(np.unique(predictions.groups())) if predictions.has_patients() else None,
         "class_counts": dict(Counter(loaded.class_names[y] for y in predictions.y_true)),
         "metrics": {name: metric.to_dict() for name, metric in values.items()},
         "bootstrap": bootstrap_info,
@@ -261,21 +318,29 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
     if isinstance(operating, OperatingPoint):
         op_values, _ = _metrics_with_ci(predictions, positive, n_bootstrap, seed, operating.threshold)
         at_threshold = predict_labels(predictions.proba, positive, operating.threshold)
-        payload["operating_point"] = {**operating.to_dict(),
-                                      "metrics": {n: m.to_dict() for n, m in op_values.items()},
-                                      "confusion_matrix": _confusion(predictions, positive, operating.threshold)}
+        payload["operating_point"] = {
+            **operating.to_dict(),
+            "metrics": {n: m.to_dict() for n, m in op_values.items()},
+            "confusion_matrix": _confusion(predictions, positive, operating.threshold),
+        }
         if data is None and split == "val":
-            payload["warnings"].append("the threshold was chosen on this same val split, so the metrics at the "
-                                       "operating point are optimistic; read them on the test split")
+            payload["warnings"].append(
+                "the threshold was chosen on this same val split, so the metrics at the "
+                "operating point are optimistic; read them on the test split"
+            )
     else:
         payload["operating_point"] = {"skipped": operating}
 
     if predictions.has_patients() and len(np.unique(predictions.groups())) < len(predictions):
         patients = aggregate_by_patient(predictions, aggregation)
         patient_values, patient_info = _metrics_with_ci(patients, positive, n_bootstrap, seed)
-        payload["patient_level"] = {"aggregation": aggregation, "n_patients": len(patients),
-                                    "metrics": {n: m.to_dict() for n, m in patient_values.items()},
-                                    "bootstrap": patient_info, "confusion_matrix": _confusion(patients, positive)}
+        payload["patient_level"] = {
+            "aggregation": aggregation,
+            "n_patients": len(patients),
+            "metrics": {n: m.to_dict() for n, m in patient_values.items()},
+            "bootstrap": patient_info,
+            "confusion_matrix": _confusion(patients, positive),
+        }
 
     out = Path(out_dir) if out_dir is not None else loaded.run_dir / "evaluation" / chosen.name
     if write:
@@ -285,13 +350,19 @@ def evaluate(run: str | Path, data: str | Path | None = None, split: str = "test
         _write_predictions(out / "predictions.csv", predictions, predicted, at_threshold)
         payload["figures"] = write_evaluation_report(payload, predictions, reliability, out)
         write_json(out / "metrics.json", payload)
-    logger.info("evaluation of %s on %s (%s): %s", loaded.run_dir, chosen.dataset, chosen.split,
-                ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None))
+    logger.info(
+        "evaluation of %s on %s (%s): %s",
+        loaded.run_dir,
+        chosen.dataset,
+        chosen.split,
+        ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None),
+    )
     return Evaluation(payload, predictions, predicted, loaded, out)
 
 
-def _operating_point(validation: PredictionSet | None, positive: int,
-                     target_sensitivity: float | None) -> OperatingPoint | str:
+def _operating_point(
+    validation: PredictionSet | None, positive: int, target_sensitivity: float | None
+) -> OperatingPoint | str:
     """The val-chosen threshold, or the reason there is none."""
     if validation is None:
         return "no validation split in the run's splits.csv"
@@ -299,14 +370,25 @@ def _operating_point(validation: PredictionSet | None, positive: int,
     if is_positive.all() or not is_positive.any():
         return "the validation split holds only one class"
     method = "sensitivity" if target_sensitivity is not None else "youden"
-    return choose_threshold(is_positive, validation.proba[:, positive], method=method,
-                            target_sensitivity=target_sensitivity or 0.95,
-                            chosen_on=f"val ({len(validation)} items)")
+    return choose_threshold(
+        is_positive,
+        validation.proba[:, positive],
+        method=method,
+        target_sensitivity=target_sensitivity or 0.95,
+        chosen_on=f"val ({len(validation)} items)",
+    )
 
 
-def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "test",
-                 out_dir: str | Path | None = None, label_map: dict[str, str] | None = None,
-                 n_bootstrap: int = 1000, external: bool = False, **options: Any) -> dict[str, Any]:
+def evaluate_run(
+    run: str | Path,
+    data: str | Path | None = None,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    label_map: dict[str, str] | None = None,
+    n_bootstrap: int = 1000,
+    external: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
     """Evaluate a run directory (or checkpoint) and write ``metrics.json``, ``predictions.csv``,
     figures and ``report.html``/``report.md`` under ``<run>/evaluation/<name>/``; return the metrics.
 

@@ -34,9 +34,15 @@ _COVID_NAME = re.compile(r"(ct[_ -]?)?(covid([_ -]?19)?|ncp|sars[_ -]?cov[_ -]?2
 BINARY_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "roc_auc", "pr_auc")
 MULTICLASS_METRICS = ("macro_f1", "macro_auroc")
 METRIC_LABELS = {
-    "accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)", "specificity": "Specificity",
-    "precision": "Precision (PPV)", "f1": "F1", "roc_auc": "ROC AUC", "pr_auc": "PR AUC (average precision)",
-    "macro_f1": "Macro F1", "macro_auroc": "Macro AUROC (one-vs-rest)",
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity (recall)",
+    "specificity": "Specificity",
+    "precision": "Precision (PPV)",
+    "f1": "F1",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)",
+    "macro_f1": "Macro F1",
+    "macro_auroc": "Macro AUROC (one-vs-rest)",
 }
 
 
@@ -54,15 +60,21 @@ def resolve_positive_class(class_names: Sequence[str], preferred: str | None = N
     names = list(class_names)
     if preferred is not None:
         if preferred not in names:
-            raise ValueError(f"positive class {preferred!r} is not one of the model's classes {names}; "
-                             "pass --positive-class with one of them")
+            raise ValueError(
+                f"positive class {preferred!r} is not one of the model's classes {names}; "
+                "pass --positive-class with one of them"
+            )
         return names.index(preferred)
     matches = [i for i, name in enumerate(names) if _COVID_NAME.fullmatch(name.strip())]
     if len(matches) == 1:
         return matches[0]
     fallback = 1 if len(names) == 2 else 0
-    logger.warning("no single COVID-like class among %s; using %r as the positive class (set "
-                   "data.positive_class or pass --positive-class)", names, names[fallback])
+    logger.warning(
+        "no single COVID-like class among %s; using %r as the positive class (set "
+        "data.positive_class or pass --positive-class)",
+        names,
+        names[fallback],
+    )
     return fallback
 
 
@@ -81,16 +93,22 @@ class PredictionSet:
         self.proba = np.asarray(self.proba, dtype=np.float64)
         n, k = len(self.y_true), len(self.class_names)
         if n == 0:
-            raise DataError("the evaluation set is empty: no items to evaluate; check --data and --split "
-                            "(the split may hold no samples)")
+            raise DataError(
+                "the evaluation set is empty: no items to evaluate; check --data and --split "
+                "(the split may hold no samples)"
+            )
         if self.proba.shape != (n, k):
-            raise ValueError(f"probabilities have shape {self.proba.shape}, expected ({n}, {k}) for "
-                             f"{n} items and classes {self.class_names}")
+            raise ValueError(
+                f"probabilities have shape {self.proba.shape}, expected ({n}, {k}) for "
+                f"{n} items and classes {self.class_names}"
+            )
         bad = ~np.isfinite(self.proba).all(axis=1)
         if bad.any():
             first = self.paths[int(np.argmax(bad))] if self.paths else f"item {int(np.argmax(bad))}"
-            raise ValueError(f"the model produced NaN/inf probabilities for {int(bad.sum())} item(s) (first: "
-                             f"{first}); the checkpoint's weights are probably corrupt or training diverged")
+            raise ValueError(
+                f"the model produced NaN/inf probabilities for {int(bad.sum())} item(s) (first: "
+                f"{first}); the checkpoint's weights are probably corrupt or training diverged"
+            )
         if self.y_true.min() < 0 or self.y_true.max() >= k:
             raise ValueError(f"true labels must be class indices in [0, {k}); unlabeled items cannot be evaluated")
         self.paths = list(self.paths) or [f"item-{i}" for i in range(n)]
@@ -141,8 +159,9 @@ def _ratio(numerator: float, denominator: float, reason: str) -> MetricValue:
     return MetricValue(numerator / denominator) if denominator > 0 else MetricValue(None, reason)
 
 
-def compute_metrics(predictions: PredictionSet, positive: int, threshold: float | None = None
-                    ) -> dict[str, MetricValue]:
+def compute_metrics(
+    predictions: PredictionSet, positive: int, threshold: float | None = None
+) -> dict[str, MetricValue]:
     """All scalar metrics of :func:`metric_names` for one prediction set (positive class vs rest)."""
     y, proba, k = predictions.y_true, predictions.proba, predictions.num_classes
     pred = predict_labels(proba, positive, threshold)
@@ -165,12 +184,13 @@ def compute_metrics(predictions: PredictionSet, positive: int, threshold: float 
         results["roc_auc"] = MetricValue(float(roc_auc_score(is_pos, proba[:, positive])))
         results["pr_auc"] = MetricValue(float(average_precision_score(is_pos, proba[:, positive])))
     if k > 2:
-        results["macro_f1"] = MetricValue(float(f1_score(y, pred, labels=range(k), average="macro",
-                                                         zero_division=0)))
+        results["macro_f1"] = MetricValue(float(f1_score(y, pred, labels=range(k), average="macro", zero_division=0)))
         absent = [predictions.class_names[c] for c in range(k) if not np.any(y == c)]
         results["macro_auroc"] = (
-            MetricValue(None, f"class(es) {absent} absent: one-vs-rest AUC undefined for them") if absent
-            else MetricValue(float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=range(k)))))
+            MetricValue(None, f"class(es) {absent} absent: one-vs-rest AUC undefined for them")
+            if absent
+            else MetricValue(float(roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=range(k))))
+        )
     return results
 
 
@@ -186,10 +206,17 @@ def normalise_confusion(counts: np.ndarray) -> np.ndarray:
     return np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
 
 
-def per_class_report(predictions: PredictionSet, positive: int, threshold: float | None = None
-                     ) -> dict[str, dict[str, float]]:
+def per_class_report(
+    predictions: PredictionSet, positive: int, threshold: float | None = None
+) -> dict[str, dict[str, float]]:
     """scikit-learn's per-class precision / recall / F1 / support, keyed by class name."""
     pred = predict_labels(predictions.proba, positive, threshold)
-    report = classification_report(predictions.y_true, pred, labels=range(predictions.num_classes),
-                                   target_names=predictions.class_names, output_dict=True, zero_division=0)
+    report = classification_report(
+        predictions.y_true,
+        pred,
+        labels=range(predictions.num_classes),
+        target_names=predictions.class_names,
+        output_dict=True,
+        zero_division=0,
+    )
     return {name: {key: float(v) for key, v in report[name].items()} for name in predictions.class_names}

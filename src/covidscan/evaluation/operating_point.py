@@ -30,8 +30,14 @@ class OperatingPoint:
         return asdict(self)
 
 
-def choose_threshold(is_positive: np.ndarray, scores: np.ndarray, *, method: ThresholdMethod = "youden",
-                     target_sensitivity: float = 0.95, chosen_on: str = "val") -> OperatingPoint:
+def choose_threshold(
+    is_positive: np.ndarray,
+    scores: np.ndarray,
+    *,
+    method: ThresholdMethod = "youden",
+    target_sensitivity: float = 0.95,
+    chosen_on: str = "val",
+) -> OperatingPoint:
     """Youden's J (max sensitivity + specificity - 1) or the highest threshold reaching a target
     sensitivity (so specificity is as high as that sensitivity allows)."""
     if method not in ("youden", "sensitivity"):
@@ -44,6 +50,11 @@ def choose_threshold(is_positive: np.ndarray, scores: np.ndarray, *, method: Thr
     fpr, tpr, thresholds = roc_curve(is_positive, scores, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # scikit-learn's first threshold is +inf
     index = int(np.argmax(tpr - fpr)) if method == "youden" else int(np.argmax(tpr >= target_sensitivity))
-    return OperatingPoint(method, float(thresholds[index]),
-                          target_sensitivity if method == "sensitivity" else None, chosen_on,
-                          float(tpr[index]), float(1 - fpr[index]))
+    return OperatingPoint(
+        method,
+        float(thresholds[index]),
+        target_sensitivity if method == "sensitivity" else None,
+        chosen_on,
+        float(tpr[index]),
+        float(1 - fpr[index]),
+    )

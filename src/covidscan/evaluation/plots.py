@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 
-from covidscan.evaluation.calibration import ReliabilityTable  # noqa: E402
-from covidscan.evaluation.metrics import PredictionSet, normalise_confusion  # noqa: E402
-from covidscan.runtime import atomic_path  # noqa: E402
+from covidscan.evaluation.calibration import ReliabilityTable
+from covidscan.evaluation.metrics import PredictionSet, normalise_confusion
+from covidscan.runtime import atomic_path
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -31,10 +31,12 @@ def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path, t
     """Counts and row-normalised rates side by side (rows = true class)."""
     size = max(4.0, 1.2 * len(class_names) + 2)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
-    ConfusionMatrixDisplay(counts, display_labels=class_names).plot(ax=axes[0], colorbar=False, cmap="Blues",
-                                                                    values_format="d")
+    ConfusionMatrixDisplay(counts, display_labels=class_names).plot(
+        ax=axes[0], colorbar=False, cmap="Blues", values_format="d"
+    )
     ConfusionMatrixDisplay(normalise_confusion(counts), display_labels=class_names).plot(
-        ax=axes[1], colorbar=False, cmap="Blues", values_format=".2f")
+        ax=axes[1], colorbar=False, cmap="Blues", values_format=".2f"
+    )
     axes[0].set_title("counts")
     axes[1].set_title("normalised by true class")
     for ax in axes:
@@ -58,10 +60,16 @@ def plot_roc_pr(predictions: PredictionSet, positive: int, path: Path, title: st
         roc_ax.plot(fpr, tpr, label=f"{name} vs rest")
         pr_ax.step(recall, precision, where="post", label=f"{name} vs rest (prevalence {is_c.mean():.2f})")
     roc_ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
-    roc_ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
-               title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall",
-              xlim=(0, 1), ylim=(0, 1.01))
+    roc_ax.set(
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity (true positive rate)",
+        title="ROC",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    pr_ax.set(
+        xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01)
+    )
     for ax, corner in ((roc_ax, "lower right"), (pr_ax, "lower left")):
         if ax.get_legend_handles_labels()[0]:  # nothing to label when one class is absent
             ax.legend(loc=corner, fontsize=8)
@@ -76,10 +84,22 @@ def plot_reliability(table: ReliabilityTable, path: Path, title: str = "") -> Pa
     centers = (table.edges[:-1] + table.edges[1:]) / 2
     width = table.edges[1] - table.edges[0]
     filled = table.count > 0
-    ax.bar(centers[filled], table.accuracy[filled], width=width * 0.95, color="tab:blue", alpha=0.7,
-           label="accuracy in bin")
-    ax.plot(table.confidence[filled], table.accuracy[filled], "o", color="tab:orange", markersize=4,
-            label="(mean confidence, accuracy)")
+    ax.bar(
+        centers[filled],
+        table.accuracy[filled],
+        width=width * 0.95,
+        color="tab:blue",
+        alpha=0.7,
+        label="accuracy in bin",
+    )
+    ax.plot(
+        table.confidence[filled],
+        table.accuracy[filled],
+        "o",
+        color="tab:orange",
+        markersize=4,
+        label="(mean confidence, accuracy)",
+    )
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
     ax.set(ylabel="accuracy", title=f"Reliability (ECE = {table.ece:.3f})", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=8)
@@ -89,8 +109,14 @@ def plot_reliability(table: ReliabilityTable, path: Path, title: str = "") -> Pa
     return _save(fig, path)
 
 
-def plot_prediction_grid(images: Sequence[np.ndarray], true_labels: Sequence[str], predicted: Sequence[str],
-                         path: Path, confidences: Sequence[float] | None = None, columns: int = 4) -> Path:
+def plot_prediction_grid(
+    images: Sequence[np.ndarray],
+    true_labels: Sequence[str],
+    predicted: Sequence[str],
+    path: Path,
+    confidences: Sequence[float] | None = None,
+    columns: int = 4,
+) -> Path:
     """Images titled 'pred X / true Y', green when right and red when wrong (study D)."""
     if not images:
         raise ValueError("prediction grid needs at least one image")

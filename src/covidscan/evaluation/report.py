@@ -41,8 +41,12 @@ def data_uri(path: Path) -> str:
 
 
 def _environment() -> Environment:
-    env = Environment(loader=PackageLoader("covidscan.evaluation", "templates"),
-                      autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("covidscan.evaluation", "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(metric=format_metric, value=format_value, data_uri=data_uri)
     env.globals["labels"] = METRIC_LABELS
     return env
@@ -52,12 +56,17 @@ def render(template: str, **context: Any) -> str:
     return _environment().get_template(template).render(**context)
 
 
-def write_evaluation_report(payload: dict[str, Any], predictions: PredictionSet, reliability: ReliabilityTable,
-                            out_dir: Path) -> dict[str, str]:
+def write_evaluation_report(
+    payload: dict[str, Any], predictions: PredictionSet, reliability: ReliabilityTable, out_dir: Path
+) -> dict[str, str]:
     """Figures, ``report.html`` and ``report.md`` for one evaluation; returns figure file names."""
     title = f"{payload['model']} on {payload['dataset']} ({payload['split']})"
-    plot_confusion(np.array(payload["confusion_matrix"]["counts"]), predictions.class_names,
-                   out_dir / FIGURES["confusion_matrix"], title)
+    plot_confusion(
+        np.array(payload["confusion_matrix"]["counts"]),
+        predictions.class_names,
+        out_dir / FIGURES["confusion_matrix"],
+        title,
+    )
     positive = predictions.class_names.index(payload["positive_class"])
     plot_roc_pr(predictions, positive, out_dir / FIGURES["roc_pr_curves"], title)
     plot_reliability(reliability, out_dir / FIGURES["reliability_diagram"], title)

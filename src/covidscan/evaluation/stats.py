@@ -54,8 +54,9 @@ def fisher_exact_test(correct_a: np.ndarray, correct_b: np.ndarray) -> TestResul
     a, b = _as_bool(correct_a, "correct_a"), _as_bool(correct_b, "correct_b")
     table = [[int(a.sum()), int((~a).sum())], [int(b.sum()), int((~b).sum())]]
     odds_ratio, p_value = stats.fisher_exact(table, alternative="two-sided")
-    return TestResult("Fisher exact", float(odds_ratio), float(p_value),
-                      f"[[correct A, wrong A], [correct B, wrong B]] = {table}")
+    return TestResult(
+        "Fisher exact", float(odds_ratio), float(p_value), f"[[correct A, wrong A], [correct B, wrong B]] = {table}"
+    )
 
 
 def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray) -> TestResult:
@@ -72,8 +73,9 @@ def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray) -> TestResult:
         p_value = stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue
         return TestResult("McNemar (exact binomial)", float(min(only_a, only_b)), float(min(p_value, 1.0)), detail)
     statistic = (abs(only_a - only_b) - 1) ** 2 / discordant
-    return TestResult("McNemar (chi2, continuity-corrected)", float(statistic),
-                      float(stats.chi2.sf(statistic, df=1)), detail)
+    return TestResult(
+        "McNemar (chi2, continuity-corrected)", float(statistic), float(stats.chi2.sf(statistic, df=1)), detail
+    )
 
 
 def _midranks(values: np.ndarray) -> np.ndarray:
@@ -95,11 +97,16 @@ def delong_test(is_positive: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
         raise ValueError("DeLong needs one score per item for both models")
     m, n = int(is_positive.sum()), int((~is_positive).sum())
     if m < 2 or n < 2:
-        raise ValueError(f"DeLong's test needs at least two positive and two negative items (got {m} and {n}): "
-                         "the AUC variance is undefined otherwise")
+        raise ValueError(
+            f"DeLong's test needs at least two positive and two negative items (got {m} and {n}): "
+            "the AUC variance is undefined otherwise"
+        )
     positives, negatives = scores[:, is_positive], scores[:, ~is_positive]
-    rank_pos, rank_neg, rank_all = _midranks(positives), _midranks(negatives), _midranks(np.hstack([positives,
-                                                                                                   negatives]))
+    rank_pos, rank_neg, rank_all = (
+        _midranks(positives),
+        _midranks(negatives),
+        _midranks(np.hstack([positives, negatives])),
+    )
     aucs = (rank_all[:, :m].sum(axis=1) / m - (m + 1) / 2) / n
     v01 = (rank_all[:, :m] - rank_pos) / n  # structural components of the positives
     v10 = 1 - (rank_all[:, m:] - rank_neg) / m  # ... and of the negatives
@@ -113,8 +120,14 @@ def delong_test(is_positive: np.ndarray, scores_a: np.ndarray, scores_b: np.ndar
     return DeLongResult("DeLong", float(z), float(2 * stats.norm.sf(abs(z))), detail, float(aucs[0]), float(aucs[1]))
 
 
-def compare_predictions(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, positive: int,
-                        scores_a: np.ndarray, scores_b: np.ndarray) -> list[TestResult]:
+def compare_predictions(
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    positive: int,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+) -> list[TestResult]:
     """McNemar, Fisher and DeLong for one pair of models (DeLong undefined with < 2 items of a class)."""
     correct_a, correct_b = pred_a == y_true, pred_b == y_true
     results: list[TestResult] = [mcnemar_test(correct_a, correct_b), fisher_exact_test(correct_a, correct_b)]
@@ -123,6 +136,12 @@ def compare_predictions(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarr
     if min(positives, negatives) >= 2:
         results.append(delong_test(is_positive, scores_a, scores_b))
     else:
-        results.append(TestResult("DeLong", None, None, f"undefined: needs at least two positive and two "
-                                  f"negative items, got {positives} and {negatives}"))
+        results.append(
+            TestResult(
+                "DeLong",
+                None,
+                None,
+                f"undefined: needs at least two positive and two negative items, got {positives} and {negatives}",
+            )
+        )
     return results

@@ -5,6 +5,16 @@ from covidscan.explain.explanation import Explanation, class_index, explain_file
 from covidscan.explain.overlay import render_montage, render_overlay
 
 __all__ = [
-    "CAM_METHODS", "CamMethod", "CamResult", "Explanation", "class_index", "compute_cam", "explain_files",
-    "explain_image", "normalize_maps", "render_montage", "render_overlay", "resolve_target_layer",
+    "CAM_METHODS",
+    "CamMethod",
+    "CamResult",
+    "Explanation",
+    "class_index",
+    "compute_cam",
+    "explain_files",
+    "explain_image",
+    "normalize_maps",
+    "render_montage",
+    "render_overlay",
+    "resolve_target_layer",
 ]

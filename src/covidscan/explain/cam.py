@@ -50,8 +50,9 @@ def resolve_target_layer(model: nn.Module, layer: str | None = None) -> tuple[st
     if layer is None:
         target = getattr(model, "cam_target", None)
         if target is None:
-            raise ValueError(f"{type(model).__name__} has no cam_target; pass the layer name "
-                             "(see model.named_modules())")
+            raise ValueError(
+                f"{type(model).__name__} has no cam_target; pass the layer name (see model.named_modules())"
+            )
         name = next((n for n, m in model.named_modules() if m is target), None)
         if name is None:
             raise ValueError("model.cam_target is not a submodule of the model")
@@ -64,9 +65,18 @@ def resolve_target_layer(model: nn.Module, layer: str | None = None) -> tuple[st
     return layer, modules[layer]
 
 
-def compute_cam(model: nn.Module, x: torch.Tensor, method: CamMethod = "gradcam", *,
-                target_class: int | None = None, layer: str | None = None, samples: int = 8,
-                sigma: float = 0.1, normalize: bool = True, seed: int = 0) -> CamResult:
+def compute_cam(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: CamMethod = "gradcam",
+    *,
+    target_class: int | None = None,
+    layer: str | None = None,
+    samples: int = 8,
+    sigma: float = 0.1,
+    normalize: bool = True,
+    seed: int = 0,
+) -> CamResult:
     """Class activation maps of ``model`` for the batch ``x`` of shape (N, C, *spatial).
 
     ``target_class`` is a class index; by default each item's predicted class. For Smooth
@@ -82,8 +92,10 @@ def compute_cam(model: nn.Module, x: torch.Tensor, method: CamMethod = "gradcam"
         raise ValueError(f"sigma must be > 0 for Smooth Grad-CAM++, got {sigma}")
     spatial_dims = getattr(model, "spatial_dims", x.ndim - 2)
     if x.ndim != spatial_dims + 2:
-        raise ValueError(f"expected a (N, C, {'D, ' if spatial_dims == 3 else ''}H, W) batch for a "
-                         f"{spatial_dims}D model, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"expected a (N, C, {'D, ' if spatial_dims == 3 else ''}H, W) batch for a "
+            f"{spatial_dims}D model, got shape {tuple(x.shape)}"
+        )
     name, module = resolve_target_layer(model, layer)
     x = x.detach().to(next(model.parameters()).device)
 
@@ -125,8 +137,9 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span[:, None] > 0, scaled, torch.zeros_like(scaled)).view_as(maps)
 
 
-def _forward_backward(model: nn.Module, module: nn.Module, x: torch.Tensor,
-                      pick_target: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _forward_backward(
+    model: nn.Module, module: nn.Module, x: torch.Tensor, pick_target: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     """Target-layer activations, d(score)/d(activations), logits and the explained class indices."""
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda _m, _inputs, output: captured.append(output))
@@ -135,8 +148,10 @@ def _forward_backward(model: nn.Module, module: nn.Module, x: torch.Tensor,
             # a leaf input needing grad keeps the graph alive even when every parameter is frozen
             logits = model(x.detach().requires_grad_(True))
             if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
-                raise ValueError(f"the CAM target layer ran {len(captured)} times or returned no tensor; "
-                                 "choose a layer used once in forward (see model.named_modules())")
+                raise ValueError(
+                    f"the CAM target layer ran {len(captured)} times or returned no tensor; "
+                    "choose a layer used once in forward (see model.named_modules())"
+                )
             target = pick_target(logits.detach())
             score = logits.gather(1, target[:, None]).sum()
             (grad,) = torch.autograd.grad(score, captured[0])
@@ -145,8 +160,7 @@ def _forward_backward(model: nn.Module, module: nn.Module, x: torch.Tensor,
     return captured[0].detach(), grad.detach(), logits.detach(), target
 
 
-def _gradcampp_weights(activations: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
-                       d3: torch.Tensor) -> torch.Tensor:
+def _gradcampp_weights(activations: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, d3: torch.Tensor) -> torch.Tensor:
     """Grad-CAM++ channel weights from the first three derivatives (Chattopadhyay et al., eq. 19)."""
     activation_sum = activations.flatten(2).sum(-1)[(...,) + (None,) * (activations.ndim - 2)]
     denominator = 2 * d2 + activation_sum * d3
@@ -154,8 +168,9 @@ def _gradcampp_weights(activations: torch.Tensor, d1: torch.Tensor, d2: torch.Te
     return (alpha * F.relu(d1)).flatten(2).sum(-1)
 
 
-def _noisy_gradient_moments(model: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor,
-                            samples: int, sigma: float, seed: int) -> tuple[torch.Tensor, ...]:
+def _noisy_gradient_moments(
+    model: nn.Module, module: nn.Module, x: torch.Tensor, target: torch.Tensor, samples: int, sigma: float, seed: int
+) -> tuple[torch.Tensor, ...]:
     """Mean of g, g^2 and g^3 over ``samples`` noisy copies of ``x`` (Omeiza et al. 2019)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).clamp(min=1e-6)

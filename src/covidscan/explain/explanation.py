@@ -39,9 +39,17 @@ class Explanation:
     overlay_png_bytes: bytes = field(repr=False)
 
 
-def explain_image(loaded: LoadedModel, image: str | Path | np.ndarray, method: CamMethod = "gradcam",
-                  target_class: str | int | None = None, *, layer: str | None = None, samples: int = 8,
-                  sigma: float = 0.1, cmap: str = "jet") -> Explanation:
+def explain_image(
+    loaded: LoadedModel,
+    image: str | Path | np.ndarray,
+    method: CamMethod = "gradcam",
+    target_class: str | int | None = None,
+    *,
+    layer: str | None = None,
+    samples: int = 8,
+    sigma: float = 0.1,
+    cmap: str = "jet",
+) -> Explanation:
     """Explain one input: a 2D image (path or (H, W) array in [0, 1]) for 2D models, or a scan
     (NIfTI file, DICOM series folder or folder of slice images) for 3D models."""
     target_index = class_index(loaded, target_class)
@@ -49,8 +57,11 @@ def explain_image(loaded: LoadedModel, image: str | Path | np.ndarray, method: C
     if loaded.model.spatial_dims == 3:
         pixels, cam, probabilities, target = _explain_scan(loaded, image, method, target_index, **options)
     else:
-        pixels = read_image(image, window=loaded.config.data.window) if isinstance(image, str | Path) \
+        pixels = (
+            read_image(image, window=loaded.config.data.window)
+            if isinstance(image, str | Path)
             else _checked_array(image, 2)
+        )
         x = loaded.transform()(pixels)[None]
         result = compute_cam(loaded.model, x, method, target_class=target_index, **options)
         cam, probabilities, target = result.maps[0], loaded.probabilities(result.logits)[0], int(result.target[0])
@@ -60,15 +71,28 @@ def explain_image(loaded: LoadedModel, image: str | Path | np.ndarray, method: C
     caption += f", map for {names[target]})" if target != predicted else ")"
     cam = cam.cpu().numpy().astype(np.float32)
     render = render_montage if cam.ndim == 3 else render_overlay
-    return Explanation(map=cam, probabilities={n: float(p) for n, p in zip(names, probabilities)},
-                       predicted=names[predicted], target=names[target], method=method,
-                       overlay_png_bytes=render(pixels, cam, caption, cmap=cmap))
+    return Explanation(
+        map=cam,
+        probabilities={n: float(p) for n, p in zip(names, probabilities)},
+        predicted=names[predicted],
+        target=names[target],
+        method=method,
+        overlay_png_bytes=render(pixels, cam, caption, cmap=cmap),
+    )
 
 
-def explain_files(loaded: LoadedModel, inputs: Sequence[str | Path], out_dir: str | Path,
-                  method: CamMethod = "gradcam", target_class: str | int | None = None, *,
-                  layer: str | None = None, samples: int = 8, sigma: float = 0.1,
-                  progress: bool = True) -> tuple[Path, dict[str, str]]:
+def explain_files(
+    loaded: LoadedModel,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    method: CamMethod = "gradcam",
+    target_class: str | int | None = None,
+    *,
+    layer: str | None = None,
+    samples: int = 8,
+    sigma: float = 0.1,
+    progress: bool = True,
+) -> tuple[Path, dict[str, str]]:
     """Write ``<name>.png`` (overlay or montage) and ``<name>.npy`` (raw map) per input, plus
     ``explanations.csv``; return that CSV's path and ``{file: error}`` for inputs that failed."""
     class_index(loaded, target_class)  # a wrong class name fails before any file is read
@@ -76,11 +100,9 @@ def explain_files(loaded: LoadedModel, inputs: Sequence[str | Path], out_dir: st
     files = list_volume_inputs(inputs) if loaded.model.spatial_dims == 3 else list_image_inputs(inputs)
     rows: list[dict[str, object]] = []
     failures: dict[str, str] = {}
-    for path, stem in tqdm(list(zip(files, _unique_stems(files))), desc="explain", unit="input",
-                           disable=not progress):
+    for path, stem in tqdm(list(zip(files, _unique_stems(files))), desc="explain", unit="input", disable=not progress):
         try:
-            explanation = explain_image(loaded, path, method, target_class, layer=layer, samples=samples,
-                                        sigma=sigma)
+            explanation = explain_image(loaded, path, method, target_class, layer=layer, samples=samples, sigma=sigma)
         except DataError as exc:
             failures[str(path)] = str(exc)
             logger.warning("skipped %s", exc)
@@ -89,9 +111,17 @@ def explain_files(loaded: LoadedModel, inputs: Sequence[str | Path], out_dir: st
         np.save(buffer, explanation.map)
         write_bytes(out_dir / f"{stem}.npy", buffer.getvalue())
         write_bytes(out_dir / f"{stem}.png", explanation.overlay_png_bytes)
-        rows.append({"file": str(path), "overlay": f"{stem}.png", "map": f"{stem}.npy",
-                     "predicted": explanation.predicted, "target": explanation.target, "method": method,
-                     **{f"p_{name}": round(p, 6) for name, p in explanation.probabilities.items()}})
+        rows.append(
+            {
+                "file": str(path),
+                "overlay": f"{stem}.png",
+                "map": f"{stem}.npy",
+                "predicted": explanation.predicted,
+                "target": explanation.target,
+                "method": method,
+                **{f"p_{name}": round(p, 6) for name, p in explanation.probabilities.items()},
+            }
+        )
     return _write_summary(out_dir / "explanations.csv", rows, loaded.class_names), failures
 
 
@@ -113,8 +143,9 @@ def list_image_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     they are reported by name with the other bad files."""
     files: list[Path] = []
     for item in map(Path, inputs):
-        files.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_supported_file(p))
-                     if item.is_dir() else [item])
+        files.extend(
+            sorted(p for p in item.rglob("*") if p.is_file() and is_supported_file(p)) if item.is_dir() else [item]
+        )
     if not files:
         raise DataError(f"no supported images among {[str(i) for i in inputs]}")
     return files
@@ -128,8 +159,11 @@ def list_volume_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             scans.append(item)
             continue
         candidates = [item, *sorted(p for p in item.rglob("*") if p.is_dir())]
-        scans.extend(folder for folder in candidates if any(f.suffix.lower() in _SCAN_SLICE_SUFFIXES
-                                                            for f in folder.iterdir() if f.is_file()))
+        scans.extend(
+            folder
+            for folder in candidates
+            if any(f.suffix.lower() in _SCAN_SLICE_SUFFIXES for f in folder.iterdir() if f.is_file())
+        )
         scans.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_nifti(p)))
     if not scans:
         raise DataError(f"no NIfTI files or DICOM series among {[str(i) for i in inputs]}")
@@ -147,8 +181,9 @@ def _checked_array(array: np.ndarray, ndim: int = 2) -> np.ndarray:
     return array
 
 
-def _explain_scan(loaded: LoadedModel, scan: str | Path, method: CamMethod, target_index: int | None,
-                  **options) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
+def _explain_scan(
+    loaded: LoadedModel, scan: str | Path, method: CamMethod, target_index: int | None, **options
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
     """Explain a scan stack by stack, with the 3D data pipeline the model was trained with.
 
     The scan's class is the mean of its stacks' probabilities; every stack is explained for that
@@ -158,8 +193,10 @@ def _explain_scan(loaded: LoadedModel, scan: str | Path, method: CamMethod, targ
     from covidscan.data.volumes import VolumeStackDataset
 
     if not isinstance(scan, str | Path):
-        raise DataError("3D models explain scans given by path (NIfTI file, DICOM series folder or folder of "
-                        "slice images), not arrays")
+        raise DataError(
+            "3D models explain scans given by path (NIfTI file, DICOM series folder or folder of "
+            "slice images), not arrays"
+        )
     dataset = VolumeStackDataset([Sample(str(scan), None)], [], loaded.config.data, train=False)
     volume = dataset.scan_volume(0).numpy()
     stacks = torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -169,10 +206,10 @@ def _explain_scan(loaded: LoadedModel, scan: str | Path, method: CamMethod, targ
     depth, slices = loaded.config.data.depth, volume.shape[0]
     if slices < depth:  # one stack, edge-padded symmetrically by VolumeStackDataset.stack
         front = (depth - slices) // 2
-        return volume, normalize_maps(maps[:1, front:front + slices])[0], probabilities, target
+        return volume, normalize_maps(maps[:1, front : front + slices])[0], probabilities, target
     stitched = torch.zeros((slices, *maps.shape[2:]), dtype=maps.dtype)
     for (_, start), stack_map in zip(dataset.stacks, maps):
-        stitched[start:start + depth] = torch.maximum(stitched[start:start + depth], stack_map)
+        stitched[start : start + depth] = torch.maximum(stitched[start : start + depth], stack_map)
     return volume, normalize_maps(stitched[None])[0], probabilities, target
 
 

@@ -30,8 +30,9 @@ def render_overlay(image: np.ndarray, cam: np.ndarray, caption: str, *, cmap: st
     return _png(figure)
 
 
-def render_montage(volume: np.ndarray, cam: np.ndarray, caption: str, *, cmap: str = "jet",
-                   max_slices: int = MAX_MONTAGE_SLICES) -> bytes:
+def render_montage(
+    volume: np.ndarray, cam: np.ndarray, caption: str, *, cmap: str = "jet", max_slices: int = MAX_MONTAGE_SLICES
+) -> bytes:
     """PNG grid of slice overlays for a (D, H, W) volume and its (D, h, w) map.
 
     Long scans show ``max_slices`` evenly spaced slices, each labelled with its index.
@@ -66,8 +67,15 @@ def _draw(axes: Axes, image: np.ndarray, cam: np.ndarray, cmap: str) -> None:
     extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
     axes.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, extent=extent)
     # opacity grows with relevance, so the anatomy stays visible where the map is near zero
-    axes.imshow(cam, cmap=cmap, vmin=0.0, vmax=1.0, alpha=HEATMAP_ALPHA * np.clip(cam, 0.0, 1.0) ** 0.5,
-                extent=extent, interpolation="bilinear")
+    axes.imshow(
+        cam,
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        alpha=HEATMAP_ALPHA * np.clip(cam, 0.0, 1.0) ** 0.5,
+        extent=extent,
+        interpolation="bilinear",
+    )
     axes.axis("off")
 
 
@@ -75,8 +83,9 @@ def _add_colorbar(figure: Figure, cmap: str) -> None:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    colorbar = figure.colorbar(ScalarMappable(Normalize(0, 1), cmap=cmap), ax=figure.axes, shrink=0.6,
-                               location="bottom", aspect=30)
+    colorbar = figure.colorbar(
+        ScalarMappable(Normalize(0, 1), cmap=cmap), ax=figure.axes, shrink=0.6, location="bottom", aspect=30
+    )
     colorbar.set_label("relevance to the explained class (normalised)", fontsize=8)
 
 

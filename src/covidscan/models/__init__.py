@@ -6,5 +6,15 @@ from covidscan.models.heads import HeadSpec
 from covidscan.models.registry import create_model, list_models, model_entry, register_model, unregister_model
 from covidscan.models.weights import PretrainedWeightsError
 
-__all__ = ["ClassifierModel", "HeadSpec", "PretrainedWeightsError", "create_model", "keras_parameter_count",
-           "list_models", "model_entry", "register_model", "set_trainable", "unregister_model"]
+__all__ = [
+    "ClassifierModel",
+    "HeadSpec",
+    "PretrainedWeightsError",
+    "create_model",
+    "keras_parameter_count",
+    "list_models",
+    "model_entry",
+    "register_model",
+    "set_trainable",
+    "unregister_model",
+]

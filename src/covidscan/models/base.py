@@ -15,8 +15,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 class ClassifierModel(nn.Module):
     """``logits = head(backbone(x))``; ``backbone`` returns a (N, C, *spatial) feature map."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, *, spatial_dims: int = 2,
-                 cam_target: nn.Module | None = None) -> None:
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, *, spatial_dims: int = 2, cam_target: nn.Module | None = None
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -33,7 +34,7 @@ class ClassifierModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
-    def train(self, mode: bool = True) -> "ClassifierModel":
+    def train(self, mode: bool = True) -> ClassifierModel:
         """Like ``nn.Module.train``, but frozen BatchNorm layers stay in inference mode (Keras semantics)."""
         super().train(mode)
         if mode:
@@ -61,8 +62,11 @@ def keras_parameter_count(model: nn.Module) -> int:
     (4 numbers per channel); PyTorch keeps those two as buffers, so they are added here.
     """
     params = sum(p.numel() for p in model.parameters())
-    moving = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
-                 if isinstance(m, _BatchNorm) and m.track_running_stats)
+    moving = sum(
+        m.running_mean.numel() + m.running_var.numel()
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.track_running_stats
+    )
     return params + moving
 
 

@@ -28,8 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The module's "layers": submodules owning parameters directly, in registration order."""
-    return [(name, sub) for name, sub in module.named_modules()
-            if any(True for _ in sub.parameters(recurse=False))]
+    return [(name, sub) for name, sub in module.named_modules() if any(True for _ in sub.parameters(recurse=False))]
 
 
 def parse_trainable(spec: str) -> int | None:
@@ -55,15 +54,19 @@ def set_trainable(model: nn.Module, spec: str) -> int:
         model.requires_grad_(True)
     else:
         if not hasattr(model, "backbone") or not hasattr(model, "head"):
-            raise ValueError(f"trainable {spec!r} needs a model with .backbone and .head "
-                             f"(a covidscan ClassifierModel), got {type(model).__name__}")
+            raise ValueError(
+                f"trainable {spec!r} needs a model with .backbone and .head "
+                f"(a covidscan ClassifierModel), got {type(model).__name__}"
+            )
         model.requires_grad_(False)
         model.head.requires_grad_(True)
         layers = parameter_layers(model.backbone)
         if n_layers > len(layers):
-            warnings.warn(f"trainable {spec!r}: the backbone has only {len(layers)} layers with parameters; "
-                          "training all of them", stacklevel=2)
-        for _, layer in layers[len(layers) - min(n_layers, len(layers)):]:
+            warnings.warn(
+                f"trainable {spec!r}: the backbone has only {len(layers)} layers with parameters; training all of them",
+                stacklevel=2,
+            )
+        for _, layer in layers[len(layers) - min(n_layers, len(layers)) :]:
             layer.requires_grad_(True)
     if model.training:
         freeze_norm_stats(model)

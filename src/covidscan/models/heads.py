@@ -48,13 +48,18 @@ class HeadSpec:
 
 
 # Study E: GlobalAvgPool -> Dense 1024 ReLU (L2 0.01) -> BatchNorm -> Dropout 0.5 -> Dense classes.
-STUDY_E_HEAD = HeadSpec(pooling="avg", hidden=(1024,), dropout=0.5, batch_norm=True, norm_before_dropout=True,
-                        l2=0.01)
+STUDY_E_HEAD = HeadSpec(pooling="avg", hidden=(1024,), dropout=0.5, batch_norm=True, norm_before_dropout=True, l2=0.01)
 NAMED_HEADS = {"study_e": STUDY_E_HEAD}
 
 
-def resolve_head(head: str, default: HeadSpec, *, pooling: str | None = None, dropout: float | None = None,
-                 hidden: list[int] | tuple[int, ...] | None = None) -> HeadSpec:
+def resolve_head(
+    head: str,
+    default: HeadSpec,
+    *,
+    pooling: str | None = None,
+    dropout: float | None = None,
+    hidden: list[int] | tuple[int, ...] | None = None,
+) -> HeadSpec:
     """``head="default"`` is the model's own head, else a named one; explicit options override it."""
     if head == "default":
         spec = default

@@ -21,15 +21,17 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, spatial_dims: int = 2, description: str = "",
-                   input_size: int = 224) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(
+    name: str, *, spatial_dims: int = 2, description: str = "", input_size: int = 224
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator adding a builder ``fn(num_classes, in_channels, pretrained, weights, **kw)``."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelEntry(name, builder, spatial_dims, description or (builder.__doc__ or "").strip(),
-                                     input_size)
+        _REGISTRY[name] = ModelEntry(
+            name, builder, spatial_dims, description or (builder.__doc__ or "").strip(), input_size
+        )
         return builder
 
     return decorator
@@ -48,8 +50,11 @@ def _ensure_builtins() -> None:
 
 def list_models(pattern: str = "*", spatial_dims: int | None = None) -> list[str]:
     _ensure_builtins()
-    return sorted(name for name, entry in _REGISTRY.items()
-                  if fnmatch.fnmatch(name, pattern) and spatial_dims in (None, entry.spatial_dims))
+    return sorted(
+        name
+        for name, entry in _REGISTRY.items()
+        if fnmatch.fnmatch(name, pattern) and spatial_dims in (None, entry.spatial_dims)
+    )
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -61,13 +66,15 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, pretrained: bool = False,
-                 weights: str | None = None, **kwargs) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None, **kwargs
+) -> nn.Module:
     """Build a registered model. ``weights`` is a local file used instead of a download."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     entry = model_entry(name)
-    return entry.builder(num_classes=num_classes, in_channels=in_channels, pretrained=pretrained,
-                         weights=weights, **kwargs)
+    return entry.builder(
+        num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, weights=weights, **kwargs
+    )

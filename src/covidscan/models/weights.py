@@ -55,9 +55,11 @@ class LoadReport:
 
 
 def _fix_hint(model_name: str) -> str:
-    return (f"Either provide a local weights file with `--set model.weights=PATH` (create_model({model_name!r}, "
-            f"..., weights=PATH): the library's state dict for this architecture), or train from scratch with "
-            f"`--set model.pretrained=false`.")
+    return (
+        f"Either provide a local weights file with `--set model.weights=PATH` (create_model({model_name!r}, "
+        f"..., weights=PATH): the library's state dict for this architecture), or train from scratch with "
+        f"`--set model.pretrained=false`."
+    )
 
 
 @contextlib.contextmanager
@@ -109,11 +111,12 @@ def torchvision_pretrained_state(model_name: str, weights_enum: type) -> dict[st
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             return default.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - any download failure gets the same actionable message
+    except Exception as exc:
         raise PretrainedWeightsError(
             f"ImageNet weights for {model_name!r} ({weights_enum.__name__}.{default.name}) could not be loaded: "
             f"{exc}. Offline, put the file {_url_filename(default.url)} (from {default.url}) at {target}. "
-            + _fix_hint(model_name)) from exc
+            + _fix_hint(model_name)
+        ) from exc
 
 
 def timm_pretrained_model(model_name: str, arch: str, **kwargs) -> nn.Module:
@@ -123,16 +126,20 @@ def timm_pretrained_model(model_name: str, arch: str, **kwargs) -> nn.Module:
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             return timm.create_model(arch, pretrained=True, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any download failure gets the same actionable message
+    except Exception as exc:
         tag = timm.models.get_pretrained_cfg(arch)
         if tag is not None and tag.hf_hub_id:
-            where = (f"Offline, download the Hugging Face repo {tag.hf_hub_id} into the Hugging Face cache (HF_HOME) "
-                     f"on a machine with internet, copy that cache here and keep HF_HUB_OFFLINE=1.")
+            where = (
+                f"Offline, download the Hugging Face repo {tag.hf_hub_id} into the Hugging Face cache (HF_HOME) "
+                f"on a machine with internet, copy that cache here and keep HF_HUB_OFFLINE=1."
+            )
         else:
             url = tag.url if tag is not None else ""
             where = f"Offline, put the file {_url_filename(url)} (from {url}) at {hub_checkpoint_dir()}."
-        raise PretrainedWeightsError(f"ImageNet weights for {model_name!r} (timm {arch!r}) could not be loaded: "
-                                     f"{exc}. {where} " + _fix_hint(model_name)) from exc
+        raise PretrainedWeightsError(
+            f"ImageNet weights for {model_name!r} (timm {arch!r}) could not be loaded: "
+            f"{exc}. {where} " + _fix_hint(model_name)
+        ) from exc
 
 
 def _url_filename(url: str) -> str:
@@ -157,13 +164,15 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors``; clear error when unreadable."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise PretrainedWeightsError(f"weights file not found: {path} (model.weights must be a local state-dict "
-                                     "file: .pth, .pt, .bin or .safetensors)")
+        raise PretrainedWeightsError(
+            f"weights file not found: {path} (model.weights must be a local state-dict "
+            "file: .pth, .pt, .bin or .safetensors)"
+        )
     try:
         return _read_state(path)
     except PretrainedWeightsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - unreadable/corrupt file
+    except Exception as exc:
         raise PretrainedWeightsError(f"cannot read weights file {path}: {exc}") from exc
 
 
@@ -173,12 +182,13 @@ def _strip_wrappers(key: str) -> str:
         stripped = False
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 
-def load_backbone_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
-                        classifier_prefixes: tuple[str, ...] = ()) -> LoadReport:
+def load_backbone_state(
+    backbone: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, classifier_prefixes: tuple[str, ...] = ()
+) -> LoadReport:
     """Copy ``state`` into ``backbone`` (whose keys are the library's own), ignoring classifier keys.
 
     Missing or misshapen backbone tensors and unknown keys raise :class:`PretrainedWeightsError`;
@@ -212,8 +222,11 @@ def load_backbone_state(backbone: nn.Module, state: Mapping[str, torch.Tensor], 
     if mismatched:
         problems.append(f"shape mismatch: {mismatched[:5]}")
     if problems:
-        raise PretrainedWeightsError(f"weights from {source} do not fit this backbone: " + "; ".join(problems)
-                                     + ". Is it a state dict of the same architecture?")
+        raise PretrainedWeightsError(
+            f"weights from {source} do not fit this backbone: "
+            + "; ".join(problems)
+            + ". Is it a state dict of the same architecture?"
+        )
     backbone.load_state_dict(matched, strict=False)
     report.loaded = len(matched)
     if report.adapted:

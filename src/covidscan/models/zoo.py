@@ -23,8 +23,12 @@ from covidscan import compat  # noqa: F401  (torchvision needs the shim on a CPU
 from covidscan.models.base import ClassifierModel
 from covidscan.models.heads import HeadSpec, build_head, resolve_head
 from covidscan.models.registry import register_model
-from covidscan.models.weights import (load_backbone_state, read_weights_file, timm_pretrained_model,
-                                      torchvision_pretrained_state)
+from covidscan.models.weights import (
+    load_backbone_state,
+    read_weights_file,
+    timm_pretrained_model,
+    torchvision_pretrained_state,
+)
 
 # Transfer-learning default (Keras ``include_top=False, pooling="avg"`` + Dense): GAP then linear.
 LINEAR_HEAD = HeadSpec()
@@ -39,19 +43,32 @@ def feature_shape(backbone: nn.Module, in_channels: int, size: int) -> tuple[int
         with torch.no_grad():
             out = backbone(torch.zeros(1, in_channels, size, size))
     except RuntimeError as exc:
-        raise ValueError(f"this backbone cannot take {size}x{size} input ({exc}); use a larger data.image_size") from exc
+        raise ValueError(
+            f"this backbone cannot take {size}x{size} input ({exc}); use a larger data.image_size"
+        ) from exc
     finally:
         backbone.train(was_training)
     return tuple(out.shape[1:])
 
 
-def _assemble(backbone: nn.Module, num_classes: int, in_channels: int, default_head: HeadSpec, *,
-              head: str = "default", pooling: str | None = None, dropout: float | None = None,
-              hidden: list[int] | None = None, input_size: int | None = None) -> ClassifierModel:
+def _assemble(
+    backbone: nn.Module,
+    num_classes: int,
+    in_channels: int,
+    default_head: HeadSpec,
+    *,
+    head: str = "default",
+    pooling: str | None = None,
+    dropout: float | None = None,
+    hidden: list[int] | None = None,
+    input_size: int | None = None,
+) -> ClassifierModel:
     spec = resolve_head(head, default_head, pooling=pooling, dropout=dropout, hidden=hidden)
     if spec.pooling == "flatten" and input_size is None:
-        raise ValueError("pooling='flatten' needs the input size to size the dense layer: add "
-                         "`input_size: <data.image_size>` to model.kwargs")
+        raise ValueError(
+            "pooling='flatten' needs the input size to size the dense layer: add "
+            "`input_size: <data.image_size>` to model.kwargs"
+        )
     shape = feature_shape(backbone, in_channels, input_size or _PROBE_SIZE)
     return ClassifierModel(backbone, build_head(spec, shape, num_classes))
 
@@ -60,17 +77,20 @@ _HEAD_OPTIONS = {p.name for p in inspect.signature(_assemble).parameters.values(
 BackboneFactory = Callable[[int, bool], nn.Module]  # (in_channels, pretrained) -> backbone
 
 
-def _register(name: str, description: str, default_head: HeadSpec = LINEAR_HEAD,
-              input_size: int = 224) -> Callable[[BackboneFactory], BackboneFactory]:
+def _register(
+    name: str, description: str, default_head: HeadSpec = LINEAR_HEAD, input_size: int = 224
+) -> Callable[[BackboneFactory], BackboneFactory]:
     """Register ``name`` from a backbone factory; the shared builder adds weights file and head."""
 
     def decorator(make_backbone: BackboneFactory) -> BackboneFactory:
-        def builder(num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None,
-                    **head_options) -> ClassifierModel:
+        def builder(
+            num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None, **head_options
+        ) -> ClassifierModel:
             unknown = sorted(set(head_options) - _HEAD_OPTIONS)
             if unknown:
-                raise ValueError(f"{name}: unknown model option(s) {unknown} (model.kwargs); "
-                                 f"allowed: {sorted(_HEAD_OPTIONS)}")
+                raise ValueError(
+                    f"{name}: unknown model option(s) {unknown} (model.kwargs); allowed: {sorted(_HEAD_OPTIONS)}"
+                )
             # a local weights file *is* the pretrained weights: nothing is downloaded then
             backbone = make_backbone(in_channels, pretrained and not weights)
             if weights:
@@ -89,12 +109,15 @@ def _register(name: str, description: str, default_head: HeadSpec = LINEAR_HEAD,
 
 def _no_imagenet_weights(name: str, pretrained: bool) -> None:
     if pretrained:
-        raise ValueError(f"{name} is a custom network without ImageNet weights: set model.pretrained=false "
-                         "(or give a local state dict with model.weights=PATH)")
+        raise ValueError(
+            f"{name} is a custom network without ImageNet weights: set model.pretrained=false "
+            "(or give a local state dict with model.weights=PATH)"
+        )
 
 
-def conv_blocks(in_channels: int, widths: tuple[int, ...], convs_per_block: int = 1,
-                batch_norm: bool = False) -> nn.Sequential:
+def conv_blocks(
+    in_channels: int, widths: tuple[int, ...], convs_per_block: int = 1, batch_norm: bool = False
+) -> nn.Sequential:
     """VGG-style blocks: ``convs_per_block`` x (conv3x3 [+ BN] + ReLU), then 2x2 max-pool, per width."""
     blocks: list[nn.Module] = []
     for width in widths:
@@ -108,31 +131,48 @@ def conv_blocks(in_channels: int, widths: tuple[int, ...], convs_per_block: int 
     return nn.Sequential(*blocks)
 
 
-@_register("cnn1", "Study A CNN1: 3 x [conv3x3 + ReLU + maxpool] (32-64-128); head GAP, Dense 128 ReLU, "
-           "Dropout 0.5", HeadSpec(hidden=(128,), dropout=0.5), input_size=250)
+@_register(
+    "cnn1",
+    "Study A CNN1: 3 x [conv3x3 + ReLU + maxpool] (32-64-128); head GAP, Dense 128 ReLU, Dropout 0.5",
+    HeadSpec(hidden=(128,), dropout=0.5),
+    input_size=250,
+)
 def _cnn1(in_channels: int, pretrained: bool) -> nn.Module:
     _no_imagenet_weights("cnn1", pretrained)
     return conv_blocks(in_channels, (32, 64, 128))
 
 
-@_register("cnn2", "Study A CNN2: 4 x [conv3x3 + BN + ReLU + maxpool] (32-64-128-256); head GAP, Dense 256 ReLU, "
-           "Dropout 0.5", HeadSpec(hidden=(256,), dropout=0.5), input_size=250)
+@_register(
+    "cnn2",
+    "Study A CNN2: 4 x [conv3x3 + BN + ReLU + maxpool] (32-64-128-256); head GAP, Dense 256 ReLU, Dropout 0.5",
+    HeadSpec(hidden=(256,), dropout=0.5),
+    input_size=250,
+)
 def _cnn2(in_channels: int, pretrained: bool) -> nn.Module:
     _no_imagenet_weights("cnn2", pretrained)
     return conv_blocks(in_channels, (32, 64, 128, 256), batch_norm=True)
 
 
-@_register("cnn3", "Study A CNN3: 5 x [2 x (conv3x3 + BN + ReLU) + maxpool] (32-64-128-256-256); head GAP, "
-           "Dense 256 ReLU, Dropout 0.5, Dense 128 ReLU, Dropout 0.5",
-           HeadSpec(hidden=(256, 128), dropout=0.5), input_size=250)
+@_register(
+    "cnn3",
+    "Study A CNN3: 5 x [2 x (conv3x3 + BN + ReLU) + maxpool] (32-64-128-256-256); head GAP, "
+    "Dense 256 ReLU, Dropout 0.5, Dense 128 ReLU, Dropout 0.5",
+    HeadSpec(hidden=(256, 128), dropout=0.5),
+    input_size=250,
+)
 def _cnn3(in_channels: int, pretrained: bool) -> nn.Module:
     _no_imagenet_weights("cnn3", pretrained)
     return conv_blocks(in_channels, (32, 64, 128, 256, 256), convs_per_block=2, batch_norm=True)
 
 
-@_register("sepconv", "Study B custom CNN: Conv2D 32 + ReLU, 4 x [MaxPool + 2 x SeparableConv2D (ReLU) + BN] "
-           "(64-128-256-512); head GAP, Dense 128-Dropout-BN, Dense 64-Dropout-BN (616,739 Keras parameters "
-           "at 3 classes)", HeadSpec(hidden=(128, 64), dropout=0.5, batch_norm=True), input_size=256)
+@_register(
+    "sepconv",
+    "Study B custom CNN: Conv2D 32 + ReLU, 4 x [MaxPool + 2 x SeparableConv2D (ReLU) + BN] "
+    "(64-128-256-512); head GAP, Dense 128-Dropout-BN, Dense 64-Dropout-BN (616,739 Keras parameters "
+    "at 3 classes)",
+    HeadSpec(hidden=(128, 64), dropout=0.5, batch_norm=True),
+    input_size=256,
+)
 def _sepconv(in_channels: int, pretrained: bool) -> nn.Module:
     from timm.layers import SeparableConv2d  # Keras SeparableConv2D: depthwise (no bias) + pointwise (bias)
 
@@ -140,11 +180,16 @@ def _sepconv(in_channels: int, pretrained: bool) -> nn.Module:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True)]
     width = 32
     for filters in (64, 128, 256, 512):
-        layers.append(nn.Sequential(
-            nn.MaxPool2d(2),
-            SeparableConv2d(width, filters, 3, bias=True), nn.ReLU(inplace=True),
-            SeparableConv2d(filters, filters, 3, bias=True), nn.ReLU(inplace=True),
-            nn.BatchNorm2d(filters)))
+        layers.append(
+            nn.Sequential(
+                nn.MaxPool2d(2),
+                SeparableConv2d(width, filters, 3, bias=True),
+                nn.ReLU(inplace=True),
+                SeparableConv2d(filters, filters, 3, bias=True),
+                nn.ReLU(inplace=True),
+                nn.BatchNorm2d(filters),
+            )
+        )
         width = filters
     return nn.Sequential(*layers)
 
@@ -152,8 +197,15 @@ def _sepconv(in_channels: int, pretrained: bool) -> nn.Module:
 # --- torchvision ImageNet architectures -----------------------------------------------------------------
 
 
-def _torchvision_backbone(name: str, arch: str, in_channels: int, pretrained: bool, feature_modules: tuple[str, ...],
-                          first_conv: str, extra: tuple[tuple[str, nn.Module], ...] = ()) -> nn.Module:
+def _torchvision_backbone(
+    name: str,
+    arch: str,
+    in_channels: int,
+    pretrained: bool,
+    feature_modules: tuple[str, ...],
+    first_conv: str,
+    extra: tuple[tuple[str, nn.Module], ...] = (),
+) -> nn.Module:
     """The torchvision network's feature modules under their own names (so its weight files load)."""
     from timm.models import adapt_input_conv
     from torchvision import models
@@ -163,8 +215,16 @@ def _torchvision_backbone(name: str, arch: str, in_channels: int, pretrained: bo
         net.load_state_dict(torchvision_pretrained_state(name, models.get_model_weights(arch)))
     if in_channels != 3:
         old = net.get_submodule(first_conv)
-        new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-                        old.groups, bias=old.bias is not None)
+        new = nn.Conv2d(
+            in_channels,
+            old.out_channels,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            old.dilation,
+            old.groups,
+            bias=old.bias is not None,
+        )
         if pretrained:  # RGB filters summed (1 channel) or repeated (n channels), as timm does
             with torch.no_grad():
                 new.weight.copy_(adapt_input_conv(in_channels, old.weight))
@@ -190,20 +250,30 @@ def _resnet50(in_channels: int, pretrained: bool) -> nn.Module:
 @_register("densenet121", "DenseNet-121 (torchvision); head GAP + linear")
 def _densenet121(in_channels: int, pretrained: bool) -> nn.Module:
     # torchvision applies the final ReLU in forward(), outside `features`
-    return _torchvision_backbone("densenet121", "densenet121", in_channels, pretrained, ("features",),
-                                 "features.conv0", extra=(("relu", nn.ReLU(inplace=True)),))
+    return _torchvision_backbone(
+        "densenet121",
+        "densenet121",
+        in_channels,
+        pretrained,
+        ("features",),
+        "features.conv0",
+        extra=(("relu", nn.ReLU(inplace=True)),),
+    )
 
 
-@_register("mobilenet", "MobileNetV2 (torchvision mobilenet_v2; ImageNet weights offline via the `weights` extra); "
-           "head GAP + linear")
+@_register(
+    "mobilenet",
+    "MobileNetV2 (torchvision mobilenet_v2; ImageNet weights offline via the `weights` extra); head GAP + linear",
+)
 def _mobilenet(in_channels: int, pretrained: bool) -> nn.Module:
     return _torchvision_backbone("mobilenet", "mobilenet_v2", in_channels, pretrained, ("features",), "features.0.0")
 
 
 @_register("efficientnet_b0", "EfficientNet-B0 (torchvision); head GAP + linear")
 def _efficientnet_b0(in_channels: int, pretrained: bool) -> nn.Module:
-    return _torchvision_backbone("efficientnet_b0", "efficientnet_b0", in_channels, pretrained, ("features",),
-                                 "features.0.0")
+    return _torchvision_backbone(
+        "efficientnet_b0", "efficientnet_b0", in_channels, pretrained, ("features",), "features.0.0"
+    )
 
 
 @_register("vgg16", "VGG-16 (torchvision, no BN) convolutional base; head GAP + linear")
@@ -211,8 +281,10 @@ def _vgg16(in_channels: int, pretrained: bool) -> nn.Module:
     return _torchvision_backbone("vgg16", "vgg16", in_channels, pretrained, ("features",), "features.0")
 
 
-@_register("alexnet", "AlexNet (torchvision, 64-192-384-256-256 filters) convolutional base; head GAP + linear; "
-           "needs >= 63 px input")
+@_register(
+    "alexnet",
+    "AlexNet (torchvision, 64-192-384-256-256 filters) convolutional base; head GAP + linear; needs >= 63 px input",
+)
 def _alexnet(in_channels: int, pretrained: bool) -> nn.Module:
     return _torchvision_backbone("alexnet", "alexnet", in_channels, pretrained, ("features",), "features.0")
 
@@ -235,8 +307,8 @@ def _resnet101(in_channels: int, pretrained: bool) -> nn.Module:
     return _timm_backbone("resnet101", "resnetv2_101", in_channels, pretrained)
 
 
-@_register("xception", "Xception (timm legacy_xception: the original Keras/TF Xception); head GAP + linear",
-           input_size=299)
+@_register(
+    "xception", "Xception (timm legacy_xception: the original Keras/TF Xception); head GAP + linear", input_size=299
+)
 def _xception(in_channels: int, pretrained: bool) -> nn.Module:
     return _timm_backbone("xception", "legacy_xception", in_channels, pretrained)
-

@@ -44,8 +44,16 @@ def table3_stem(in_channels: int) -> nn.Sequential:
 def _monai_resnet(in_channels: int, block: str, layers: list[int]) -> tuple[nn.Module, int]:
     from monai.networks.nets.resnet import ResNet, get_inplanes
 
-    net = ResNet(block=block, layers=layers, block_inplanes=get_inplanes(), spatial_dims=3,
-                 n_input_channels=in_channels, conv1_t_size=7, conv1_t_stride=(1, 2, 2), feed_forward=False)
+    net = ResNet(
+        block=block,
+        layers=layers,
+        block_inplanes=get_inplanes(),
+        spatial_dims=3,
+        n_input_channels=in_channels,
+        conv1_t_size=7,
+        conv1_t_stride=(1, 2, 2),
+        feed_forward=False,
+    )
     parts = ["conv1", "bn1", "act", "maxpool", *_RESNET_STAGES]
     backbone = nn.Sequential(OrderedDict(zip(parts, (getattr(net, name) for name in parts))))
     return backbone, net.in_planes
@@ -54,8 +62,9 @@ def _monai_resnet(in_channels: int, block: str, layers: list[int]) -> tuple[nn.M
 def _video_resnet(in_channels: int, layers: list[int]) -> tuple[nn.Module, int]:
     from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, VideoResNet
 
-    net = VideoResNet(block=BasicBlock, conv_makers=[Conv2Plus1D] * 4, layers=layers,
-                      stem=lambda: table3_stem(in_channels))
+    net = VideoResNet(
+        block=BasicBlock, conv_makers=[Conv2Plus1D] * 4, layers=layers, stem=lambda: table3_stem(in_channels)
+    )
     parts = ["stem", *_RESNET_STAGES]
     backbone = nn.Sequential(OrderedDict(zip(parts, (getattr(net, name) for name in parts))))
     return backbone, net.inplanes
@@ -68,28 +77,53 @@ def _register(name: str, description: str, make_backbone: BackboneFactory) -> No
     """Register ``name``; the shared builder adds the head, local weights and the CAM target."""
 
     @register_model(name, spatial_dims=3, description=description, input_size=128)
-    def builder(num_classes: int, in_channels: int = 3, pretrained: bool = False, weights: str | None = None,
-                head: str = "default", dropout: float | None = None, hidden: list[int] | None = None) -> nn.Module:
+    def builder(
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: bool = False,
+        weights: str | None = None,
+        head: str = "default",
+        dropout: float | None = None,
+        hidden: list[int] | None = None,
+    ) -> nn.Module:
         if pretrained:
-            raise ValueError(f"{name}: no pretrained 3D weights are available offline; set model.pretrained=false "
-                             "(or give a local state dict with model.weights=PATH)")
+            raise ValueError(
+                f"{name}: no pretrained 3D weights are available offline; set model.pretrained=false "
+                "(or give a local state dict with model.weights=PATH)"
+            )
         backbone, channels = make_backbone(in_channels)
         if weights:
             load_backbone_state(backbone, read_weights_file(weights), source=str(weights))
         spec = resolve_head(head, HeadSpec(), dropout=dropout, hidden=hidden)
         if spec.pooling != "avg":
             raise ValueError(f"{name}: 3D models use average pooling; head {head!r} asks for {spec.pooling!r}")
-        return ClassifierModel(backbone, build_head(spec, (channels, 1, 1, 1), num_classes), spatial_dims=3,
-                               cam_target=backbone.layer4)
+        return ClassifierModel(
+            backbone, build_head(spec, (channels, 1, 1, 1), num_classes), spatial_dims=3, cam_target=backbone.layer4
+        )
 
 
-_register("resnet3d_18", "Study C 3D ResNet-18 (MONAI, basic blocks [2,2,2,2]), Table-3 stem",
-          lambda c: _monai_resnet(c, "basic", [2, 2, 2, 2]))
-_register("resnet3d_34", "Study C 3D ResNet-34 (MONAI, basic blocks [3,4,6,3]), Table-3 stem",
-          lambda c: _monai_resnet(c, "basic", [3, 4, 6, 3]))
-_register("resnet3d_50", "Study C 3D ResNet-50 (MONAI, bottleneck blocks [3,4,6,3]), Table-3 stem",
-          lambda c: _monai_resnet(c, "bottleneck", [3, 4, 6, 3]))
-_register("r2plus1d_18", "Study C R(2+1)D-18 (torchvision VideoResNet, Conv2Plus1D [2,2,2,2]), Table-3 stem",
-          lambda c: _video_resnet(c, [2, 2, 2, 2]))
-_register("r2plus1d_34", "Study C R(2+1)D-34 (torchvision VideoResNet, Conv2Plus1D [3,4,6,3]), Table-3 stem",
-          lambda c: _video_resnet(c, [3, 4, 6, 3]))
+_register(
+    "resnet3d_18",
+    "Study C 3D ResNet-18 (MONAI, basic blocks [2,2,2,2]), Table-3 stem",
+    lambda c: _monai_resnet(c, "basic", [2, 2, 2, 2]),
+)
+_register(
+    "resnet3d_34",
+    "Study C 3D ResNet-34 (MONAI, basic blocks [3,4,6,3]), Table-3 stem",
+    lambda c: _monai_resnet(c, "basic", [3, 4, 6, 3]),
+)
+_register(
+    "resnet3d_50",
+    "Study C 3D ResNet-50 (MONAI, bottleneck blocks [3,4,6,3]), Table-3 stem",
+    lambda c: _monai_resnet(c, "bottleneck", [3, 4, 6, 3]),
+)
+_register(
+    "r2plus1d_18",
+    "Study C R(2+1)D-18 (torchvision VideoResNet, Conv2Plus1D [2,2,2,2]), Table-3 stem",
+    lambda c: _video_resnet(c, [2, 2, 2, 2]),
+)
+_register(
+    "r2plus1d_34",
+    "Study C R(2+1)D-34 (torchvision VideoResNet, Conv2Plus1D [3,4,6,3]), Table-3 stem",
+    lambda c: _video_resnet(c, [3, 4, 6, 3]),
+)

@@ -17,6 +17,17 @@ def create_app(*args, **kwargs):
 
 
 __all__ = [
-    "ExportResult", "ModelCard", "OnnxPredictor", "PredictSummary", "Predictor", "TorchPredictor", "UploadError",
-    "UploadLimits", "create_app", "decode_upload", "export_model", "load_predictor", "predict_files",
+    "ExportResult",
+    "ModelCard",
+    "OnnxPredictor",
+    "PredictSummary",
+    "Predictor",
+    "TorchPredictor",
+    "UploadError",
+    "UploadLimits",
+    "create_app",
+    "decode_upload",
+    "export_model",
+    "load_predictor",
+    "predict_files",
 ]

@@ -48,8 +48,13 @@ class ServedModel:
         return self.predictor.predict_batch(self.transform(pixels)[None])[0]
 
 
-def create_app(checkpoint: str | Path | None = None, *, onnx: str | Path | None = None,
-               limits: UploadLimits = UploadLimits(), threads: int | None = None) -> FastAPI:
+def create_app(
+    checkpoint: str | Path | None = None,
+    *,
+    onnx: str | Path | None = None,
+    limits: UploadLimits = UploadLimits(),
+    threads: int | None = None,
+) -> FastAPI:
     """An app serving ``checkpoint`` (PyTorch) or ``onnx`` (ONNX Runtime; Grad-CAM still uses the
     checkpoint when both are given). Loading happens at start-up, not here."""
     if checkpoint is None and onnx is None:
@@ -58,15 +63,23 @@ def create_app(checkpoint: str | Path | None = None, *, onnx: str | Path | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         predictor = load_predictor(None if onnx else checkpoint, onnx, threads=threads)
-        explain_model = (predictor.loaded if isinstance(predictor, TorchPredictor)
-                         else load_predictor(checkpoint, threads=threads).loaded if checkpoint else None)
+        explain_model = (
+            predictor.loaded
+            if isinstance(predictor, TorchPredictor)
+            else load_predictor(checkpoint, threads=threads).loaded
+            if checkpoint
+            else None
+        )
         app.state.served = ServedModel(predictor, explain_model, preprocessing(predictor), anyio.CapacityLimiter(1))
         log.info("serving %s (%s, version %s)", predictor.card.model_id, predictor.engine, predictor.card.version)
         yield
 
-    app = FastAPI(title="covidscan", version=__version__, lifespan=lifespan,
-                  description="COVID-19 classification of chest CT / X-ray images. Research use only — "
-                              "not a diagnosis.")
+    app = FastAPI(
+        title="covidscan",
+        version=__version__,
+        lifespan=lifespan,
+        description="COVID-19 classification of chest CT / X-ray images. Research use only — not a diagnosis.",
+    )
     _install_error_handlers(app)
 
     @app.middleware("http")
@@ -74,16 +87,26 @@ def create_app(checkpoint: str | Path | None = None, *, onnx: str | Path | None 
         """Answer 413 from Content-Length before a byte of an oversized body is parsed."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_bytes + MULTIPART_OVERHEAD:
-            return _error(413, "upload_too_large",
-                          f"request body of {int(length) / 2**20:.1f} MB exceeds the {limits.max_bytes / 2**20:.1f} MB limit")
+            return _error(
+                413,
+                "upload_too_large",
+                f"request body of {int(length) / 2**20:.1f} MB exceeds the {limits.max_bytes / 2**20:.1f} MB limit",
+            )
         return await call_next(request)
 
     async def read_upload(request: Request, file: UploadFile) -> DecodedImage:
         data = await file.read(limits.max_bytes + 1)
         served: ServedModel = request.app.state.served
-        return await anyio.to_thread.run_sync(partial(
-            decode_upload, data, filename=file.filename or "upload", content_type=file.content_type,
-            limits=limits, window=served.predictor.config.data.window))
+        return await anyio.to_thread.run_sync(
+            partial(
+                decode_upload,
+                data,
+                filename=file.filename or "upload",
+                content_type=file.content_type,
+                limits=limits,
+                window=served.predictor.config.data.window,
+            )
+        )
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -96,12 +119,17 @@ def create_app(checkpoint: str | Path | None = None, *, onnx: str | Path | None 
     @app.get("/v1/model", summary="The served model: classes, input size, version, training metrics")
     async def model_info(request: Request) -> dict[str, Any]:
         served: ServedModel = request.app.state.served
-        return {**served.predictor.card.to_dict(), "engine": served.predictor.engine,
-                "explain_available": served.explain_model is not None,
-                "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels}}
+        return {
+            **served.predictor.card.to_dict(),
+            "engine": served.predictor.engine,
+            "explain_available": served.explain_model is not None,
+            "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels},
+        }
 
     @app.post("/v1/predict", summary="Class probabilities for one PNG, JPEG or DICOM image")
-    async def predict(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM")) -> dict[str, Any]:
+    async def predict(
+        request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM")
+    ) -> dict[str, Any]:
         served: ServedModel = request.app.state.served
         start = time.perf_counter()
         image = await read_upload(request, file)
@@ -116,37 +144,55 @@ def create_app(checkpoint: str | Path | None = None, *, onnx: str | Path | None 
             "model_version": card.version,
             "engine": served.predictor.engine,
             "image": {"format": image.format, "height": image.pixels.shape[0], "width": image.pixels.shape[1]},
-            "timing_ms": {"decode": round(1000 * (decoded - start), 2), "inference": round(1000 * (done - decoded), 2),
-                          "total": round(1000 * (done - start), 2)},
+            "timing_ms": {
+                "decode": round(1000 * (decoded - start), 2),
+                "inference": round(1000 * (done - decoded), 2),
+                "total": round(1000 * (done - start), 2),
+            },
         }
 
-    @app.post("/v1/explain", summary="Grad-CAM heatmap overlaid on the image (PNG)",
-              responses={200: {"content": {"image/png": {}}}})
-    async def explain(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM"),
-                      method: str = Query("gradcam", description="gradcam, gradcampp or smoothgradcampp"),
-                      target: str | None = Query(None, description="class to explain (default: the predicted one)"),
-                      ) -> Response:
+    @app.post(
+        "/v1/explain",
+        summary="Grad-CAM heatmap overlaid on the image (PNG)",
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def explain(
+        request: Request,
+        file: UploadFile = File(..., description="PNG, JPEG or DICOM"),
+        method: str = Query("gradcam", description="gradcam, gradcampp or smoothgradcampp"),
+        target: str | None = Query(None, description="class to explain (default: the predicted one)"),
+    ) -> Response:
         served: ServedModel = request.app.state.served
         if served.explain_model is None:
-            raise UploadError(409, "explain_unavailable",
-                              "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM")
+            raise UploadError(
+                409,
+                "explain_unavailable",
+                "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM",
+            )
         from covidscan.explain import CAM_METHODS, explain_image
 
         if method not in CAM_METHODS:
             raise UploadError(400, "invalid_argument", f"method must be one of {list(CAM_METHODS)}, got {method!r}")
         if target is not None and target not in served.predictor.card.class_names:
-            raise UploadError(400, "invalid_argument",
-                              f"target must be one of {served.predictor.card.class_names}, got {target!r}")
+            raise UploadError(
+                400, "invalid_argument", f"target must be one of {served.predictor.card.class_names}, got {target!r}"
+            )
         image = await read_upload(request, file)
         explanation = await anyio.to_thread.run_sync(
             partial(explain_image, served.explain_model, image.pixels, method=method, target_class=target),
-            limiter=served.limiter)
-        return Response(explanation.overlay_png_bytes, media_type="image/png",
-                        headers={"X-Model-Version": served.predictor.card.version,
-                                 "X-Predicted-Label": explanation.predicted})
+            limiter=served.limiter,
+        )
+        return Response(
+            explanation.overlay_png_bytes,
+            media_type="image/png",
+            headers={"X-Model-Version": served.predictor.card.version, "X-Predicted-Label": explanation.predicted},
+        )
 
-    @app.post("/v1/preview", summary="The decoded (CT-windowed) image as PNG, e.g. to show a DICOM in a browser",
-              responses={200: {"content": {"image/png": {}}}})
+    @app.post(
+        "/v1/preview",
+        summary="The decoded (CT-windowed) image as PNG, e.g. to show a DICOM in a browser",
+        responses={200: {"content": {"image/png": {}}}},
+    )
     async def preview(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM")) -> Response:
         image = await read_upload(request, file)
         return Response(await anyio.to_thread.run_sync(to_png, image.pixels), media_type="image/png")

@@ -144,23 +144,29 @@ def read_export_metadata(model_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{model_path}: exported model not found; create it with `covidscan export`")
     meta = metadata_path(model_path)
     if not meta.is_file():
-        raise FileNotFoundError(f"{meta}: metadata missing; re-export with `covidscan export` so classes and "
-                                "preprocessing travel with the model")
+        raise FileNotFoundError(
+            f"{meta}: metadata missing; re-export with `covidscan export` so classes and "
+            "preprocessing travel with the model"
+        )
     metadata = json.loads(meta.read_text())
     if metadata.get("format") != METADATA_FORMAT:
         raise ValueError(f"{meta}: not covidscan export metadata (format {METADATA_FORMAT} expected)")
     return metadata
 
 
-def load_predictor(checkpoint: str | Path | None = None, onnx: str | Path | None = None,
-                   threads: int | None = None) -> Predictor:
+def load_predictor(
+    checkpoint: str | Path | None = None, onnx: str | Path | None = None, threads: int | None = None
+) -> Predictor:
     """ONNX Runtime when ``onnx`` is given (the checkpoint is then not needed), PyTorch otherwise."""
     if onnx is None and checkpoint is None:
         raise ValueError("give a checkpoint (run directory or .pt file) or an exported .onnx model")
     if threads:
         torch.set_num_threads(threads)
-    predictor: Predictor = (OnnxPredictor(onnx, threads=threads) if onnx is not None
-                            else TorchPredictor(load_model(resolve_checkpoint(checkpoint))))
+    predictor: Predictor = (
+        OnnxPredictor(onnx, threads=threads)
+        if onnx is not None
+        else TorchPredictor(load_model(resolve_checkpoint(checkpoint)))
+    )
     if predictor.config.data.spatial_dims != 2:
         raise ValueError(f"{onnx or checkpoint}: a 3D (volume) model; serving and batch prediction take 2D images")
     return predictor

@@ -53,8 +53,13 @@ class ExportResult:
     max_abs_diff: float  # probabilities, export vs PyTorch, on a random check batch
 
 
-def export_model(checkpoint: str | Path, fmt: ExportFormat = "onnx", out: str | Path | None = None,
-                 *, check_batch: torch.Tensor | None = None) -> ExportResult:
+def export_model(
+    checkpoint: str | Path,
+    fmt: ExportFormat = "onnx",
+    out: str | Path | None = None,
+    *,
+    check_batch: torch.Tensor | None = None,
+) -> ExportResult:
     """Export ``checkpoint`` (run dir or .pt) and verify it against PyTorch on ``check_batch``.
 
     ``out`` defaults to ``<run>/export/model<suffix>``. The batch axis is dynamic. Raises ValueError
@@ -79,25 +84,37 @@ def export_model(checkpoint: str | Path, fmt: ExportFormat = "onnx", out: str | 
     card = model_card(loaded)
     stats = loaded.norm_stats
     meta = metadata_path(path)
-    write_json(meta, {
-        "format": METADATA_FORMAT,
-        "runtime": fmt,
-        "input": {"name": "image", "shape": ["batch", data.channels, data.image_size, data.image_size],
-                  "dtype": "float32", "preprocessing": "covidscan build_transform(config.data, train=False)"},
-        "output": {"name": "probabilities", "shape": ["batch", len(loaded.class_names)],
-                   "meaning": f"{loaded.config.model.head} class probabilities, summing to 1"},
-        "card": asdict(card),
-        "version": card.version,
-        "config": loaded.config.to_dict(),
-        "norm_stats": None if stats is None else {"mean": stats.mean, "std": stats.std},
-    })
+    write_json(
+        meta,
+        {
+            "format": METADATA_FORMAT,
+            "runtime": fmt,
+            "input": {
+                "name": "image",
+                "shape": ["batch", data.channels, data.image_size, data.image_size],
+                "dtype": "float32",
+                "preprocessing": "covidscan build_transform(config.data, train=False)",
+            },
+            "output": {
+                "name": "probabilities",
+                "shape": ["batch", len(loaded.class_names)],
+                "meaning": f"{loaded.config.model.head} class probabilities, summing to 1",
+            },
+            "card": asdict(card),
+            "version": card.version,
+            "config": loaded.config.to_dict(),
+            "norm_stats": None if stats is None else {"mean": stats.mean, "std": stats.std},
+        },
+    )
     batch = check_batch if check_batch is not None else torch.rand(3, data.channels, data.image_size, data.image_size)
     diff = max_abs_difference(loaded, path, fmt, batch)
     if diff > TOLERANCE:
         path.unlink()
         meta.unlink()
-        raise ValueError(f"{path}: exported model differs from PyTorch by {diff:.2e} (> {TOLERANCE}); "
-                         "try the other format or report the model name")
+        raise ValueError(
+            f"{path}: exported model differs from PyTorch by {diff:.2e} (> {TOLERANCE}); "
+            "try the other format or report the model name"
+        )
     log.info("exported %s (%s); max |p_export - p_torch| = %.2e", path, fmt, diff)
     return ExportResult(path, meta, diff)
 
@@ -106,16 +123,31 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export-based exporter first (the maintained path); the TorchScript-based one as fallback."""
     batch = torch.export.Dim("batch", min=1)
     try:
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=True, input_names=["image"],
-                          output_names=["probabilities"], dynamic_shapes={"image": {0: batch}}, verbose=False)
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_shapes={"image": {0: batch}},
+            verbose=False,
+        )
         return
     except Exception as exc:  # the dynamo exporter fails on some graphs; the legacy one covers those
         log.warning("dynamo ONNX export failed (%s); retrying with the TorchScript-based exporter", exc)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["image"],
-                          output_names=["probabilities"], opset_version=17,
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["probabilities"],
+            opset_version=17,
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        )
 
 
 def max_abs_difference(loaded: LoadedModel, path: Path, fmt: ExportFormat, batch: torch.Tensor) -> float:

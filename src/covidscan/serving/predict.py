@@ -69,13 +69,22 @@ def finished_paths(out: Path, header: list[str]) -> set[str]:
     if not rows:
         return set()
     if rows[0] != header:
-        raise ValueError(f"{out}: exists with columns {rows[0]}, not {header} (another model?); "
-                         "choose another --out or delete the file")
+        raise ValueError(
+            f"{out}: exists with columns {rows[0]}, not {header} (another model?); "
+            "choose another --out or delete the file"
+        )
     return {row[0] for row in rows[1:] if row}
 
 
-def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out: str | Path, *, batch_size: int = 32,
-                  num_workers: int = 0, progress: bool = True) -> PredictSummary:
+def predict_files(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> PredictSummary:
     """Predict every supported file under ``inputs`` (files or folders) into the CSV ``out``."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -89,8 +98,10 @@ def predict_files(predictor: Predictor, inputs: Sequence[str | Path], out: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_PredictionInputs(todo, predictor), batch_size=batch_size, num_workers=num_workers)
     predicted = failed = 0
-    with open(out, "a", newline="", encoding="utf-8") as handle, \
-            tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
+    with (
+        open(out, "a", newline="", encoding="utf-8") as handle,
+        tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar,
+    ):
         writer = csv.writer(handle)
         if handle.tell() == 0:
             writer.writerow(header)

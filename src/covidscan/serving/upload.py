@@ -20,9 +20,16 @@ from PIL import Image
 from covidscan.config import WindowConfig
 from covidscan.data import DataError, read_image
 
-ACCEPTED_CONTENT_TYPES = frozenset({
-    "image/png", "image/jpeg", "image/jpg", "application/dicom", "application/octet-stream", "",
-})
+ACCEPTED_CONTENT_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/jpg",
+        "application/dicom",
+        "application/octet-stream",
+        "",
+    }
+)
 SUFFIXES = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}
 
 
@@ -63,26 +70,38 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_upload(data: bytes, *, filename: str = "upload", content_type: str | None = None,
-                  limits: UploadLimits = UploadLimits(), window: WindowConfig | None = None) -> DecodedImage:
+def decode_upload(
+    data: bytes,
+    *,
+    filename: str = "upload",
+    content_type: str | None = None,
+    limits: UploadLimits = UploadLimits(),
+    window: WindowConfig | None = None,
+) -> DecodedImage:
     """Validate and decode one uploaded file; raises :class:`UploadError` for anything unusable."""
     if not data:
         raise UploadError(400, "empty_upload", f"{filename}: the uploaded file is empty")
     if len(data) > limits.max_bytes:
-        raise UploadError(413, "upload_too_large",
-                          f"{filename}: {len(data) / 2**20:.1f} MB exceeds the {limits.max_bytes / 2**20:.1f} MB limit")
+        raise UploadError(
+            413,
+            "upload_too_large",
+            f"{filename}: {len(data) / 2**20:.1f} MB exceeds the {limits.max_bytes / 2**20:.1f} MB limit",
+        )
     declared = (content_type or "").split(";")[0].strip().lower()
     if declared not in ACCEPTED_CONTENT_TYPES:
-        raise UploadError(415, "unsupported_media_type",
-                          f"{filename}: content type {declared!r} is not accepted; send image/png, image/jpeg "
-                          "or application/dicom")
+        raise UploadError(
+            415,
+            "unsupported_media_type",
+            f"{filename}: content type {declared!r} is not accepted; send image/png, image/jpeg or application/dicom",
+        )
     fmt = sniff_format(data)
     if fmt is None:
         raise UploadError(415, "not_an_image", f"{filename}: not a PNG, JPEG or DICOM file (unrecognised bytes)")
     width, height = _declared_size(data, fmt, filename)
     if max(width, height) > limits.max_pixels:
-        raise UploadError(413, "image_too_large",
-                          f"{filename}: {width}x{height} px exceeds the {limits.max_pixels} px limit per side")
+        raise UploadError(
+            413, "image_too_large", f"{filename}: {width}x{height} px exceeds the {limits.max_pixels} px limit per side"
+        )
     with tempfile.TemporaryDirectory(prefix="covidscan-upload-") as folder:
         path = Path(folder) / f"upload{SUFFIXES[fmt]}"
         path.write_bytes(data)
@@ -103,9 +122,11 @@ def _declared_size(data: bytes, fmt: str, filename: str) -> tuple[int, int]:
         except Exception as exc:  # pydicom raises many types on broken headers
             raise UploadError(422, "corrupt_image", f"{filename}: unreadable DICOM header ({exc})") from None
         if "PixelData" not in ds:
-            raise UploadError(422, "dicom_without_pixels",
-                              f"{filename}: DICOM has no pixel data (a report or structured object?); "
-                              "upload an image slice")
+            raise UploadError(
+                422,
+                "dicom_without_pixels",
+                f"{filename}: DICOM has no pixel data (a report or structured object?); upload an image slice",
+            )
         return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
     try:
         with warnings.catch_warnings():

@@ -11,14 +11,24 @@ from typing import Any
 
 _EXPORTS = {
     "covidscan.tracking.options": ("TRACKERS", "add_tracking_arguments"),
-    "covidscan.tracking.callbacks": ("TrackingCallback", "callbacks_from_args", "closing_on_error", "flatten",
-                                     "is_main_process", "make_trackers"),
+    "covidscan.tracking.callbacks": (
+        "TrackingCallback",
+        "callbacks_from_args",
+        "closing_on_error",
+        "flatten",
+        "is_main_process",
+        "make_trackers",
+    ),
     "covidscan.tracking.mlflow": ("MLflowCallback", "default_tracking_uri"),
     "covidscan.tracking.tensorboard": ("TensorBoardCallback",),
-    "covidscan.tracking.runs": ("RunSummary", "find_run_dirs", "format_runs", "list_runs", "show_run",
-                                "summarize_run"),
-    "covidscan.tracking.sweep": ("SweepResult", "TrialCallback", "load_search_space", "parse_search_space",
-                                 "run_sweep"),
+    "covidscan.tracking.runs": ("RunSummary", "find_run_dirs", "format_runs", "list_runs", "show_run", "summarize_run"),
+    "covidscan.tracking.sweep": (
+        "SweepResult",
+        "TrialCallback",
+        "load_search_space",
+        "parse_search_space",
+        "run_sweep",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -54,8 +54,9 @@ def evaluation_scalars(test_metrics: dict[str, Any] | None) -> dict[str, float]:
     if not test_metrics:
         return {}
     metrics = test_metrics.get("metrics", test_metrics)
-    return {key.removesuffix(".value").replace(".", "_"): value
-            for key, value in numeric_metrics(flatten(metrics)).items()}
+    return {
+        key.removesuffix(".value").replace(".", "_"): value for key, value in numeric_metrics(flatten(metrics)).items()
+    }
 
 
 class TrackingCallback(Callback):
@@ -65,8 +66,12 @@ class TrackingCallback(Callback):
         """Flush and end the tracked run (idempotent)."""
 
 
-def make_trackers(names: Sequence[str], tracking_uri: str | None = None, experiment: str | None = None,
-                  tags: dict[str, str] | None = None) -> list[TrackingCallback]:
+def make_trackers(
+    names: Sequence[str],
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> list[TrackingCallback]:
     """The callbacks for ``--track mlflow tensorboard`` (``tags`` label the MLflow run);
     unknown names are a ValueError."""
     unknown = sorted(set(names) - set(TRACKERS))
@@ -86,8 +91,9 @@ def make_trackers(names: Sequence[str], tracking_uri: str | None = None, experim
 
 def callbacks_from_args(args: argparse.Namespace) -> list[TrackingCallback]:
     """The trackers a parsed command line asks for (none when ``--track`` is absent)."""
-    return make_trackers(getattr(args, "track", None) or [], getattr(args, "tracking_uri", None),
-                         getattr(args, "experiment", None))
+    return make_trackers(
+        getattr(args, "track", None) or [], getattr(args, "tracking_uri", None), getattr(args, "experiment", None)
+    )
 
 
 @contextmanager
@@ -104,4 +110,3 @@ def closing_on_error(callbacks: Sequence[Callback]) -> Iterator[None]:
             if isinstance(callback, TrackingCallback):
                 callback.close(status)
         raise
-

@@ -30,8 +30,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Files and folders of a run directory worth keeping next to its metrics (checkpoints stay local).
-RUN_ARTEFACTS = ("config.yaml", "environment.json", "label_map.json", "splits.csv", "history.csv", "metrics.json",
-                 "plots", "evaluation")
+RUN_ARTEFACTS = (
+    "config.yaml",
+    "environment.json",
+    "label_map.json",
+    "splits.csv",
+    "history.csv",
+    "metrics.json",
+    "plots",
+    "evaluation",
+)
 _BATCH = 100  # MLflow's limit on params or metrics per log_batch request
 _MAX_PARAM_LENGTH = 6000
 
@@ -58,8 +66,9 @@ class MLflowCallback(TrackingCallback):
     defaults to the config's ``name``. ``tags`` are added to the run (a sweep tags its trials).
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tracking_uri: str | None = None, experiment: str | None = None, tags: dict[str, str] | None = None
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.tags = dict(tags or {})
@@ -77,14 +86,17 @@ class MLflowCallback(TrackingCallback):
         experiment = self._client.get_experiment_by_name(name)
         if experiment is None:
             # A local store keeps artefacts beside it; a server chooses its own artefact root.
-            location = (Path(config.output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+            location = (
+                (Path(config.output_dir).resolve() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+            )
             experiment_id = self._client.create_experiment(name, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
         run_dir_tag = str(self._run_dir.resolve())
         # A resumed run (``covidscan train --resume``) continues its MLflow run instead of starting a second one.
-        previous = self._client.search_runs([experiment_id], f"tags.`covidscan.run_dir` = '{run_dir_tag}'",
-                                            max_results=1)
+        previous = self._client.search_runs(
+            [experiment_id], f"tags.`covidscan.run_dir` = '{run_dir_tag}'", max_results=1
+        )
         if previous:
             self.run_id = previous[0].info.run_id
             self._client.update_run(self.run_id, status="RUNNING")
@@ -99,7 +111,7 @@ class MLflowCallback(TrackingCallback):
 
         entries = [Param(key, str(value)[:_MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(entries), _BATCH):
-            self._client.log_batch(self.run_id, params=entries[start:start + _BATCH])
+            self._client.log_batch(self.run_id, params=entries[start : start + _BATCH])
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -107,7 +119,7 @@ class MLflowCallback(TrackingCallback):
         now = int(time.time() * 1000)
         entries = [Metric(key, value, now, step) for key, value in metrics.items()]
         for start in range(0, len(entries), _BATCH):
-            self._client.log_batch(self.run_id, metrics=entries[start:start + _BATCH])
+            self._client.log_batch(self.run_id, metrics=entries[start : start + _BATCH])
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.run_id is None:

@@ -6,6 +6,7 @@ interrupted or still-running runs are listed too, with a status saying how far t
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -76,16 +77,26 @@ def read_history_rows(run_dir: Path) -> list[dict[str, float]]:
 
 def _metric_value(numbers: list[tuple[list[str], float]], name: str) -> float | None:
     """The least nested number stored under ``name`` (``name`` itself or ``name.value``)."""
-    matches = [(len(parts), value) for parts, value in numbers
-               if "per_class" not in parts and (parts[-1] == name or parts[-2:] == [name, "value"])]
+    matches = [
+        (len(parts), value)
+        for parts, value in numbers
+        if "per_class" not in parts and (parts[-1] == name or parts[-2:] == [name, "value"])
+    ]
     return float(min(matches)[1]) if matches else None
 
 
 def headline_test_metrics(test: Any) -> dict[str, float | None]:
     """Accuracy, F1 and AUC out of an evaluation result, whatever its nesting
     (``{"accuracy": 0.9}``, ``{"metrics": {"accuracy": {"value": 0.9, "ci_low": ...}}}``)."""
-    numbers = [(key.split("."), value) for key, value in flatten(test).items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)] if isinstance(test, dict) else []
+    numbers = (
+        [
+            (key.split("."), value)
+            for key, value in flatten(test).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        if isinstance(test, dict)
+        else []
+    )
     found: dict[str, float | None] = {}
     for column, names in _TEST_METRICS.items():
         values = (_metric_value(numbers, name) for name in names)
@@ -101,8 +112,11 @@ def _dataset_label(source: Any) -> str | None:
 
 
 def _best_from_history(rows: list[dict[str, float]], monitor: str, mode: str) -> tuple[float | None, int | None]:
-    scored = [(row[monitor], int(row.get("epoch", i + 1))) for i, row in enumerate(rows)
-              if monitor in row and math.isfinite(row[monitor])]
+    scored = [
+        (row[monitor], int(row.get("epoch", i + 1)))
+        for i, row in enumerate(rows)
+        if monitor in row and math.isfinite(row[monitor])
+    ]
     if not scored:
         return None, None
     value, epoch = (min if mode == "min" else max)(scored, key=lambda item: item[0])
@@ -133,11 +147,11 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     """Everything ``runs list`` shows about one run directory; never raises on a broken run."""
     run_dir = Path(run_dir)
     environment = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         environment = _read_json(run_dir / "environment.json")
-    except (OSError, ValueError):
-        pass
-    summary = RunSummary(path=str(run_dir), name=run_dir.name, date=_run_date(run_dir, environment), status="unreadable")
+    summary = RunSummary(
+        path=str(run_dir), name=run_dir.name, date=_run_date(run_dir, environment), status="unreadable"
+    )
     try:
         config = _read_yaml(run_dir / "config.yaml")
         metrics = _read_json(run_dir / "metrics.json")
@@ -148,7 +162,9 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     summary.model = (config.get("model") or {}).get("name")
     summary.dataset = _dataset_label((config.get("data") or {}).get("source"))
     summary.epochs = len(history)
-    summary.planned_epochs = sum(int(p.get("epochs", 0)) for p in training.get("phases") or [] if isinstance(p, dict)) or None
+    summary.planned_epochs = (
+        sum(int(p.get("epochs", 0)) for p in training.get("phases") or [] if isinstance(p, dict)) or None
+    )
     summary.monitor = training.get("checkpoint_monitor")
     if isinstance(metrics, dict):
         summary.status = "complete"
@@ -163,8 +179,9 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     else:
         summary.status = "incomplete" if history else "not started"
         if summary.monitor:
-            summary.best, summary.best_epoch = _best_from_history(history, summary.monitor,
-                                                                   training.get("checkpoint_mode", "min"))
+            summary.best, summary.best_epoch = _best_from_history(
+                history, summary.monitor, training.get("checkpoint_mode", "min")
+            )
         seconds = [row["seconds"] for row in history if math.isfinite(row.get("seconds", math.nan))]
         summary.runtime_seconds = sum(seconds) if seconds else None
     return summary
@@ -182,8 +199,9 @@ def find_run_dirs(root: str | Path) -> list[Path]:
             found.append(Path(folder))
             subfolders[:] = []
         else:
-            subfolders[:] = sorted(name for name in subfolders
-                                   if name not in _SKIPPED_FOLDERS and not name.startswith("."))
+            subfolders[:] = sorted(
+                name for name in subfolders if name not in _SKIPPED_FOLDERS and not name.startswith(".")
+            )
     return found
 
 
@@ -208,8 +226,20 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-_TABLE_COLUMNS = ("name", "date", "status", "model", "dataset", "epochs", "monitor", "best", "test_accuracy",
-                  "test_f1", "test_auc", "runtime_seconds")
+_TABLE_COLUMNS = (
+    "name",
+    "date",
+    "status",
+    "model",
+    "dataset",
+    "epochs",
+    "monitor",
+    "best",
+    "test_accuracy",
+    "test_f1",
+    "test_auc",
+    "runtime_seconds",
+)
 
 
 def _table_cell(run: RunSummary, column: str) -> str:
@@ -268,12 +298,13 @@ def show_run(run_dir: str | Path) -> str:
     summary = summarize_run(run_dir)
     lines = [f"run       {run_dir}", f"status    {summary.status}", f"date      {summary.date or 'undated'}"]
     if summary.status == "unreadable":
-        return "\n".join(lines + ["config.yaml or metrics.json could not be read"])
+        return "\n".join([*lines, "config.yaml or metrics.json could not be read"])
     config = _read_yaml(run_dir / "config.yaml")
     data, model, training = config.get("data") or {}, config.get("model") or {}, config.get("training") or {}
     split = data.get("split") or {}
     lines += [
-        f"model     {model.get('name')}" + (" (pretrained)" if model.get("pretrained") else "")
+        f"model     {model.get('name')}"
+        + (" (pretrained)" if model.get("pretrained") else "")
         + (f" {model.get('kwargs')}" if model.get("kwargs") else ""),
         f"data      {data.get('source')}  size {data.get('image_size')}  channels {data.get('channels')}  "
         f"split {split.get('method')} {split.get('ratios')}",
@@ -282,8 +313,10 @@ def show_run(run_dir: str | Path) -> str:
     ]
     for number, phase in enumerate(training.get("phases") or [], start=1):
         scheduler = (phase.get("scheduler") or {}).get("name")
-        lines.append(f"  phase {number}: {phase.get('epochs')} epochs {phase.get('optimizer')} lr {phase.get('lr')} "
-                     f"scheduler {scheduler} trainable {phase.get('trainable')}")
+        lines.append(
+            f"  phase {number}: {phase.get('epochs')} epochs {phase.get('optimizer')} lr {phase.get('lr')} "
+            f"scheduler {scheduler} trainable {phase.get('trainable')}"
+        )
     label_map = _read_json(run_dir / "label_map.json")
     if label_map:
         lines.append(f"classes   {label_map}")
@@ -294,7 +327,7 @@ def show_run(run_dir: str | Path) -> str:
     metrics = _read_json(run_dir / "metrics.json")
     test_lines = _metric_lines(metrics.get("test")) if isinstance(metrics, dict) else []
     if test_lines:
-        lines += ["test metrics"] + test_lines
+        lines += ["test metrics", *test_lines]
     history = read_history_rows(run_dir)
     if history:
         columns = [c for c in history[0] if any(math.isfinite(row.get(c, math.nan)) for row in history)]

@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "tpe")
 PRUNERS = ("median", "none")
-_DISTRIBUTION_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
-                      "categorical": {"choices"}}
+_DISTRIBUTION_KEYS = {
+    "float": {"low", "high", "log", "step"},
+    "int": {"low", "high", "log", "step"},
+    "categorical": {"choices"},
+}
 # Trials that count towards ``n_trials``; failed ones are retried by the next run of the study.
 _DONE_STATES = ("COMPLETE", "PRUNED")
 
@@ -48,8 +51,10 @@ def parse_search_space(raw: Any, source: str = "search space") -> dict[str, Any]
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{source}: expected a mapping of dotted config keys to distributions, "
-                          "e.g. 'training.phases.0.lr: {type: float, low: 1e-4, high: 1e-1, log: true}'")
+        raise ConfigError(
+            f"{source}: expected a mapping of dotted config keys to distributions, "
+            "e.g. 'training.phases.0.lr: {type: float, low: 1e-4, high: 1e-1, log: true}'"
+        )
     space: dict[str, Any] = {}
     for key, spec in raw.items():
         where = f"{source}: {key}"
@@ -59,8 +64,9 @@ def parse_search_space(raw: Any, source: str = "search space") -> dict[str, Any]
         options = {k: v for k, v in spec.items() if k != "type"}
         unknown = sorted(set(options) - _DISTRIBUTION_KEYS[kind])
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown} for type {kind}; "
-                              f"allowed: {sorted(_DISTRIBUTION_KEYS[kind])}")
+            raise ConfigError(
+                f"{where}: unknown field(s) {unknown} for type {kind}; allowed: {sorted(_DISTRIBUTION_KEYS[kind])}"
+            )
         try:
             if kind == "categorical":
                 choices = options.get("choices")
@@ -68,11 +74,19 @@ def parse_search_space(raw: Any, source: str = "search space") -> dict[str, Any]
                     raise ValueError("'choices' must be a non-empty list")
                 space[str(key)] = CategoricalDistribution(choices)
             elif kind == "float":
-                space[str(key)] = FloatDistribution(float(options["low"]), float(options["high"]),
-                                                    log=bool(options.get("log", False)), step=options.get("step"))
+                space[str(key)] = FloatDistribution(
+                    float(options["low"]),
+                    float(options["high"]),
+                    log=bool(options.get("log", False)),
+                    step=options.get("step"),
+                )
             else:
-                space[str(key)] = IntDistribution(int(options["low"]), int(options["high"]),
-                                                  log=bool(options.get("log", False)), step=int(options.get("step", 1)))
+                space[str(key)] = IntDistribution(
+                    int(options["low"]),
+                    int(options["high"]),
+                    log=bool(options.get("log", False)),
+                    step=int(options.get("step", 1)),
+                )
         except KeyError as exc:
             raise ConfigError(f"{where}: type {kind} needs '{exc.args[0]}'") from exc
         except (TypeError, ValueError) as exc:
@@ -127,8 +141,9 @@ class TrialCallback(Callback):
         import optuna
 
         if self.monitor not in metrics:
-            raise ConfigError(f"training.checkpoint_monitor {self.monitor!r} is not logged; "
-                              f"available: {sorted(metrics)}")
+            raise ConfigError(
+                f"training.checkpoint_monitor {self.monitor!r} is not logged; available: {sorted(metrics)}"
+            )
         value = float(metrics[self.monitor])
         if math.isfinite(value):
             self.trial.report(value, epoch)
@@ -180,10 +195,19 @@ class SweepResult:
     importance_plot: Path | None
 
 
-def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: int, *,
-              sampler: str = "random", pruner: str = "median", storage: str | None = None,
-              study_name: str | None = None, track: Sequence[str] = (), tracking_uri: str | None = None,
-              experiment: str | None = None) -> SweepResult:
+def run_sweep(
+    config: RunConfig,
+    space: dict[str, Any] | str | Path,
+    n_trials: int,
+    *,
+    sampler: str = "random",
+    pruner: str = "median",
+    storage: str | None = None,
+    study_name: str | None = None,
+    track: Sequence[str] = (),
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+) -> SweepResult:
     """Run (or resume) a study until it holds ``n_trials`` completed or pruned trials.
 
     The objective is the best value of ``training.checkpoint_monitor`` over a trial's epochs,
@@ -215,9 +239,14 @@ def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: i
         stored_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
     except KeyError:
         stored_before = 0
-    study = optuna.create_study(study_name=study_name, storage=rdb, load_if_exists=True,
-                                direction="minimize" if mode == "min" else "maximize",
-                                sampler=_sampler(sampler, config.seed + stored_before), pruner=_pruner(pruner))
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=rdb,
+        load_if_exists=True,
+        direction="minimize" if mode == "min" else "maximize",
+        sampler=_sampler(sampler, config.seed + stored_before),
+        pruner=_pruner(pruner),
+    )
     study.set_user_attr("monitor", monitor)
     done = _count(study, _DONE_STATES)
     remaining = n_trials - done
@@ -228,8 +257,12 @@ def run_sweep(config: RunConfig, space: dict[str, Any] | str | Path, n_trials: i
     def objective(trial: Any) -> float:
         params = _suggest(trial, space)
         trial_config = apply_params(config, params, name=f"trial{trial.number:03d}", output_dir=str(sweep_dir))
-        trackers = make_trackers(track, mlflow_uri, experiment=experiment or study_name,
-                                 tags={"sweep.study": study_name, "sweep.trial": str(trial.number)})
+        trackers = make_trackers(
+            track,
+            mlflow_uri,
+            experiment=experiment or study_name,
+            tags={"sweep.study": study_name, "sweep.trial": str(trial.number)},
+        )
         callbacks = [*trackers, TrialCallback(trial, monitor)]  # trackers log an epoch before it may be pruned
         with closing_on_error(callbacks):
             result = train(trial_config, callbacks=callbacks)
@@ -257,10 +290,16 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     rows = []
     for trial in study.trials:
         seconds = trial.duration.total_seconds() if trial.duration is not None else None
-        rows.append({"trial": trial.number, "state": trial.state.name, "value": trial.value,
-                     **{name: trial.params.get(name) for name in param_names},
-                     "run_dir": trial.user_attrs.get("run_dir", ""),
-                     "seconds": None if seconds is None else round(seconds, 1)})
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "value": trial.value,
+                **{name: trial.params.get(name) for name in param_names},
+                "run_dir": trial.user_attrs.get("run_dir", ""),
+                "seconds": None if seconds is None else round(seconds, 1),
+            }
+        )
     return rows
 
 
@@ -272,8 +311,7 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def write_summary(rows: list[dict[str, Any]], csv_path: Path, md_path: Path, *, monitor: str,
-                  maximize: bool) -> None:
+def write_summary(rows: list[dict[str, Any]], csv_path: Path, md_path: Path, *, monitor: str, maximize: bool) -> None:
     """``summary.csv`` (every trial, in order) and ``summary.md`` (completed trials best first)."""
     columns = list(rows[0]) if rows else ["trial", "state", "value", "run_dir", "seconds"]
     with atomic_path(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -287,8 +325,12 @@ def write_summary(rows: list[dict[str, Any]], csv_path: Path, md_path: Path, *, 
             return (1, 0.0)
         return (0, -value if maximize else value)
 
-    lines = [f"Objective: best `{monitor}` per trial ({'higher' if maximize else 'lower'} is better).", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"Objective: best `{monitor}` per trial ({'higher' if maximize else 'lower'} is better).",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     lines += ["| " + " | ".join(_format(row[name]) for name in columns) + " |" for row in sorted(rows, key=order)]
     write_text(md_path, "\n".join(lines) + "\n")
 
@@ -348,10 +390,14 @@ def summarize_study(study: Any, sweep_dir: Path, storage: str) -> SweepResult:
         except ValueError:  # every completed value was NaN
             best = None
     return SweepResult(
-        study_name=study.study_name, storage=storage, sweep_dir=sweep_dir, counts=counts,
+        study_name=study.study_name,
+        storage=storage,
+        sweep_dir=sweep_dir,
+        counts=counts,
         best_value=None if best is None else best.value,
         best_params=None if best is None else dict(best.params),
         best_run_dir=None if best is None else best.user_attrs.get("run_dir"),
-        summary_csv=csv_path, summary_md=md_path,
+        summary_csv=csv_path,
+        summary_md=md_path,
         importance_plot=plot_param_importances(study, sweep_dir / "importance.png"),
     )

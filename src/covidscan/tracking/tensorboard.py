@@ -32,7 +32,7 @@ def scalar_tag(name: str) -> str:
     """``val_loss`` -> ``loss/val``, ``loss`` -> ``loss/train``, ``lr`` -> ``lr``."""
     for prefix, split in _SPLIT_PREFIXES.items():
         if name.startswith(prefix):
-            return f"{name[len(prefix):]}/{split}"
+            return f"{name[len(prefix) :]}/{split}"
     return f"{name}/train" if name in _TRAIN_METRICS else name
 
 

@@ -3,5 +3,12 @@
 from covidscan.training.callbacks import Callback, EarlyStopping, Monitor
 from covidscan.training.trainer import ClassificationLoss, TrainResult, balanced_class_weights, train
 
-__all__ = ["Callback", "ClassificationLoss", "EarlyStopping", "Monitor", "TrainResult", "balanced_class_weights",
-           "train"]
+__all__ = [
+    "Callback",
+    "ClassificationLoss",
+    "EarlyStopping",
+    "Monitor",
+    "TrainResult",
+    "balanced_class_weights",
+    "train",
+]

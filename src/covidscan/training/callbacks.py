@@ -67,8 +67,7 @@ class Monitor:
 class EarlyStopping:
     """Keras-style early stopping: stop after ``patience`` epochs without improvement."""
 
-    def __init__(self, metric: str, patience: int, mode: Literal["min", "max"] = "min",
-                 min_delta: float = 0.0) -> None:
+    def __init__(self, metric: str, patience: int, mode: Literal["min", "max"] = "min", min_delta: float = 0.0) -> None:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         self.monitor = Monitor(metric, mode, min_delta)

@@ -4,6 +4,7 @@ accuracy-vs-epoch and loss-vs-epoch plots."""
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ def write_history(path: str | Path, rows: list[dict[str, Any]]) -> None:
 
 def read_history(path: str | Path) -> list[dict[str, float]]:
     with Path(path).open(newline="", encoding="utf-8") as handle:
-        return [{key: float(value) if value not in ("", None) else math.nan for key, value in row.items()}
-                for row in csv.DictReader(handle)]
+        return [
+            {key: float(value) if value not in ("", None) else math.nan for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]
 
 
 def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]:
@@ -37,7 +40,7 @@ def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
     epochs = [row["epoch"] for row in rows]
-    phase_starts = [row["epoch"] - 0.5 for prev, row in zip(rows, rows[1:]) if row["phase"] != prev["phase"]]
+    phase_starts = [row["epoch"] - 0.5 for prev, row in itertools.pairwise(rows) if row["phase"] != prev["phase"]]
     written = []
     for metric, label in (("accuracy", "Accuracy"), ("loss", "Loss")):
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -59,8 +59,9 @@ class TrainResult:
     test_metrics: dict[str, Any] | None  # evaluate_run's result on the test split; None without one
 
 
-def train(config: RunConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
-          resume: bool = False) -> TrainResult:
+def train(
+    config: RunConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), resume: bool = False
+) -> TrainResult:
     """Train ``config`` into ``run_dir`` (a new timestamped directory when None).
 
     With ``resume=True``, ``run_dir`` is an interrupted run: its ``checkpoints/last.pt`` and
@@ -112,8 +113,10 @@ def balanced_class_weights(labels: Sequence[int], class_names: Sequence[str]) ->
     labels = np.asarray(labels)
     missing = [name for i, name in enumerate(class_names) if not np.any(labels == i)]
     if missing:
-        raise DataError(f"class(es) {missing} have no training samples, so balanced class weights are undefined; "
-                        "add samples, change the split, or set training.class_weights: none")
+        raise DataError(
+            f"class(es) {missing} have no training samples, so balanced class weights are undefined; "
+            "add samples, change the split, or set training.class_weights: none"
+        )
     weights = compute_class_weight("balanced", classes=np.arange(len(class_names)), y=labels)
     return torch.tensor(weights, dtype=torch.float32)
 
@@ -137,8 +140,12 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -160,8 +167,9 @@ class _Position:
 
 
 class _Trainer:
-    def __init__(self, config: RunConfig, context: DistContext, device: torch.device,
-                 callbacks: list[Callback]) -> None:
+    def __init__(
+        self, config: RunConfig, context: DistContext, device: torch.device, callbacks: list[Callback]
+    ) -> None:
         self.config = config
         self.context = context
         self.device = device
@@ -169,11 +177,16 @@ class _Trainer:
         training = config.training
         self.use_amp = training.amp and device.type == "cuda"
         self.amp_dtype = torch.float16 if training.amp_dtype == "float16" else torch.bfloat16
-        self.memory_format = (torch.channels_last if config.data.spatial_dims == 2 else torch.channels_last_3d) \
-            if training.channels_last and device.type == "cuda" else torch.contiguous_format
+        self.memory_format = (
+            (torch.channels_last if config.data.spatial_dims == 2 else torch.channels_last_3d)
+            if training.channels_last and device.type == "cuda"
+            else torch.contiguous_format
+        )
         if training.batch_size % context.world_size:
-            raise ConfigError(f"training.batch_size {training.batch_size} is the global batch and must be divisible "
-                              f"by the number of processes ({context.world_size})")
+            raise ConfigError(
+                f"training.batch_size {training.batch_size} is the global batch and must be divisible "
+                f"by the number of processes ({context.world_size})"
+            )
         self.batch_size = training.batch_size // context.world_size
 
     # ----------------------------------------------------------------- setup
@@ -193,10 +206,10 @@ class _Trainer:
         self.class_names = splits.class_names
         stats = self._norm_stats(splits, checkpoint)
         self.norm_stats = stats
-        train_set = build_dataset(config.data, splits.subset("train").samples, self.class_names, train=True,
-                                  stats=stats)
-        val_set = build_dataset(config.data, splits.subset("val").samples, self.class_names, train=False,
-                                stats=stats)
+        train_set = build_dataset(
+            config.data, splits.subset("train").samples, self.class_names, train=True, stats=stats
+        )
+        val_set = build_dataset(config.data, splits.subset("val").samples, self.class_names, train=False, stats=stats)
         self.has_val = len(val_set) > 0
         self.test_size = len(splits.subset("test").samples)
         self._check_monitors(self.has_val)
@@ -240,15 +253,24 @@ class _Trainer:
         from covidscan.data.splits import assign_splits, save_splits
 
         data = self.config.data
-        samples = load_samples(data.source, classes=data.classes, label_map=data.label_map, skip_bad=data.skip_bad,
-                               max_per_class=data.max_per_class)
+        samples = load_samples(
+            data.source,
+            classes=data.classes,
+            label_map=data.label_map,
+            skip_bad=data.skip_bad,
+            max_per_class=data.max_per_class,
+        )
         split_config = SplitConfig(method="file", file=str(self.run_dir / "splits.csv")) if resume else data.split
         splits = assign_splits(samples, split_config, self.config.seed)
         if data.test_source:
-            external = load_samples(data.test_source, classes=splits.class_names, label_map=data.label_map,
-                                    skip_bad=data.skip_bad)
-            splits = SampleSet(splits.samples + [s.with_split("test") for s in external.samples],
-                               splits.class_names, splits.skipped + external.skipped)
+            external = load_samples(
+                data.test_source, classes=splits.class_names, label_map=data.label_map, skip_bad=data.skip_bad
+            )
+            splits = SampleSet(
+                splits.samples + [s.with_split("test") for s in external.samples],
+                splits.class_names,
+                splits.skipped + external.skipped,
+            )
         refusal = None
         if self.context.is_main:
             save_splits(splits, self.run_dir / "splits.csv")
@@ -256,8 +278,9 @@ class _Trainer:
             if splits.skipped:
                 write_json(self.run_dir / "skipped.json", [{"path": p, "reason": r} for p, r in splits.skipped])
             try:
-                check_split_leakage(splits, strict=self.config.training.strict_leakage,
-                                    report_path=self.run_dir / "leakage.json")
+                check_split_leakage(
+                    splits, strict=self.config.training.strict_leakage, report_path=self.run_dir / "leakage.json"
+                )
             except DataError as exc:
                 refusal = str(exc)
         refusal = broadcast_object(refusal, self.context)  # every rank stops, none waits forever
@@ -272,8 +295,9 @@ class _Trainer:
         if checkpoint is not None and checkpoint.get("norm_stats"):
             return NormStats(**checkpoint["norm_stats"])
         if data.spatial_dims == 3:
-            raise ConfigError("data.normalize 'dataset' is fitted on 2D training images; for 3D volumes use "
-                              "'sample' or 'none'")
+            raise ConfigError(
+                "data.normalize 'dataset' is fitted on 2D training images; for 3D volumes use 'sample' or 'none'"
+            )
         train_paths = [s.path for s in splits.subset("train").samples]
         return fit_norm_stats((read_image(path, data.window) for path in train_paths), data.image_size)
 
@@ -287,15 +311,18 @@ class _Trainer:
             if metric not in allowed:
                 raise ConfigError(f"{key}: unknown metric {metric!r}; choose one of {list(allowed)}")
             if metric.startswith("val_") and not has_val:
-                raise ConfigError(f"{key} is {metric!r} but the split has no validation part; give "
-                                  "data.split.ratios a val share or monitor 'loss'")
+                raise ConfigError(
+                    f"{key} is {metric!r} but the split has no validation part; give "
+                    "data.split.ratios a val share or monitor 'loss'"
+                )
 
     def _train_loader(self, dataset: Dataset) -> DataLoader:
         """DistributedSampler even for one process: one global shuffling order (seed + epoch), so a run
         with N processes sees the same global batches as a single process."""
         ctx = self.context
-        self.sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                          seed=self.config.seed)
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=self.config.seed
+        )
         per_rank = len(self.sampler)
         # a final batch of one sample breaks BatchNorm in training mode; drop it (Keras would not)
         drop_last = per_rank % self.batch_size == 1 and per_rank > 1
@@ -311,21 +338,36 @@ class _Trainer:
 
     def _loader(self, dataset: Dataset, *, sampler: Any, drop_last: bool) -> DataLoader:
         workers = self.config.data.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
-                          num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=drop_last,
-                          persistent_workers=workers > 0, worker_init_fn=_seed_worker if workers else None,
-                          prefetch_factor=self.config.data.prefetch_factor if workers else None)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            worker_init_fn=_seed_worker if workers else None,
+            prefetch_factor=self.config.data.prefetch_factor if workers else None,
+        )
 
     def _build_model(self) -> nn.Module:
         from covidscan.models import create_model
 
         cfg = self.config
-        model = create_model(cfg.model.name, num_classes=len(self.class_names), in_channels=cfg.data.channels,
-                             pretrained=cfg.model.pretrained, weights=cfg.model.weights, **cfg.model.kwargs)
+        model = create_model(
+            cfg.model.name,
+            num_classes=len(self.class_names),
+            in_channels=cfg.data.channels,
+            pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
+            **cfg.model.kwargs,
+        )
         self.parameter_count = sum(p.numel() for p in model.parameters())
         # layers opt in to Keras-style L2 terms by defining l2_penalty(); looked up once, not every step
         self.regularized = hasattr(model, "l2_penalty") and any(
-            module is not model and hasattr(module, "l2_penalty") for module in model.modules())
+            module is not model and hasattr(module, "l2_penalty") for module in model.modules()
+        )
         return model.to(self.device, memory_format=self.memory_format)
 
     # ----------------------------------------------------------------- training
@@ -334,8 +376,11 @@ class _Trainer:
         epoch = start.epoch
         if state is not None:
             _set_rng_state(state["rng"])
-            continuing = (not start.stopped_early and start.phase < len(phases)
-                          and start.phase_epochs_done < phases[start.phase].epochs)
+            continuing = (
+                not start.stopped_early
+                and start.phase < len(phases)
+                and start.phase_epochs_done < phases[start.phase].epochs
+            )
             if not continuing:  # that phase is complete (possibly extended by a --set on resume)
                 start, state = _Position(start.phase + 1, 0, epoch), None
         for phase_index in range(start.phase, len(phases)):
@@ -355,8 +400,13 @@ class _Trainer:
                 row = self._run_epoch(epoch, phase_index, phase, forward_model, optimizer, schedule, scaler)
                 stop = stopper.update(epoch, row) if stopper is not None else False
                 if stop:
-                    logger.info("early stopping in phase %d after epoch %d (%s did not improve for %d epochs)",
-                                phase_index + 1, epoch, stopper.monitor.metric, stopper.patience)
+                    logger.info(
+                        "early stopping in phase %d after epoch %d (%s did not improve for %d epochs)",
+                        phase_index + 1,
+                        epoch,
+                        stopper.monitor.metric,
+                        stopper.patience,
+                    )
                 position = _Position(phase_index, phase_epoch, epoch, stop)
                 self._end_epoch(row, position, optimizer, schedule, scaler, stopper)
                 if stop:
@@ -366,14 +416,22 @@ class _Trainer:
         from covidscan.models.freezing import set_trainable
 
         trainable = set_trainable(self.model, phase.trainable)
-        logger.info("phase %d/%d: %s lr %g, trainable %s (%d parameters)", index + 1,
-                    len(self.config.training.phases), phase.optimizer, phase.lr, phase.trainable, trainable)
+        logger.info(
+            "phase %d/%d: %s lr %g, trainable %s (%d parameters)",
+            index + 1,
+            len(self.config.training.phases),
+            phase.optimizer,
+            phase.lr,
+            phase.trainable,
+            trainable,
+        )
         forward_model: nn.Module = self.model
         if self.context.enabled:  # re-wrapped per phase: DDP fixes the trainable set at construction
             from torch.nn.parallel import DistributedDataParallel
 
             forward_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if self.config.training.compile:
             forward_model = torch.compile(forward_model)
         optimizer = build_optimizer(phase, (p for p in self.model.parameters() if p.requires_grad))
@@ -392,8 +450,16 @@ class _Trainer:
         """Keras-style kernel regularisation terms the model declares (study E's L2 head)."""
         return self.model.l2_penalty() if self.regularized else 0.0
 
-    def _run_epoch(self, epoch: int, phase_index: int, phase: PhaseConfig, forward_model: nn.Module,
-                   optimizer: torch.optim.Optimizer, schedule: Schedule, scaler: torch.amp.GradScaler) -> dict:
+    def _run_epoch(
+        self,
+        epoch: int,
+        phase_index: int,
+        phase: PhaseConfig,
+        forward_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        scaler: torch.amp.GradScaler,
+    ) -> dict:
         start = time.perf_counter()
         self.sampler.set_epoch(epoch)
         self.model.train()
@@ -403,8 +469,13 @@ class _Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         count = 0
         total = sum(p.epochs for p in self.config.training.phases)
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{total}", leave=False, dynamic_ncols=True,
-                   disable=not self.context.is_main)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"epoch {epoch}/{total}",
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.context.is_main,
+        )
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
@@ -425,15 +496,23 @@ class _Trainer:
         bar.close()
         lr = current_lr(optimizer)
         schedule.step_epoch()
-        sums = all_reduce_sum(torch.stack([loss_sum, correct.double(),
-                                           torch.tensor(count, device=self.device, dtype=torch.float64)]),
-                              self.context).tolist()
-        row = {"epoch": epoch, "phase": phase_index + 1, "loss": sums[0] / max(sums[2], 1),
-               "accuracy": sums[1] / max(sums[2], 1), **self._validate(), "lr": lr}
+        sums = all_reduce_sum(
+            torch.stack([loss_sum, correct.double(), torch.tensor(count, device=self.device, dtype=torch.float64)]),
+            self.context,
+        ).tolist()
+        row = {
+            "epoch": epoch,
+            "phase": phase_index + 1,
+            "loss": sums[0] / max(sums[2], 1),
+            "accuracy": sums[1] / max(sums[2], 1),
+            **self._validate(),
+            "lr": lr,
+        }
         row["seconds"] = time.perf_counter() - start
         if self.context.is_main:
-            logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                                         if k not in ("epoch", "phase")))
+            logger.info(
+                "epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "phase"))
+            )
         return row
 
     @torch.inference_mode()
@@ -451,30 +530,55 @@ class _Trainer:
             losses.append(self.val_criterion.per_sample(logits, targets))
             probabilities.append(class_probabilities(logits, self.config.model.head))
             labels.append(targets)
-        local = (torch.cat(losses).cpu().numpy(), torch.cat(probabilities).cpu().numpy(),
-                 torch.cat(labels).cpu().numpy()) if labels else None
+        local = (
+            (torch.cat(losses).cpu().numpy(), torch.cat(probabilities).cpu().numpy(), torch.cat(labels).cpu().numpy())
+            if labels
+            else None
+        )
         shards = [shard for shard in all_gather_objects(local, self.context) if shard is not None]
         loss, probs, y = (np.concatenate(parts) for parts in zip(*shards))
         penalty = float(self._penalty())
-        return {"val_loss": float(loss.mean()) + penalty, "val_accuracy": float((probs.argmax(1) == y).mean()),
-                "val_auc": roc_auc(y, probs)}
+        return {
+            "val_loss": float(loss.mean()) + penalty,
+            "val_accuracy": float((probs.argmax(1) == y).mean()),
+            "val_auc": roc_auc(y, probs),
+        }
 
-    def _end_epoch(self, row: dict[str, float], position: _Position, optimizer: torch.optim.Optimizer,
-                   schedule: Schedule, scaler: torch.amp.GradScaler, stopper: EarlyStopping | None) -> None:
+    def _end_epoch(
+        self,
+        row: dict[str, float],
+        position: _Position,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        scaler: torch.amp.GradScaler,
+        stopper: EarlyStopping | None,
+    ) -> None:
         """History, best and last checkpoints (rank 0), then callbacks; a callback may raise to stop."""
         self.history.append(row)
         improved = self.best.update(row["epoch"], row)
         if self.context.is_main:
             write_history(self.run_dir / "history.csv", self.history)
-            common = dict(model=self.model, config=self.config, class_names=self.class_names,
-                          norm_stats=self.norm_stats, epoch=int(row["epoch"]), metrics=row)
+            common = dict(
+                model=self.model,
+                config=self.config,
+                class_names=self.class_names,
+                norm_stats=self.norm_stats,
+                epoch=int(row["epoch"]),
+                metrics=row,
+            )
             if improved:
                 save_checkpoint(self.run_dir / "checkpoints" / BEST_NAME, **common)
-            state = {"position": vars(position), "optimizer": optimizer.state_dict(),
-                     "scheduler": schedule.scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "early_stopping": stopper.state_dict() if stopper is not None else None,
-                     "best": self.best.state_dict(), "history": self.history, "rng": _rng_state(),
-                     "seconds": self._elapsed()}
+            state = {
+                "position": vars(position),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "early_stopping": stopper.state_dict() if stopper is not None else None,
+                "best": self.best.state_dict(),
+                "history": self.history,
+                "rng": _rng_state(),
+                "seconds": self._elapsed(),
+            }
             save_checkpoint(self.run_dir / "checkpoints" / LAST_NAME, training_state=state, **common)
         for callback in self.callbacks:
             callback.on_epoch_end(int(row["epoch"]), dict(row))
@@ -493,13 +597,19 @@ class _Trainer:
                 from covidscan.evaluation import evaluate_run
 
                 test_metrics = evaluate_run(self.run_dir, split="test")
-            payload = {"best_epoch": best_epoch, "monitor": self.best.metric, "best": best_metrics,
-                       # headline test metrics with 95% CIs; the full report is under evaluation/test/
-                       "test": test_metrics.get("metrics") if test_metrics else None,
-                       "epochs_trained": len(self.history),
-                       "train_size": len(train_set), "parameters": self.parameter_count,
-                       "runtime_seconds": self._elapsed(), "device": str(self.device),
-                       "world_size": self.context.world_size}
+            payload = {
+                "best_epoch": best_epoch,
+                "monitor": self.best.metric,
+                "best": best_metrics,
+                # headline test metrics with 95% CIs; the full report is under evaluation/test/
+                "test": test_metrics.get("metrics") if test_metrics else None,
+                "epochs_trained": len(self.history),
+                "train_size": len(train_set),
+                "parameters": self.parameter_count,
+                "runtime_seconds": self._elapsed(),
+                "device": str(self.device),
+                "world_size": self.context.world_size,
+            }
             write_json(self.run_dir / "metrics.json", payload)
         barrier(self.context)
         result = TrainResult(self.run_dir, best_metrics, self.history, test_metrics)
