@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from covidscan.config import RunConfig, config_from_dict
+from covidscan.data.records import DataError
 from covidscan.data.transforms import NormStats, build_transform
 from covidscan.runtime import atomic_path
 
@@ -72,9 +73,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable covidscan checkpoint ({exc})") from exc
+        raise DataError(f"{path}: not a readable covidscan checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a covidscan checkpoint (format {CHECKPOINT_FORMAT} expected)")
+        raise DataError(f"{path}: not a covidscan checkpoint (format {CHECKPOINT_FORMAT} expected)")
     payload["path"] = str(path)
     return payload
 
@@ -138,7 +139,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise ValueError(
+        raise DataError(
             f"{payload['path']}: its weights do not fit model {config.model.name!r} as this covidscan "
             f"version builds it (was the checkpoint made by another version, or edited?): "
             f"{str(exc).splitlines()[0]} ..."

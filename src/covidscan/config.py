@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from covidscan.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value or key is invalid; the message names the key and what is allowed."""
 
 

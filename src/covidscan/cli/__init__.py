@@ -3,6 +3,10 @@
 Each verb lives in its own module exposing ``register(subparsers)``, which adds its parser and
 sets ``handler`` to a function taking the parsed arguments; ``VERBS`` lists them in help order.
 Heavy imports happen inside the handlers so ``covidscan --help`` stays instant.
+
+Errors: a :class:`~covidscan.errors.UserError` (bad config, data, option, missing extra) or a missing
+input file prints as one line and exits 2; anything else is a bug in covidscan: a short note without
+``-v`` and the full traceback with it, exit 1.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 from covidscan import __version__
+from covidscan.errors import UserError
 
 VERBS = ("data", "train", "evaluate", "compare", "predict", "explain", "serve", "export", "sweep", "runs")
 
@@ -41,17 +47,28 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    from covidscan.config import ConfigError
-    from covidscan.data.records import DataError
-
     try:
         result = args.handler(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError) as exc:
+        logging.getLogger(__name__).debug("user error", exc_info=True)  # where it was raised, with -v
         print(f"covidscan {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"covidscan {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"covidscan {args.verb}: internal error: {type(exc).__name__}: {exc}\n"
+            + (
+                "this is a bug in covidscan: please report it with the traceback above"
+                if args.verbose
+                else "this is a bug in covidscan: rerun with -v and report it with the traceback"
+            ),
+            file=sys.stderr,
+        )
+        return 1
     return int(result or 0)
 
 

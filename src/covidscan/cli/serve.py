@@ -30,9 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from covidscan.optional import optional_import
     from covidscan.serving import UploadLimits, create_app
+
+    uvicorn = optional_import("uvicorn", extra="serve")
 
     limits = UploadLimits(max_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels)
     app = create_app(args.checkpoint, onnx=args.onnx, limits=limits, threads=args.threads)

@@ -7,6 +7,7 @@ import json
 import os
 
 from covidscan.cli import add_config_arguments
+from covidscan.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from covidscan.training import train
 
     if args.resume and args.run_dir:
-        raise ValueError("--resume RUN_DIR already names the run directory; drop --run-dir")
+        raise UsageError("--resume RUN_DIR already names the run directory; drop --run-dir")
     if args.resume and not Path(args.resume).is_dir():
         raise FileNotFoundError(f"{args.resume}: no such run directory to resume")
     config_path = args.config or (str(Path(args.resume) / "config.yaml") if args.resume else None)

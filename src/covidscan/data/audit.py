@@ -24,6 +24,7 @@ from PIL import Image
 from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_middle_slice
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import SPLIT_NAMES, warn_leakage_once
+from covidscan.errors import UsageError
 
 # A 16x16 phash (256 bits) within 24 bits: on covid-ct such pairs are the same patient or the same
 # figure re-used under two labels; the 8x8 hash matched different patients' slices (docs/data.md).
@@ -100,7 +101,7 @@ def inspect_samples(
     from tqdm import tqdm
 
     if hash_size < 8 or (hash_size * hash_size) % 64:
-        raise ValueError(f"hash_size must be 8, 16, 24, ... (hash bits a multiple of 64), got {hash_size}")
+        raise UsageError(f"hash_size must be 8, 16, 24, ... (hash bits a multiple of 64), got {hash_size}")
     return [
         inspect_sample(s, hash_size)
         for s in tqdm(samples, desc="hashing images", unit="img", disable=not progress, leave=False)
@@ -215,7 +216,7 @@ def audit_samples(
     """The full audit as a JSON-ready dict (see the module docstring for what it covers); with splits
     and ``plot_path``, also the nearest-train-distance histogram (:func:`plot_nearest_train_distances`)."""
     if threshold < 0:
-        raise ValueError(f"near-duplicate threshold must be >= 0 bits, got {threshold}")
+        raise UsageError(f"near-duplicate threshold must be >= 0 bits, got {threshold}")
     facts = inspect_samples(sample_set.samples, hash_size, progress)
     readable = [f for f in facts if f.error is None]
     has_splits = any(f.sample.split for f in facts)

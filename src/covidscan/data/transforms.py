@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from covidscan import compat  # noqa: F401
 from covidscan.config import DataConfig
+from covidscan.data.records import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,6 +91,6 @@ def fit_norm_stats(images: list[np.ndarray] | torch.utils.data.Dataset, image_si
         total_sq += float((pixels**2).sum())
         count += pixels.numel()
     if count == 0:
-        raise ValueError("cannot fit normalisation statistics on an empty training split")
+        raise DataError("cannot fit normalisation statistics on an empty training split")
     mean = total / count
     return NormStats(mean=mean, std=max((total_sq / count - mean**2) ** 0.5, 1e-6))

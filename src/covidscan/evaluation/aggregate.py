@@ -7,6 +7,7 @@ from typing import Literal
 
 import numpy as np
 
+from covidscan.errors import UsageError
 from covidscan.evaluation.metrics import PredictionSet
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ def aggregate_by_patient(predictions: PredictionSet, method: Aggregation = "mean
     normally per patient, so this points at a labelling problem.
     """
     if method not in ("mean", "max"):
-        raise ValueError(f"aggregation must be 'mean' or 'max', got {method!r}")
+        raise UsageError(f"aggregation must be 'mean' or 'max', got {method!r}")
     groups = predictions.groups()
     keys, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     order = np.argsort(first)  # patients in first-seen order

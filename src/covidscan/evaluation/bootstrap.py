@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from covidscan.errors import UsageError
 from covidscan.evaluation.metrics import MetricValue, PredictionSet, predict_labels
 
 _CHUNK_CELLS = 1_000_000  # resamples x items per chunk: small enough to stay in CPU cache
@@ -155,9 +156,9 @@ class BatchMetrics:
 
 def _check(n_resamples: int, confidence: float) -> None:
     if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+        raise UsageError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise UsageError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def _resampled_metrics(

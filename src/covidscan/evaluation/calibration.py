@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from covidscan.data.records import DataError
+from covidscan.errors import UsageError
+
 
 @dataclass
 class ReliabilityTable:
@@ -45,7 +48,7 @@ class ReliabilityTable:
 def reliability_table(proba: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> ReliabilityTable:
     """Bin items by their top-class probability; a bin's accuracy is how often that class was right."""
     if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+        raise UsageError(f"n_bins must be >= 1, got {n_bins}")
     confidence = proba.max(axis=1)
     correct = (proba.argmax(axis=1) == y_true).astype(float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -73,7 +76,7 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
 def fit_temperature(proba: np.ndarray, y_true: np.ndarray, max_iter: int = 100) -> float:
     """The temperature T > 0 minimising validation NLL (fitted as log T, so T stays positive)."""
     if len(y_true) == 0:
-        raise ValueError("temperature scaling needs a non-empty validation split")
+        raise DataError("temperature scaling needs a non-empty validation split")
     log_p = torch.log(torch.as_tensor(proba, dtype=torch.float64).clamp(min=1e-12))
     target = torch.as_tensor(y_true, dtype=torch.long)
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)

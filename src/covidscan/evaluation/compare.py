@@ -22,6 +22,7 @@ import numpy as np
 from covidscan.data import read_image
 from covidscan.data.records import DataError
 from covidscan.data.volumes import STACK_SEPARATOR
+from covidscan.errors import UsageError
 from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
 from covidscan.evaluation.bootstrap import paired_bootstrap_difference
 from covidscan.evaluation.evaluate import Evaluation, evaluate
@@ -219,11 +220,11 @@ def compare_runs(
     the same scans can be compared; ``"auto"`` (default) picks it when the items are volume stacks.
     """
     if len(runs) < 2:
-        raise ValueError("compare needs at least two runs")
+        raise UsageError("compare needs at least two runs")
     if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        raise UsageError(f"level must be one of {LEVELS}, got {level!r}")
     if aggregation not in ("mean", "max"):
-        raise ValueError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
+        raise UsageError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
     evaluations = [
         evaluate(
             run,
@@ -242,7 +243,7 @@ def compare_runs(
     ]
     names = metric_names(evaluations[0].predictions.num_classes)
     if metric not in names:
-        raise ValueError(f"--metric {metric!r} is not one of {list(names)}")
+        raise UsageError(f"--metric {metric!r} is not one of {list(names)}")
     level = _resolve_level(level, evaluations)
     aligned = _aligned([_compared_set(e, level, aggregation) for e in evaluations], evaluations, level)
     reference = evaluations[0]

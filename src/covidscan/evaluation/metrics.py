@@ -25,6 +25,7 @@ from sklearn.metrics import (
 )
 
 from covidscan.data.records import DataError
+from covidscan.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def resolve_positive_class(class_names: Sequence[str], preferred: str | None = N
     names = list(class_names)
     if preferred is not None:
         if preferred not in names:
-            raise ValueError(
+            raise UsageError(
                 f"positive class {preferred!r} is not one of the model's classes {names}; "
                 "pass --positive-class with one of them"
             )
@@ -105,7 +106,7 @@ class PredictionSet:
         bad = ~np.isfinite(self.proba).all(axis=1)
         if bad.any():
             first = self.paths[int(np.argmax(bad))] if self.paths else f"item {int(np.argmax(bad))}"
-            raise ValueError(
+            raise DataError(
                 f"the model produced NaN/inf probabilities for {int(bad.sum())} item(s) (first: "
                 f"{first}); the checkpoint's weights are probably corrupt or training diverged"
             )

@@ -12,6 +12,9 @@ from typing import Literal
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from covidscan.data.records import DataError
+from covidscan.errors import UsageError
+
 ThresholdMethod = Literal["youden", "sensitivity"]
 
 
@@ -41,12 +44,12 @@ def choose_threshold(
     """Youden's J (max sensitivity + specificity - 1) or the highest threshold reaching a target
     sensitivity (so specificity is as high as that sensitivity allows)."""
     if method not in ("youden", "sensitivity"):
-        raise ValueError(f"threshold method must be 'youden' or 'sensitivity', got {method!r}")
+        raise UsageError(f"threshold method must be 'youden' or 'sensitivity', got {method!r}")
     if not 0 < target_sensitivity <= 1:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+        raise UsageError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
     is_positive = np.asarray(is_positive, dtype=bool)
     if is_positive.all() or not is_positive.any():
-        raise ValueError(f"cannot choose a threshold on {chosen_on}: it holds only one class")
+        raise DataError(f"cannot choose a threshold on {chosen_on}: it holds only one class")
     fpr, tpr, thresholds = roc_curve(is_positive, scores, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # scikit-learn's first threshold is +inf
     index = int(np.argmax(tpr - fpr)) if method == "youden" else int(np.argmax(tpr >= target_sensitivity))

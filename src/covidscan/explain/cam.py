@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidscan.errors import UsageError
+
 CamMethod = Literal["gradcam", "gradcampp", "smoothgradcampp"]
 CAM_METHODS: tuple[str, ...] = get_args(CamMethod)
 
@@ -50,7 +52,7 @@ def resolve_target_layer(model: nn.Module, layer: str | None = None) -> tuple[st
     if layer is None:
         target = getattr(model, "cam_target", None)
         if target is None:
-            raise ValueError(
+            raise UsageError(
                 f"{type(model).__name__} has no cam_target; pass the layer name (see model.named_modules())"
             )
         name = next((n for n, m in model.named_modules() if m is target), None)
@@ -61,7 +63,7 @@ def resolve_target_layer(model: nn.Module, layer: str | None = None) -> tuple[st
     if layer not in modules:
         close = difflib.get_close_matches(layer, [n for n in modules if n], n=5)
         hint = f" Did you mean {close}?" if close else " See model.named_modules() for the names."
-        raise ValueError(f"layer {layer!r} is not a module of {type(model).__name__}.{hint}")
+        raise UsageError(f"layer {layer!r} is not a module of {type(model).__name__}.{hint}")
     return layer, modules[layer]
 
 
@@ -85,11 +87,11 @@ def compute_cam(
     keeps raw (non-negative) map values, for stitching maps of several inputs before scaling.
     """
     if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {list(CAM_METHODS)}")
+        raise UsageError(f"unknown CAM method {method!r}; choose one of {list(CAM_METHODS)}")
     if method == "smoothgradcampp" and samples < 1:
-        raise ValueError(f"samples must be >= 1 for Smooth Grad-CAM++, got {samples}")
+        raise UsageError(f"samples must be >= 1 for Smooth Grad-CAM++, got {samples}")
     if method == "smoothgradcampp" and not sigma > 0:
-        raise ValueError(f"sigma must be > 0 for Smooth Grad-CAM++, got {sigma}")
+        raise UsageError(f"sigma must be > 0 for Smooth Grad-CAM++, got {sigma}")
     spatial_dims = getattr(model, "spatial_dims", x.ndim - 2)
     if x.ndim != spatial_dims + 2:
         raise ValueError(
@@ -122,7 +124,7 @@ def _target_picker(target_class: int | None) -> Callable[[torch.Tensor], torch.T
         if target_class is None:
             return logits.argmax(1)
         if not 0 <= target_class < logits.shape[1]:
-            raise ValueError(f"target_class must be in [0, {logits.shape[1]}), got {target_class}")
+            raise UsageError(f"target_class must be in [0, {logits.shape[1]}), got {target_class}")
         return torch.full((logits.shape[0],), target_class, dtype=torch.long, device=logits.device)
 
     return pick
@@ -148,7 +150,7 @@ def _forward_backward(
             # a leaf input needing grad keeps the graph alive even when every parameter is frozen
             logits = model(x.detach().requires_grad_(True))
             if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
-                raise ValueError(
+                raise UsageError(
                     f"the CAM target layer ran {len(captured)} times or returned no tensor; "
                     "choose a layer used once in forward (see model.named_modules())"
                 )

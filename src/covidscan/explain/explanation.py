@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from covidscan.checkpoint import LoadedModel
 from covidscan.data import DataError, Sample, read_image
 from covidscan.data.io import IMAGE_EXTENSIONS, is_nifti, is_supported_file
+from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
 from covidscan.explain.overlay import render_montage, render_overlay, write_bytes
 
@@ -135,7 +136,7 @@ def class_index(loaded: LoadedModel, target_class: str | int | None) -> int | No
     lowered = [name.lower() for name in names]
     if isinstance(target_class, str) and target_class.lower() in lowered:
         return lowered.index(target_class.lower())
-    raise ValueError(f"unknown class {target_class!r}; this model's classes are {names}")
+    raise UsageError(f"unknown class {target_class!r}; this model's classes are {names}")
 
 
 def list_image_inputs(inputs: Sequence[str | Path]) -> list[Path]:

@@ -25,6 +25,8 @@ import warnings
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from covidscan.config import ConfigError
+
 
 def parameter_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The module's "layers": submodules owning parameters directly, in registration order."""
@@ -39,7 +41,7 @@ def parse_trainable(spec: str) -> int | None:
         return 0
     if spec.startswith("last:") and spec[5:].isdigit():
         return int(spec[5:])
-    raise ValueError(f"trainable spec must be 'all', 'head' or 'last:N' (N >= 0), got {spec!r}")
+    raise ConfigError(f"trainable spec must be 'all', 'head' or 'last:N' (N >= 0), got {spec!r}")
 
 
 def set_trainable(model: nn.Module, spec: str) -> int:

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from covidscan.config import ConfigError
+
 Pooling = Literal["avg", "flatten"]
 
 
@@ -38,13 +40,13 @@ class HeadSpec:
 
     def __post_init__(self) -> None:
         if self.pooling not in ("avg", "flatten"):
-            raise ValueError(f"head pooling must be 'avg' or 'flatten', got {self.pooling!r}")
+            raise ConfigError(f"head pooling must be 'avg' or 'flatten', got {self.pooling!r}")
         if not all(isinstance(width, int) and width >= 1 for width in self.hidden):
-            raise ValueError(f"head hidden sizes must be positive integers, got {list(self.hidden)}")
+            raise ConfigError(f"head hidden sizes must be positive integers, got {list(self.hidden)}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"head dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"head dropout must be in [0, 1), got {self.dropout}")
         if self.l2 < 0:
-            raise ValueError(f"head l2 must be >= 0, got {self.l2}")
+            raise ConfigError(f"head l2 must be >= 0, got {self.l2}")
 
 
 # Study E: GlobalAvgPool -> Dense 1024 ReLU (L2 0.01) -> BatchNorm -> Dropout 0.5 -> Dense classes.
@@ -66,7 +68,7 @@ def resolve_head(
     elif head in NAMED_HEADS:
         spec = NAMED_HEADS[head]
     else:
-        raise ValueError(f"unknown head {head!r}; choose 'default' or one of {sorted(NAMED_HEADS)}")
+        raise ConfigError(f"unknown head {head!r}; choose 'default' or one of {sorted(NAMED_HEADS)}")
     overrides = {"pooling": pooling, "dropout": dropout, "hidden": None if hidden is None else tuple(hidden)}
     return replace(spec, **{key: value for key, value in overrides.items() if value is not None})
 

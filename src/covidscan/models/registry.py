@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from covidscan.config import ConfigError
+from covidscan.errors import UsageError
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -62,7 +65,7 @@ def model_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         close = fnmatch.filter(_REGISTRY, f"*{name[:4]}*")
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Available: {sorted(_REGISTRY)}")
+        raise ConfigError(f"unknown model {name!r}.{hint} Available: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -71,9 +74,9 @@ def create_model(
 ) -> nn.Module:
     """Build a registered model. ``weights`` is a local file used instead of a download."""
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 2, got {num_classes}")
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise UsageError(f"in_channels must be >= 1, got {in_channels}")
     entry = model_entry(name)
     return entry.builder(
         num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, weights=weights, **kwargs

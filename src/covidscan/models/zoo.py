@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from covidscan import compat  # noqa: F401  (torchvision needs the shim on a CPU-only torch)
+from covidscan.config import ConfigError
 from covidscan.models.base import ClassifierModel
 from covidscan.models.heads import HeadSpec, build_head, resolve_head
 from covidscan.models.registry import register_model
@@ -43,7 +44,7 @@ def feature_shape(backbone: nn.Module, in_channels: int, size: int) -> tuple[int
         with torch.no_grad():
             out = backbone(torch.zeros(1, in_channels, size, size))
     except RuntimeError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"this backbone cannot take {size}x{size} input ({exc}); use a larger data.image_size"
         ) from exc
     finally:
@@ -65,7 +66,7 @@ def _assemble(
 ) -> ClassifierModel:
     spec = resolve_head(head, default_head, pooling=pooling, dropout=dropout, hidden=hidden)
     if spec.pooling == "flatten" and input_size is None:
-        raise ValueError(
+        raise ConfigError(
             "pooling='flatten' needs the input size to size the dense layer: add "
             "`input_size: <data.image_size>` to model.kwargs"
         )
@@ -88,7 +89,7 @@ def _register(
         ) -> ClassifierModel:
             unknown = sorted(set(head_options) - _HEAD_OPTIONS)
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}: unknown model option(s) {unknown} (model.kwargs); allowed: {sorted(_HEAD_OPTIONS)}"
                 )
             # a local weights file *is* the pretrained weights: nothing is downloaded then
@@ -109,7 +110,7 @@ def _register(
 
 def _no_imagenet_weights(name: str, pretrained: bool) -> None:
     if pretrained:
-        raise ValueError(
+        raise ConfigError(
             f"{name} is a custom network without ImageNet weights: set model.pretrained=false "
             "(or give a local state dict with model.weights=PATH)"
         )

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from torch import nn
 
 from covidscan import compat  # noqa: F401  (torchvision needs the shim on a CPU-only torch)
+from covidscan.config import ConfigError
 from covidscan.models.base import ClassifierModel
 from covidscan.models.heads import HeadSpec, build_head, resolve_head
 from covidscan.models.registry import register_model
@@ -87,7 +88,7 @@ def _register(name: str, description: str, make_backbone: BackboneFactory) -> No
         hidden: list[int] | None = None,
     ) -> nn.Module:
         if pretrained:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: no pretrained 3D weights are available offline; set model.pretrained=false "
                 "(or give a local state dict with model.weights=PATH)"
             )
@@ -96,7 +97,7 @@ def _register(name: str, description: str, make_backbone: BackboneFactory) -> No
             load_backbone_state(backbone, read_weights_file(weights), source=str(weights))
         spec = resolve_head(head, HeadSpec(), dropout=dropout, hidden=hidden)
         if spec.pooling != "avg":
-            raise ValueError(f"{name}: 3D models use average pooling; head {head!r} asks for {spec.pooling!r}")
+            raise ConfigError(f"{name}: 3D models use average pooling; head {head!r} asks for {spec.pooling!r}")
         return ClassifierModel(
             backbone, build_head(spec, (channels, 1, 1, 1), num_classes), spatial_dims=3, cam_target=backbone.layer4
         )

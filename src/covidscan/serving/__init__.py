@@ -3,6 +3,7 @@
 Heavy optional dependencies (FastAPI, ONNX Runtime) are imported only by the modules that need them.
 """
 
+from covidscan.optional import optional_import
 from covidscan.serving.engine import ModelCard, OnnxPredictor, Predictor, TorchPredictor, load_predictor
 from covidscan.serving.export import ExportResult, export_model
 from covidscan.serving.predict import PredictSummary, predict_files
@@ -11,6 +12,8 @@ from covidscan.serving.upload import UploadError, UploadLimits, decode_upload
 
 def create_app(*args, **kwargs):
     """See :func:`covidscan.serving.app.create_app` (imported lazily: FastAPI is an optional extra)."""
+    for module in ("fastapi", "python_multipart"):  # what covidscan.serving.app needs from the serve extra
+        optional_import(module, extra="serve")
     from covidscan.serving.app import create_app as _create_app
 
     return _create_app(*args, **kwargs)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covidscan import __version__
 from covidscan.checkpoint import LoadedModel
+from covidscan.errors import UsageError
 from covidscan.serving.engine import Predictor, TorchPredictor, load_predictor, preprocessing
 from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, decode_upload, to_png
 
@@ -58,7 +59,7 @@ def create_app(
     """An app serving ``checkpoint`` (PyTorch) or ``onnx`` (ONNX Runtime; Grad-CAM still uses the
     checkpoint when both are given). Loading happens at start-up, not here."""
     if checkpoint is None and onnx is None:
-        raise ValueError("create_app needs a checkpoint (run directory or .pt) or an exported .onnx model")
+        raise UsageError("create_app needs a checkpoint (run directory or .pt) or an exported .onnx model")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -19,7 +19,10 @@ import torch
 from covidscan import __version__
 from covidscan.checkpoint import LoadedModel, load_model, resolve_checkpoint
 from covidscan.config import RunConfig, config_from_dict
+from covidscan.data.records import DataError
 from covidscan.data.transforms import NormStats, build_transform
+from covidscan.errors import UsageError
+from covidscan.optional import optional_import
 
 METADATA_FORMAT = "covidscan-export/1"
 
@@ -113,8 +116,7 @@ class OnnxPredictor:
     engine = "onnxruntime"
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        ort = optional_import("onnxruntime", extra="export")
         self.path = Path(path)
         metadata = read_export_metadata(self.path)
         self.config = config_from_dict(metadata["config"])
@@ -150,7 +152,7 @@ def read_export_metadata(model_path: str | Path) -> dict[str, Any]:
         )
     metadata = json.loads(meta.read_text())
     if metadata.get("format") != METADATA_FORMAT:
-        raise ValueError(f"{meta}: not covidscan export metadata (format {METADATA_FORMAT} expected)")
+        raise DataError(f"{meta}: not covidscan export metadata (format {METADATA_FORMAT} expected)")
     return metadata
 
 
@@ -159,7 +161,7 @@ def load_predictor(
 ) -> Predictor:
     """ONNX Runtime when ``onnx`` is given (the checkpoint is then not needed), PyTorch otherwise."""
     if onnx is None and checkpoint is None:
-        raise ValueError("give a checkpoint (run directory or .pt file) or an exported .onnx model")
+        raise UsageError("give a checkpoint (run directory or .pt file) or an exported .onnx model")
     if threads:
         torch.set_num_threads(threads)
     predictor: Predictor = (
@@ -168,5 +170,5 @@ def load_predictor(
         else TorchPredictor(load_model(resolve_checkpoint(checkpoint)))
     )
     if predictor.config.data.spatial_dims != 2:
-        raise ValueError(f"{onnx or checkpoint}: a 3D (volume) model; serving and batch prediction take 2D images")
+        raise UsageError(f"{onnx or checkpoint}: a 3D (volume) model; serving and batch prediction take 2D images")
     return predictor

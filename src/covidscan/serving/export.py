@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from covidscan.checkpoint import LoadedModel, load_model
+from covidscan.errors import UsageError
+from covidscan.optional import optional_import
 from covidscan.runtime import atomic_path, write_json
 from covidscan.serving.engine import METADATA_FORMAT, OnnxPredictor, metadata_path, model_card
 
@@ -66,12 +68,15 @@ def export_model(
     when the exported model disagrees with PyTorch by more than ``TOLERANCE``.
     """
     if fmt not in SUFFIXES:
-        raise ValueError(f"export format must be one of {sorted(SUFFIXES)}, got {fmt!r}")
+        raise UsageError(f"export format must be one of {sorted(SUFFIXES)}, got {fmt!r}")
+    if fmt == "onnx":  # torch.onnx writes with onnx + onnxscript; the check runs ONNX Runtime
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            optional_import(module, extra="export")
     loaded = load_model(checkpoint)
     wrapper = ProbabilityModel(loaded).eval()
     data = loaded.config.data
     if data.spatial_dims != 2:
-        raise ValueError(f"{checkpoint}: export supports 2D image models; this one is 3D")
+        raise UsageError(f"{checkpoint}: export supports 2D image models; this one is 3D")
     path = Path(out) if out else loaded.run_dir / "export" / f"model{SUFFIXES[fmt]}"
     example = torch.rand(2, data.channels, data.image_size, data.image_size)  # batch 2: keeps the axis dynamic
     with atomic_path(path) as tmp:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from covidscan.data import DataError, list_inputs, read_image
+from covidscan.errors import UsageError
 from covidscan.serving.engine import Predictor, preprocessing
 
 PATH_COLUMN, LABEL_COLUMN, ERROR_COLUMN = "path", "predicted_label", "error"
@@ -69,7 +70,7 @@ def finished_paths(out: Path, header: list[str]) -> set[str]:
     if not rows:
         return set()
     if rows[0] != header:
-        raise ValueError(
+        raise UsageError(
             f"{out}: exists with columns {rows[0]}, not {header} (another model?); "
             "choose another --out or delete the file"
         )
@@ -87,9 +88,9 @@ def predict_files(
 ) -> PredictSummary:
     """Predict every supported file under ``inputs`` (files or folders) into the CSV ``out``."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     out = Path(out)
     class_names = predictor.card.class_names
     header = csv_header(class_names)

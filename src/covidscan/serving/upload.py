@@ -19,6 +19,7 @@ from PIL import Image
 
 from covidscan.config import WindowConfig
 from covidscan.data import DataError, read_image
+from covidscan.errors import UsageError
 
 ACCEPTED_CONTENT_TYPES = frozenset(
     {
@@ -48,9 +49,9 @@ class UploadLimits:
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1:
-            raise ValueError(f"max upload size must be >= 1 byte, got {self.max_bytes}")
+            raise UsageError(f"max upload size must be >= 1 byte, got {self.max_bytes}")
         if self.max_pixels < 16:
-            raise ValueError(f"max image side must be >= 16 px, got {self.max_pixels}")
+            raise UsageError(f"max image side must be >= 16 px, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from covidscan.errors import UsageError
 from covidscan.tracking.options import TRACKERS
 from covidscan.training.callbacks import Callback
 
@@ -76,7 +77,7 @@ def make_trackers(
     unknown names are a ValueError."""
     unknown = sorted(set(names) - set(TRACKERS))
     if unknown:
-        raise ValueError(f"unknown tracker(s) {unknown}; choose from {list(TRACKERS)}")
+        raise UsageError(f"unknown tracker(s) {unknown}; choose from {list(TRACKERS)}")
     trackers: list[TrackingCallback] = []
     if "mlflow" in names:
         from covidscan.tracking.mlflow import MLflowCallback

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covidscan.config import RunConfig
+from covidscan.optional import optional_import
 from covidscan.tracking.callbacks import (
     TrackingCallback,
     evaluation_scalars,
@@ -52,11 +53,7 @@ def default_tracking_uri(output_dir: str | Path) -> str:
 
 
 def _client(tracking_uri: str) -> MlflowClient:
-    try:
-        from mlflow import MlflowClient
-    except ImportError as exc:  # the "track" extra is optional
-        raise ImportError("MLflow tracking needs mlflow: pip install 'covidscan[track]'") from exc
-    return MlflowClient(tracking_uri=tracking_uri)
+    return optional_import("mlflow", extra="track").MlflowClient(tracking_uri=tracking_uri)
 
 
 class MLflowCallback(TrackingCallback):
@@ -107,17 +104,15 @@ class MLflowCallback(TrackingCallback):
         logger.info("MLflow run %s in experiment %r at %s", self.run_id, name, uri)
 
     def _log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        entries = [Param(key, str(value)[:_MAX_PARAM_LENGTH]) for key, value in params.items()]
+        entities = optional_import("mlflow.entities", extra="track")
+        entries = [entities.Param(key, str(value)[:_MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(entries), _BATCH):
             self._client.log_batch(self.run_id, params=entries[start : start + _BATCH])
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
+        entities = optional_import("mlflow.entities", extra="track")
         now = int(time.time() * 1000)
-        entries = [Metric(key, value, now, step) for key, value in metrics.items()]
+        entries = [entities.Metric(key, value, now, step) for key, value in metrics.items()]
         for start in range(0, len(entries), _BATCH):
             self._client.log_batch(self.run_id, metrics=entries[start : start + _BATCH])
 

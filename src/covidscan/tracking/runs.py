@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from covidscan.data.records import DataError
+from covidscan.errors import UsageError
 from covidscan.tracking.callbacks import flatten
 
 # The headline test metrics: binary name first, then the multi-class equivalent.
@@ -52,7 +54,7 @@ class RunSummary:
 def _read_yaml(path: Path) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ValueError(f"{path} holds no mapping")
+        raise DataError(f"{path} holds no mapping")
     return data
 
 
@@ -211,7 +213,7 @@ def list_runs(root: str | Path = "runs", sort: str | None = None, ascending: boo
     key = sort or "date"
     columns = RunSummary.__dataclass_fields__
     if key not in columns:
-        raise ValueError(f"--sort {key!r} is not a column; choose from {list(columns)}")
+        raise UsageError(f"--sort {key!r} is not a column; choose from {list(columns)}")
     present = [run for run in runs if getattr(run, key) is not None]
     missing = [run for run in runs if getattr(run, key) is None]
     present.sort(key=lambda run: getattr(run, key), reverse=not ascending if sort else True)
@@ -261,7 +263,7 @@ def format_runs(runs: list[RunSummary], fmt: Literal["table", "csv", "json"] = "
         writer.writerows(asdict(run) for run in runs)
         return buffer.getvalue()
     if fmt != "table":
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+        raise UsageError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     if not runs:
         return "no runs found"
     headers = [c.replace("test_", "test ").replace("runtime_seconds", "runtime s") for c in _TABLE_COLUMNS]

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import yaml
 
 from covidscan.config import ConfigError, RunConfig, config_from_dict
+from covidscan.errors import UsageError
+from covidscan.optional import optional_import
 from covidscan.runtime import atomic_path, write_json, write_text
 from covidscan.tracking.callbacks import closing_on_error, make_trackers
 from covidscan.tracking.mlflow import default_tracking_uri
@@ -48,7 +50,7 @@ _DONE_STATES = ("COMPLETE", "PRUNED")
 
 def parse_search_space(raw: Any, source: str = "search space") -> dict[str, Any]:
     """Turn ``{key: {type: ..., ...}}`` into Optuna distributions, naming the key on any error."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    distributions = optional_import("optuna.distributions", extra="track")
 
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(
@@ -71,17 +73,17 @@ def parse_search_space(raw: Any, source: str = "search space") -> dict[str, Any]
             if kind == "categorical":
                 choices = options.get("choices")
                 if not isinstance(choices, list) or not choices:
-                    raise ValueError("'choices' must be a non-empty list")
-                space[str(key)] = CategoricalDistribution(choices)
+                    raise ConfigError("'choices' must be a non-empty list")
+                space[str(key)] = distributions.CategoricalDistribution(choices)
             elif kind == "float":
-                space[str(key)] = FloatDistribution(
+                space[str(key)] = distributions.FloatDistribution(
                     float(options["low"]),
                     float(options["high"]),
                     log=bool(options.get("log", False)),
                     step=options.get("step"),
                 )
             else:
-                space[str(key)] = IntDistribution(
+                space[str(key)] = distributions.IntDistribution(
                     int(options["low"]),
                     int(options["high"]),
                     log=bool(options.get("log", False)),
@@ -113,13 +115,13 @@ def apply_params(config: RunConfig, params: dict[str, Any], **top_level: Any) ->
 
 
 def _suggest(trial: Any, space: dict[str, Any]) -> dict[str, Any]:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    distributions = optional_import("optuna.distributions", extra="track")
 
     params = {}
     for name, dist in space.items():
-        if isinstance(dist, CategoricalDistribution):
+        if isinstance(dist, distributions.CategoricalDistribution):
             params[name] = trial.suggest_categorical(name, dist.choices)
-        elif isinstance(dist, FloatDistribution):
+        elif isinstance(dist, distributions.FloatDistribution):
             params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
         else:
             params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
@@ -138,7 +140,7 @@ class TrialCallback(Callback):
         self.trial.set_user_attr("run_dir", str(run_dir))
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        import optuna
+        optuna = optional_import("optuna", extra="track")
 
         if self.monitor not in metrics:
             raise ConfigError(
@@ -160,23 +162,23 @@ def best_monitored(history: Sequence[dict[str, float]], monitor: str, mode: Lite
 
 
 def _sampler(name: str, seed: int) -> Any:
-    import optuna
+    optuna = optional_import("optuna", extra="track")
 
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
-    raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
+    raise UsageError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
 
 
 def _pruner(name: str) -> Any:
-    import optuna
+    optuna = optional_import("optuna", extra="track")
 
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"pruner must be one of {list(PRUNERS)}, got {name!r}")
+    raise UsageError(f"pruner must be one of {list(PRUNERS)}, got {name!r}")
 
 
 @dataclass
@@ -214,10 +216,10 @@ def run_sweep(
     minimised or maximised as ``training.checkpoint_mode`` says. ``track`` adds MLflow/TensorBoard
     logging to every trial (MLflow runs go to ``experiment``, by default one named after the study).
     """
-    import optuna
+    optuna = optional_import("optuna", extra="track")
 
     if n_trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {n_trials}")
+        raise UsageError(f"--trials must be >= 1, got {n_trials}")
     if not isinstance(space, dict):
         space = load_search_space(space)
     for key, dist in space.items():  # fail on a bad key now, not after hours of earlier trials
@@ -338,7 +340,7 @@ def write_summary(rows: list[dict[str, Any]], csv_path: Path, md_path: Path, *, 
 def plot_param_importances(study: Any, path: Path, seed: int = 0) -> Path | None:
     """Bar chart of fANOVA parameter importances; None (with a log line) when there are too few
     completed trials or no parameter varied, as importance is then undefined."""
-    import optuna
+    optuna = optional_import("optuna", extra="track")
 
     completed = _count(study, ("COMPLETE",))
     if completed < 2:
@@ -373,9 +375,9 @@ def plot_param_importances(study: Any, path: Path, seed: int = 0) -> Path | None
 
 def summarize_study(study: Any, sweep_dir: Path, storage: str) -> SweepResult:
     """Write the summary table and importance plot of ``study`` into ``sweep_dir``."""
-    from optuna.study import StudyDirection
+    optuna = optional_import("optuna", extra="track")
 
-    maximize = study.direction == StudyDirection.MAXIMIZE
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     monitor = study.user_attrs.get("monitor", "value")
     rows = trial_rows(study)
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from covidscan.config import RunConfig
+from covidscan.optional import optional_import
 from covidscan.tracking.callbacks import (
     TrackingCallback,
     evaluation_scalars,
@@ -46,11 +47,8 @@ class TensorBoardCallback(TrackingCallback):
     def on_train_start(self, run_dir: Path, config: RunConfig) -> None:
         if not is_main_process():
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ImportError("TensorBoard tracking needs tensorboard: pip install 'covidscan[track]'") from exc
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / self.subdir))
+        tensorboard = optional_import("torch.utils.tensorboard", extra="track")
+        self.writer = tensorboard.SummaryWriter(log_dir=str(Path(run_dir) / self.subdir))
         # Four leading spaces make TensorBoard's Markdown render the YAML as a code block.
         config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
         self.writer.add_text("config", "\n".join("    " + line for line in config_text.splitlines()))

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
 
-from covidscan.config import PhaseConfig, SchedulerConfig
+from covidscan.config import ConfigError, PhaseConfig, SchedulerConfig
 
 
 def build_optimizer(phase: PhaseConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The phase's optimizer over ``params`` (the trainable ones)."""
     params = list(params)
     if not params:
-        raise ValueError("no trainable parameters in this phase; check the phase's 'trainable' setting")
+        raise ConfigError("no trainable parameters in this phase; check the phase's 'trainable' setting")
     if phase.optimizer == "adam":
         return torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
     if phase.optimizer == "adamw":
@@ -31,7 +31,7 @@ def build_optimizer(phase: PhaseConfig, params: Iterable[torch.nn.Parameter]) ->
         return torch.optim.RMSprop(params, lr=phase.lr, alpha=0.9, eps=1e-7, weight_decay=phase.weight_decay)
     if phase.optimizer == "sgd":
         return torch.optim.SGD(params, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay)
-    raise ValueError(f"unknown optimizer {phase.optimizer!r}")
+    raise ConfigError(f"unknown optimizer {phase.optimizer!r}")
 
 
 class ExponentialDecay:
@@ -68,7 +68,7 @@ def build_schedule(config: SchedulerConfig, optimizer: torch.optim.Optimizer) ->
         return Schedule(StepLR(optimizer, step_size=config.step_size, gamma=config.gamma), per_step=False)
     if config.name == "constant":
         return Schedule(LambdaLR(optimizer, lambda epoch: 1.0), per_step=False)
-    raise ValueError(f"unknown scheduler {config.name!r}")
+    raise ConfigError(f"unknown scheduler {config.name!r}")
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
