@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from covidscan.config import RunConfig
 
@@ -42,6 +43,24 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def process_rank() -> int:
+    """This process's global rank in a distributed run (0 outside one): the one rank check everywhere.
+
+    The joined process group's rank when there is one, otherwise the ``RANK`` that ``torchrun`` sets
+    (``WORLD_SIZE`` > 1), so the answer is right before the group is joined and after it is left.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ.get("RANK", "0"))
+    return 0
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on rank 0 inside one: the process that writes files and logs."""
+    return process_rank() == 0
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from covidscan.cli import add_config_arguments
 from covidscan.errors import UsageError
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from covidscan.config import load_config
+    from covidscan.runtime import is_main_process
     from covidscan.training import train
 
     if args.resume and args.run_dir:
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     trackers = callbacks_from_args(args)
     with closing_on_error(trackers):
         result = train(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume), callbacks=trackers)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"run directory: {result.run_dir}")
         summary = {"best": result.best_metrics, "test": _headline(result.test_metrics)}
         print(json.dumps(summary, indent=2, default=str))

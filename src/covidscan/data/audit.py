@@ -25,6 +25,7 @@ from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, 
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import SPLIT_NAMES, warn_leakage_once
 from covidscan.errors import UsageError
+from covidscan.progress import progress as show_progress
 
 # A 16x16 phash (256 bits) within 24 bits: on covid-ct such pairs are the same patient or the same
 # figure re-used under two labels; the 8x8 hash matched different patients' slices (docs/data.md).
@@ -98,13 +99,11 @@ def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageF
 def inspect_samples(
     samples: Sequence[Sample], hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True
 ) -> list[ImageFacts]:
-    from tqdm import tqdm
-
     if hash_size < 8 or (hash_size * hash_size) % 64:
         raise UsageError(f"hash_size must be 8, 16, 24, ... (hash bits a multiple of 64), got {hash_size}")
     return [
         inspect_sample(s, hash_size)
-        for s in tqdm(samples, desc="hashing images", unit="img", disable=not progress, leave=False)
+        for s in show_progress(samples, desc="hashing images", unit="img", disable=not progress)
     ]
 
 

@@ -43,6 +43,7 @@ from covidscan.data.io import (
 )
 from covidscan.data.records import DataError, Sample
 from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from covidscan.progress import progress
 from covidscan.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -263,8 +264,6 @@ class VolumeStackDataset(Dataset):
     """
 
     def __init__(self, scans: Sequence[Sample], class_names: Sequence[str], config: DataConfig, *, train: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.scans = list(scans)
         self.config = config
         self.class_index = {name: i for i, name in enumerate(class_names)}
@@ -276,7 +275,7 @@ class VolumeStackDataset(Dataset):
         self._item_samples: list[Sample] = []
         short = []
         for scan_index, scan in enumerate(
-            tqdm(self.scans, desc="indexing scans", unit="scan", leave=False, disable=len(self.scans) < 50)
+            progress(self.scans, desc="indexing scans", unit="scan", disable=len(self.scans) < 50)
         ):
             header = read_scan_header(scan.path)
             slices = resampled_slice_count(header, config.volume.z_spacing, scan.path)

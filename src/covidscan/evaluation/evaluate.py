@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from covidscan.checkpoint import LoadedModel, load_model
 from covidscan.data import build_dataset, load_samples
@@ -44,6 +43,7 @@ from covidscan.evaluation.metrics import (
     resolve_positive_class,
 )
 from covidscan.evaluation.operating_point import OperatingPoint, choose_threshold
+from covidscan.progress import progress
 from covidscan.runtime import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def predict(
         dataset, batch_size=batch_size or config.training.batch_size, shuffle=False, num_workers=config.data.num_workers
     )
     probabilities, labels = [], []
-    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, targets in progress(loader, desc=desc, unit="batch"):
         probabilities.append(loaded.predict_batch(images))
         labels.append(torch.as_tensor(targets).numpy())
     items = dataset.item_samples

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from covidscan.checkpoint import LoadedModel
 from covidscan.data import DataError, Sample, read_image
@@ -24,6 +23,7 @@ from covidscan.data.io import IMAGE_EXTENSIONS, is_nifti, is_supported_file
 from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
 from covidscan.explain.overlay import render_montage, render_overlay, write_bytes
+from covidscan.progress import progress as show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,9 @@ def explain_files(
     files = list_volume_inputs(inputs) if loaded.model.spatial_dims == 3 else list_image_inputs(inputs)
     rows: list[dict[str, object]] = []
     failures: dict[str, str] = {}
-    for path, stem in tqdm(list(zip(files, _unique_stems(files))), desc="explain", unit="input", disable=not progress):
+    for path, stem in show_progress(
+        list(zip(files, _unique_stems(files))), desc="explain", unit="input", leave=True, disable=not progress
+    ):
         try:
             explanation = explain_image(loaded, path, method, target_class, layer=layer, samples=samples, sigma=sigma)
         except DataError as exc:

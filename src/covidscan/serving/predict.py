@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from covidscan.data import DataError, list_inputs, read_image
 from covidscan.errors import UsageError
+from covidscan.progress import progress as show_progress
 from covidscan.serving.engine import Predictor, preprocessing
 
 PATH_COLUMN, LABEL_COLUMN, ERROR_COLUMN = "path", "predicted_label", "error"
@@ -101,7 +101,7 @@ def predict_files(
     predicted = failed = 0
     with (
         open(out, "a", newline="", encoding="utf-8") as handle,
-        tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar,
+        show_progress(total=len(todo), desc="predict", unit="img", leave=True, disable=not progress) as bar,
     ):
         writer = csv.writer(handle)
         if handle.tell() == 0:

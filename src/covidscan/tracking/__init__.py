@@ -16,9 +16,9 @@ _EXPORTS = {
         "callbacks_from_args",
         "closing_on_error",
         "flatten",
-        "is_main_process",
         "make_trackers",
     ),
+    "covidscan.runtime": ("is_main_process",),  # the one rank check, re-exported for tracking code
     "covidscan.tracking.mlflow": ("MLflowCallback", "default_tracking_uri"),
     "covidscan.tracking.tensorboard": ("TensorBoardCallback",),
     "covidscan.tracking.runs": ("RunSummary", "find_run_dirs", "format_runs", "list_runs", "show_run", "summarize_run"),

@@ -1,7 +1,8 @@
-"""What the tracking callbacks share: rank-0 gating, config flattening, building trackers from ``--track``.
+"""What the tracking callbacks share: config flattening, metric filtering, building trackers from ``--track``.
 
-The trainer already calls callbacks on the main process only; the rank check here is a second
-guard so a tracker built by hand inside a ``torchrun`` worker never writes one run per GPU.
+The trackers also check ``covidscan.runtime.is_main_process()`` themselves (the trainer already calls
+callbacks on rank 0 only), so a tracker built by hand inside a ``torchrun`` worker never writes one
+run per GPU.
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch.distributed as dist
-
 from covidscan.errors import UsageError
 from covidscan.tracking.options import TRACKERS
 from covidscan.training.callbacks import Callback
-
-
-def is_main_process() -> bool:
-    """True outside DDP and on rank 0 inside it."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

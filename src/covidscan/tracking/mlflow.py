@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from covidscan.config import RunConfig
 from covidscan.optional import optional_import
+from covidscan.runtime import is_main_process
 from covidscan.tracking.callbacks import (
     TrackingCallback,
     evaluation_scalars,
     flatten,
-    is_main_process,
     numeric_metrics,
 )
 

@@ -13,10 +13,10 @@ import yaml
 
 from covidscan.config import RunConfig
 from covidscan.optional import optional_import
+from covidscan.runtime import is_main_process
 from covidscan.tracking.callbacks import (
     TrackingCallback,
     evaluation_scalars,
-    is_main_process,
     numeric_metrics,
 )
 

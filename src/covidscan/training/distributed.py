@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from covidscan.runtime import process_rank
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def env_context() -> DistContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
-    return DistContext(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(process_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def device_for(context: DistContext, device: torch.device) -> torch.device:

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
 from covidscan.checkpoint import BEST_NAME, LAST_NAME, class_probabilities, load_checkpoint, save_checkpoint
 from covidscan.config import ConfigError, PhaseConfig, RunConfig, SplitConfig
 from covidscan.data import DataError, NormStats, SampleSet, build_dataset, fit_norm_stats, load_samples, read_image
+from covidscan.progress import progress
 from covidscan.runtime import create_run_dir, resolve_device, seed_everything, write_json
 from covidscan.training.callbacks import Callback, EarlyStopping, Monitor
 from covidscan.training.distributed import (
@@ -469,13 +469,7 @@ class _Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         count = 0
         total = sum(p.epochs for p in self.config.training.phases)
-        bar = tqdm(
-            self.train_loader,
-            desc=f"epoch {epoch}/{total}",
-            leave=False,
-            dynamic_ncols=True,
-            disable=not self.context.is_main,
-        )
+        bar = progress(self.train_loader, desc=f"epoch {epoch}/{total}", unit="batch", disable=not self.context.is_main)
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
