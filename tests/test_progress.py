@@ -53,6 +53,27 @@ def test_a_terminal_gets_the_tqdm_bar():
     assert "\r" in stream.getvalue() and "epoch" in stream.getvalue()
 
 
+class CountedIterable:
+    """Counts how often it is iterated: a DataLoader starts workers and draws a seed each time."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.iterations = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        self.iterations += 1
+        return iter(range(self.n))
+
+
+@pytest.mark.parametrize("stream", [Terminal(), io.StringIO()], ids=["terminal", "log"])
+def test_progress_iterates_its_iterable_exactly_once(stream):
+    items = CountedIterable(3)
+    assert list(progress(items, stream=stream)) == [0, 1, 2]
+    assert items.iterations == 1  # tqdm.auto's asyncio bar would iterate it twice
+
+
 def test_other_ranks_show_no_progress(monkeypatch, caplog):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

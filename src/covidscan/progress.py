@@ -36,13 +36,29 @@ class Progress(Protocol[T]):
     def __exit__(self, *exc: object) -> Any: ...
 
 
+def _bar_class() -> type:
+    """tqdm's notebook widget in Jupyter, its terminal bar elsewhere.
+
+    Not ``tqdm.auto``: its asyncio variant calls ``iter()`` on the wrapped iterable in its constructor,
+    so a DataLoader started an extra iterator every epoch (one more draw from torch's RNG, and with
+    persistent workers a reset that threw away their first prefetched batches).
+    """
+    import warnings
+
+    from tqdm.std import TqdmExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=TqdmExperimentalWarning)
+        from tqdm.autonotebook import tqdm
+    return tqdm
+
+
 def is_interactive(stream: TextIO) -> bool:
     """True where a redrawn bar makes sense: a terminal, or a notebook with tqdm's widget."""
-    from tqdm.asyncio import tqdm as terminal_tqdm
-    from tqdm.auto import tqdm as auto_tqdm
+    from tqdm.std import tqdm as terminal_tqdm
 
     isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty()) or auto_tqdm is not terminal_tqdm
+    return bool(isatty and isatty()) or _bar_class() is not terminal_tqdm
 
 
 def progress(
@@ -65,9 +81,8 @@ def progress(
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     if not disable and is_main_process() and is_interactive(stream):
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=stream)
+        bar = _bar_class()
+        return bar(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=stream)
     return LoggedProgress(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=disable)
 
 
