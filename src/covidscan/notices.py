@@ -1,5 +1,7 @@
 """Warn once: protective checks speak once per process, not once per epoch, fold or batch.
 
+Also the one wording of the research-use notice that every verdict carries (API, web page, CSV, DICOM).
+
 The keys already warned about live in one :class:`WarnOnce` registry object instead of a hidden
 module-level set, so a notebook that wants to see a warning again, or a test suite that must not
 depend on which test ran first, calls :func:`reset_warnings`.
@@ -9,6 +11,11 @@ from __future__ import annotations
 
 import threading
 import warnings
+
+RESEARCH_USE_NOTICE = (
+    "Research use only: covidscan is not a medical device and its output is not a diagnosis; "
+    "do not use it to make decisions about a patient."
+)
 
 
 class WarnOnce:

@@ -23,8 +23,11 @@ def write_dicom_slice(
     intercept: float = -1024.0,
     slope: float = 1.0,
     series_uid: str | None = None,
+    study_uid: str | None = None,
+    instance_number: int = 1,
 ) -> Path:
-    """One CT slice; ``hu=None`` writes a header-only object (no PixelData)."""
+    """One CT slice; ``hu=None`` writes a header-only object (no PixelData). It carries the patient,
+    study and series identifiers a PACS needs to store it (a synthetic patient)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -36,7 +39,10 @@ def write_dicom_slice(
     ds.file_meta = meta
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientID, ds.PatientName = "SYNTHETIC-001", "Synthetic^Patient"
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, instance_number
     ds.Modality = "CT"
     ds.ImagePositionPatient = [0.0, 0.0, float(position_z)]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -77,9 +83,8 @@ def write_dicom_series(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     order = list(file_order) if file_order is not None else list(range(len(hu)))
-    series_uid = generate_uid()
-    options = {"thickness": slice_gap, **slice_options}
+    options = {"thickness": slice_gap, "series_uid": generate_uid(), "study_uid": generate_uid(), **slice_options}
     return [
-        write_dicom_slice(folder / f"slice_{order[k]:04d}.dcm", hu[k], k * slice_gap, series_uid=series_uid, **options)
+        write_dicom_slice(folder / f"slice_{order[k]:04d}.dcm", hu[k], k * slice_gap, instance_number=k + 1, **options)
         for k in range(len(hu))
     ]
