@@ -98,7 +98,8 @@ def test_bad_uploads_get_json_4xx_and_server_keeps_serving(client, data, content
 
 def test_missing_file_field_and_unknown_route_are_json_errors(client):
     response = client.post("/v1/predict", data={"other": "x"})
-    assert response.status_code == 422 and response.json()["error"] == "invalid_request"
+    assert response.status_code == 422 and response.json()["error"] == "missing_file"
+    assert "curl -F file=@slice.png" in response.json()["detail"]
     response = client.get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"] == "not_found"
 
@@ -126,6 +127,22 @@ def test_explain_returns_overlay_png(client):
 def test_explain_rejects_unknown_method_or_class(client, query):
     response = client.post(f"/v1/explain?{query}", files={"file": ("a.png", png_bytes(), "image/png")})
     assert response.status_code == 400 and response.json()["error"] == "invalid_argument"
+
+
+def test_serve_with_a_bad_checkpoint_prints_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from covidscan.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("the server must not start"))
+    truncated = make_checkpoint(tmp_path / "truncated") / "checkpoints" / "best.pt"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(b"not a checkpoint at all")
+    for path in (truncated, foreign, tmp_path / "missing-run"):
+        assert main(["serve", "--checkpoint", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
 
 
 def test_create_app_needs_a_model():

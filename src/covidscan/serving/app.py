@@ -1,6 +1,6 @@
 """The HTTP API and web page: ``create_app(checkpoint)`` -> a FastAPI app (``covidscan serve``).
 
-The model is loaded once, in the app's lifespan. Decoding runs in worker threads; inference and
+The model is loaded once, when the app is created. Decoding runs in worker threads; inference and
 Grad-CAM share one capacity limiter because they run the same module (CAM hooks must not see
 another request's forward pass) and two parallel forward passes on a CPU only fight for its cores.
 Every refusal is a 4xx with ``{"error": code, "detail": message}``; the server keeps serving.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -34,6 +33,7 @@ from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, de
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("covidscan.serving") / "static"))
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
+EXAMPLE_UPLOADS = {"/v1/predict": "slice.png", "/v1/explain": "slice.png", "/v1/preview": "slice.dcm"}
 
 
 @dataclass
@@ -57,30 +57,28 @@ def create_app(
     threads: int | None = None,
 ) -> FastAPI:
     """An app serving ``checkpoint`` (PyTorch) or ``onnx`` (ONNX Runtime; Grad-CAM still uses the
-    checkpoint when both are given). Loading happens at start-up, not here."""
+    checkpoint when both are given). The model is loaded here, so a bad model file fails fast."""
     if checkpoint is None and onnx is None:
         raise UsageError("create_app needs a checkpoint (run directory or .pt) or an exported .onnx model")
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        predictor = load_predictor(None if onnx else checkpoint, onnx, threads=threads)
-        explain_model = (
-            predictor.loaded
-            if isinstance(predictor, TorchPredictor)
-            else load_predictor(checkpoint, threads=threads).loaded
-            if checkpoint
-            else None
-        )
-        app.state.served = ServedModel(predictor, explain_model, preprocessing(predictor), anyio.CapacityLimiter(1))
-        log.info("serving %s (%s, version %s)", predictor.card.model_id, predictor.engine, predictor.card.version)
-        yield
+    # Loaded here, not in the lifespan: a missing, truncated or foreign model file is then a one-line
+    # error from `covidscan serve` (the CLI prints it) instead of a server traceback at start-up.
+    predictor = load_predictor(None if onnx else checkpoint, onnx, threads=threads)
+    explain_model = (
+        predictor.loaded
+        if isinstance(predictor, TorchPredictor)
+        else load_predictor(checkpoint, threads=threads).loaded
+        if checkpoint
+        else None
+    )
+    log.info("serving %s (%s, version %s)", predictor.card.model_id, predictor.engine, predictor.card.version)
 
     app = FastAPI(
         title="covidscan",
         version=__version__,
-        lifespan=lifespan,
         description="COVID-19 classification of chest CT / X-ray images. Research use only — not a diagnosis.",
     )
+    app.state.served = ServedModel(predictor, explain_model, preprocessing(predictor), anyio.CapacityLimiter(1))
     _install_error_handlers(app)
 
     @app.middleware("http")
@@ -206,8 +204,21 @@ def _error(status: int, code: str, detail: Any) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
 
+def _how_to_send(request: Request) -> str:
+    """The one-line recipe for a correct request to this endpoint."""
+    path = request.url.path
+    example = EXAMPLE_UPLOADS.get(path)
+    if example:
+        return f"send the file as the multipart form field `file`, e.g. curl -F file=@{example} {request.url}"
+    return f"see {request.base_url}docs for the endpoints and their parameters"
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    """One JSON error shape for everything: refusals, validation errors, unknown routes, bugs."""
+    """One JSON error shape for everything: refusals, validation errors, unknown routes, bugs.
+
+    An unexpected exception becomes a 500 inside the app (a middleware, not an exception handler,
+    so it does not propagate to the ASGI server): the server logs it and the connection stays usable.
+    """
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
@@ -215,15 +226,34 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
-        return _error(422, "invalid_request", "; ".join(problems) or "invalid request")
+        errors = exc.errors()
+        if any(tuple(e.get("loc", ())) == ("body", "file") for e in errors):
+            return _error(422, "missing_file", f"no `file` field in the multipart form; {_how_to_send(request)}")
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
+        return _error(422, "invalid_request", f"{'; '.join(problems) or 'invalid request'}; {_how_to_send(request)}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, exc.detail)
+        docs = f"see {request.base_url}docs for the endpoints"
+        if exc.status_code == 404:
+            return _error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}; {docs}")
+        if exc.status_code == 405:
+            allowed = exc.headers.get("Allow", "") if exc.headers else ""
+            return _error(
+                405,
+                "method_not_allowed",
+                f"{request.url.path} takes {allowed or 'another method'}, not {request.method}; {docs}",
+            )
+        return _error(exc.status_code, "http_error", exc.detail)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    @app.middleware("http")
+    async def contain_unexpected_errors(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            return _error(
+                500,
+                "internal_error",
+                f"{type(exc).__name__} while handling the request (a covidscan bug: see the server log)",
+            )

@@ -9,6 +9,7 @@ training.
 from __future__ import annotations
 
 import io
+import math
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ def _declared_size(data: bytes, fmt: str, filename: str) -> tuple[int, int]:
                 "dicom_without_pixels",
                 f"{filename}: DICOM has no pixel data (a report or structured object?); upload an image slice",
             )
+        _check_rescale(ds, filename)
         return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
     try:
         with warnings.catch_warnings():
@@ -138,6 +140,26 @@ def _declared_size(data: bytes, fmt: str, filename: str) -> tuple[int, int]:
         raise UploadError(413, "image_too_large", f"{filename}: declared image size is too large") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on broken headers
         raise UploadError(422, "corrupt_image", f"{filename}: unreadable image header ({exc})") from None
+
+
+def _check_rescale(ds, filename: str) -> None:
+    """RescaleSlope / RescaleIntercept turn stored values into HU: a non-numeric or non-finite one
+    would make every pixel NaN or the decoder fail, so it is refused from the header."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value is None or str(value).strip() == "":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise UploadError(
+                422,
+                "corrupt_image",
+                f"{filename}: DICOM {keyword} {str(value)!r} is not a finite number, so pixels cannot be "
+                "converted to HU; fix the header (e.g. RescaleSlope 1) or export the slice again",
+            )
 
 
 def to_png(pixels: np.ndarray) -> bytes:
