@@ -23,6 +23,12 @@ def test_every_config_loads_and_names_a_registered_model(path):
     assert config.model.name in list_models()
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("study_b_*.yaml")), ids=lambda p: p.name)
+def test_study_b_stops_early_on_the_training_loss_as_keras_monitor_loss(path):
+    stopping = load_config(path).training.early_stopping
+    assert (stopping.monitor, stopping.patience, stopping.mode) == ("loss", 10, "min")
+
+
 def test_each_study_ships_its_models():
     names = {p.stem for p in STUDY_CONFIGS}
     expected = {f"study_a_{m}" for m in ("cnn1", "cnn2", "cnn3", "resnet50", "vgg16", "alexnet")}
@@ -73,6 +79,7 @@ def test_study_recipe_runs_end_to_end_on_a_tiny_stand_in(study, tmp_path):
         f"data.source={source}",
         "data.image_size=32",
         "model.pretrained=false",
+        "model.allow_random_frozen=true",  # offline: studies D and E then freeze a random backbone on purpose
         "training.batch_size=8",
         f"output_dir={tmp_path / 'runs'}",
     ]
