@@ -27,9 +27,8 @@ from typing import Any
 
 import covidscan  # noqa: F401  (installs the torchvision shim first)
 from covidscan.config import config_from_dict
-from covidscan.evaluation import evaluate_run
 from covidscan.models import PretrainedWeightsError
-from covidscan.training import Callback, train
+from covidscan.training import Callback, TrainingLoop, train
 from covidscan.training.history import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,22 +60,21 @@ METRICS = {
 }  # table column -> covidscan.evaluation metric key
 
 
-class BudgetReached(Exception):
-    """Raised after an epoch when another epoch would overrun the time budget."""
-
-
 class TimeBudget(Callback):
+    """Ends training after an epoch when one more epoch would overrun the budget; the best checkpoint
+    is then evaluated on the test split as after any run."""
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.start = time.perf_counter()
 
-    def on_train_start(self, run_dir: Path, config: Any) -> None:
+    def on_fit_start(self, loop: TrainingLoop) -> None:
         self.start = time.perf_counter()
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         elapsed = time.perf_counter() - self.start
         if elapsed + float(metrics.get("seconds", 0.0)) > self.seconds:
-            raise BudgetReached(f"stopped after epoch {epoch}: {elapsed / 60:.1f} min used")
+            loop.stop(f"time budget: another epoch would overrun {self.seconds / 60:.1f} min")
 
 
 def run_config(dataset: str, init: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -122,9 +120,6 @@ def run_one(dataset: str, init: str, args: argparse.Namespace) -> dict[str, Any]
     except PretrainedWeightsError as exc:
         print(f"skipping {dataset}/{init}: {exc}")
         return None
-    except BudgetReached as reached:
-        print(f"{dataset}/{init}: {reached}")
-        metrics = evaluate_run(run_dir, split="test")  # the best checkpoint, once
     history = read_history(run_dir / "history.csv")
     return {
         "dataset": dataset,

@@ -1,9 +1,11 @@
-"""Trainer overhead: images/s of ``covidscan.training.train`` vs a minimal hand-written PyTorch loop.
+"""Trainer overhead: images/s of covidscan's training loop vs a minimal hand-written PyTorch loop.
 
 Both train the same registry model on the same pre-generated tensors with the same batch size,
 optimizer and threads; runs alternate (trainer, loop, trainer, loop, ...) so machine load hits both
-alike, and each run's first epoch is a discarded warm-up. The trainer's dataset builder is swapped
-for the in-memory tensors so image decoding is not measured, only the training engine.
+alike, and each run's first epoch is a discarded warm-up. The tensors go into
+``covidscan.training.TrainingLoop`` through its ordinary API (a ``DataLoader`` argument), with the
+per-epoch callbacks ``train()`` uses (best + last checkpoint, history), so image decoding is not
+measured, only the training engine.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trainer_overhead.py [--images 64 --batch-size 16 --rounds 3]
 """
@@ -14,20 +16,23 @@ import argparse
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import covidscan  # noqa: F401  (compat shim before torchvision/timm)
-from covidscan.config import config_from_dict
+from covidscan.config import PhaseConfig, config_from_dict
 from covidscan.models import create_model
 from covidscan.runtime import seed_everything
-from covidscan.training import Callback, train
+from covidscan.training import (
+    BestCheckpoint,
+    Callback,
+    ClassificationLoss,
+    HistoryWriter,
+    LastCheckpoint,
+    TrainingLoop,
+)
 
 ROWS = (
     "plain PyTorch loop, images/s",
@@ -40,67 +45,45 @@ ROWS = (
 
 class EpochClock(Callback):
     """Wall-clock and CPU seconds between epoch ends (includes the per-epoch checkpoint and history
-    writes). CPU time is far less disturbed by other processes on a shared machine than wall time."""
+    writes, which run before it). CPU time is far less disturbed by other processes on a shared
+    machine than wall time."""
 
-    def on_train_start(self, run_dir, config):
-        self.marks = [(time.perf_counter(), time.process_time())]
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, float]] = []
 
-    def on_epoch_end(self, epoch, metrics):
+    def on_fit_start(self, loop: TrainingLoop) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         self.marks.append((time.perf_counter(), time.process_time()))
 
 
-def placeholder_folder(root: Path, images: int) -> Path:
-    """Tiny PNGs so ``load_samples`` finds ``images`` samples in two classes; pixels come from tensors."""
-    for index in range(images):
-        folder = root / ("COVID" if index % 2 else "normal")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((16, 16), index % 256, np.uint8)).save(folder / f"{index}.png")
-    return root
-
-
-@contextmanager
-def in_memory_datasets(tensors: TensorDataset):
-    """Make the trainer train on ``tensors`` (and validate on nothing)."""
-
-    def fake_build_dataset(config, samples, class_names, *, train, stats=None):
-        return (
-            tensors
-            if train
-            else TensorDataset(torch.empty(0, *tensors.tensors[0].shape[1:]), torch.empty(0, dtype=torch.long))
-        )
-
-    with mock.patch("covidscan.training.trainer.build_dataset", fake_build_dataset):
-        yield
-
-
-def run_trainer(
-    source: Path, tensors: TensorDataset, args: argparse.Namespace, out: Path
-) -> tuple[float, float, float]:
+def run_trainer(tensors: TensorDataset, args: argparse.Namespace, run_dir: Path) -> tuple[float, float, float]:
     """Images/s of the epoch loop (history seconds), wall images/s and images per CPU-second per epoch."""
     config = config_from_dict(
         {
             "name": "overhead",
-            "output_dir": str(out),
-            "data": {
-                "source": str(source),
-                "image_size": args.size,
-                "channels": 3,
-                "normalize": "none",
-                "split": {"method": "stratified", "ratios": [1.0, 0.0, 0.0]},
-            },
+            "data": {"image_size": args.size, "channels": 3, "normalize": "none"},
             "model": {"name": args.model},
-            "training": {
-                "batch_size": args.batch_size,
-                "checkpoint_monitor": "loss",
-                "phases": [{"epochs": args.epochs + 1, "optimizer": "adam", "lr": 1e-4}],
-            },
+            "training": {"batch_size": args.batch_size, "checkpoint_monitor": "loss"},
         }
     )
+    seed_everything(0)
     clock = EpochClock()
-    with in_memory_datasets(tensors):
-        result = train(config, callbacks=[clock])
+    loop = TrainingLoop(
+        create_model(args.model, num_classes=2, in_channels=3),
+        DataLoader(tensors, batch_size=args.batch_size, shuffle=True),
+        None,
+        phases=[PhaseConfig(epochs=args.epochs + 1, optimizer="adam", lr=1e-4)],
+        criterion=ClassificationLoss("softmax", 2),
+        config=config,
+        run_dir=run_dir,
+        class_names=["COVID", "normal"],
+        callbacks=[BestCheckpoint("loss"), HistoryWriter(), LastCheckpoint(), clock],
+    )
+    loop.fit()
     images = len(tensors) * args.epochs
-    loop_seconds = sum(row["seconds"] for row in result.history[1:])
+    loop_seconds = sum(row["seconds"] for row in loop.history[1:])
     (wall_start, cpu_start), (wall_end, cpu_end) = clock.marks[1], clock.marks[-1]
     return images / loop_seconds, images / (wall_end - wall_start), images / (cpu_end - cpu_start)
 
@@ -141,9 +124,8 @@ def main() -> None:
     )
     rates: dict[str, list[float]] = {name: [] for name in ROWS}
     with tempfile.TemporaryDirectory() as tmp:
-        source = placeholder_folder(Path(tmp) / "images", args.images)
-        for _ in range(args.rounds):
-            loop, wall, cpu = run_trainer(source, tensors, args, Path(tmp) / "runs")
+        for round_index in range(args.rounds):
+            loop, wall, cpu = run_trainer(tensors, args, Path(tmp) / f"run{round_index}")
             plain_wall, plain_cpu = run_plain_loop(tensors, args)
             for name, value in zip(ROWS, (plain_wall, loop, wall, plain_cpu, cpu)):
                 rates[name].append(value)

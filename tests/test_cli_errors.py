@@ -7,6 +7,7 @@ import re
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -115,15 +116,16 @@ def test_missing_track_extra(monkeypatch, tmp_path):
     from covidscan.tracking import TensorBoardCallback, parse_search_space
     from covidscan.tracking.mlflow import MLflowCallback
 
+    loop = SimpleNamespace(run_dir=tmp_path, config=RunConfig())  # what on_fit_start reads of the loop
     _block(monkeypatch, "optuna", "optuna.distributions")
     with _expect_extra("track"):
         parse_search_space({"training.batch_size": {"type": "categorical", "choices": [8, 16]}})
     _block(monkeypatch, "mlflow", "mlflow.entities")
     with _expect_extra("track"):
-        MLflowCallback(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").on_train_start(tmp_path, RunConfig())
+        MLflowCallback(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").on_fit_start(loop)
     _block(monkeypatch, "torch.utils.tensorboard")
     with _expect_extra("track"):
-        TensorBoardCallback().on_train_start(tmp_path, RunConfig())
+        TensorBoardCallback().on_fit_start(loop)
 
 
 def test_every_optional_import_names_an_extra_of_the_package():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -119,13 +120,14 @@ class _FakeTrial:
 
 def test_trial_callback_reports_the_monitor_and_prunes(tmp_path):
     keep, prune = _FakeTrial(prune=False), _FakeTrial(prune=True)
-    TrialCallback(keep, "val_loss").on_train_start(tmp_path, RunConfig())
-    TrialCallback(keep, "val_loss").on_epoch_end(1, {"loss": 0.6, "val_loss": 0.5})
+    loop = SimpleNamespace(run_dir=tmp_path, config=RunConfig(), epoch=1)  # what the hooks read of the loop
+    TrialCallback(keep, "val_loss").on_fit_start(loop)
+    TrialCallback(keep, "val_loss").on_epoch_end(loop, {"loss": 0.6, "val_loss": 0.5})
     assert keep.reports == [(1, 0.5)] and keep.user_attrs == {"run_dir": str(tmp_path)}
     with pytest.raises(optuna.TrialPruned):
-        TrialCallback(prune, "val_loss").on_epoch_end(2, {"val_loss": 0.9})
+        TrialCallback(prune, "val_loss").on_epoch_end(SimpleNamespace(epoch=2), {"val_loss": 0.9})
     with pytest.raises(ConfigError, match="val_auc"):
-        TrialCallback(keep, "val_auc").on_epoch_end(1, {"val_loss": 0.5})
+        TrialCallback(keep, "val_auc").on_epoch_end(loop, {"val_loss": 0.5})
 
 
 def _study_with(values: list[tuple[float, float]]) -> optuna.Study:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -84,10 +85,10 @@ def test_trackers_write_nothing_off_rank_zero(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    config = tiny_config(tmp_path)
+    loop = SimpleNamespace(run_dir=tmp_path / "run", config=tiny_config(tmp_path), epoch=1)
     for tracker in (MLflowCallback(), TensorBoardCallback()):
-        tracker.on_train_start(tmp_path / "run", config)
-        tracker.on_epoch_end(1, {"loss": 0.5})
+        tracker.on_fit_start(loop)
+        tracker.on_epoch_end(loop, {"loss": 0.5})
         tracker.close()
     assert not list(tmp_path.iterdir())
 
@@ -99,9 +100,10 @@ def test_a_run_that_raises_ends_failed_or_killed(tracked_run, tmp_path, error, s
     config, _, _ = tracked_run  # reuse its store: creating an MLflow database takes seconds
     uri = f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}"
     tracker = MLflowCallback(tracking_uri=uri, experiment=f"raised-{status}")
+    loop = SimpleNamespace(run_dir=tmp_path, config=config, epoch=1)
     with pytest.raises(type(error)), closing_on_error([tracker]):
-        tracker.on_train_start(tmp_path, config)
-        tracker.on_epoch_end(1, {"loss": 0.7, "val_loss": float("nan")})
+        tracker.on_fit_start(loop)
+        tracker.on_epoch_end(loop, {"loss": 0.7, "val_loss": float("nan")})
         raise error
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name(f"raised-{status}").experiment_id])
@@ -115,8 +117,9 @@ def test_a_resumed_run_continues_its_mlflow_run(tracked_run):
     config, run_dir, history = tracked_run
     uri = f"sqlite:///{Path(config.output_dir).resolve() / 'mlflow.db'}"
     tracker = MLflowCallback(tracking_uri=uri)
-    tracker.on_train_start(run_dir, config)
-    tracker.on_epoch_end(len(history) + 1, {"val_loss": 0.1})
+    loop = SimpleNamespace(run_dir=run_dir, config=config, epoch=len(history) + 1)
+    tracker.on_fit_start(loop)
+    tracker.on_epoch_end(loop, {"val_loss": 0.1})
     tracker.close()
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name(config.name).experiment_id])

@@ -126,19 +126,22 @@ def test_train_with_sigmoid_head_exponential_decay_and_class_weights(image_folde
 class StateRecorder(Callback):
     """Keeps the weights saved in last.pt after each epoch."""
 
-    def on_train_start(self, run_dir, config):
-        self.run_dir, self.states = run_dir, {}
+    def __init__(self):
+        self.states = {}
 
-    def on_epoch_end(self, epoch, metrics):
-        payload = torch.load(self.run_dir / "checkpoints" / "last.pt", weights_only=False)
-        self.states[epoch] = payload["state_dict"]
+    def on_epoch_end(self, loop, metrics):
+        payload = torch.load(loop.run_dir / "checkpoints" / "last.pt", weights_only=False)
+        self.states[loop.epoch] = payload["state_dict"]
 
 
 def test_head_only_phase_leaves_the_backbone_unchanged(image_folder, tmp_path):
     config = tiny_config(
         image_folder,
         tmp_path,
-        ["training.phases=[{epochs: 2, lr: 0.01, trainable: head}, {epochs: 1, lr: 0.01, optimizer: sgd}]"],
+        [
+            "training.phases=[{epochs: 2, lr: 0.01, trainable: head}, {epochs: 1, lr: 0.01, optimizer: sgd}]",
+            "model.allow_random_frozen=true",  # cnn1 has no pretrained weights; freezing random layers is the point
+        ],
     )
     recorder = StateRecorder()
     result = train(config, callbacks=[recorder])
@@ -167,14 +170,15 @@ def test_early_stopping_ends_the_phase(image_folder, tmp_path):
 
 
 class Interrupt(Callback):
-    def on_epoch_end(self, epoch, metrics):
-        if epoch == 1:
+    def on_epoch_end(self, loop, metrics):
+        if loop.epoch == 1:
             raise KeyboardInterrupt
 
 
 def test_resume_continues_after_an_interruption_with_nothing_lost(image_folder, tmp_path):
     overrides = [
         "training.phases=[{epochs: 2, lr: 0.003, trainable: head}, {epochs: 2, lr: 0.001}]",
+        "model.allow_random_frozen=true",
         "data.augment.hflip=true",
     ]
     reference = train(tiny_config(image_folder, tmp_path, overrides), run_dir=tmp_path / "reference")
@@ -224,3 +228,26 @@ def test_the_same_trainer_trains_a_3d_model_on_volumes(tmp_path):
     result = train(config)
     assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
     assert (result.run_dir / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("trainable", ["head", "last:2"])
+def test_a_frozen_random_backbone_is_refused_before_anything_is_written(image_folder, tmp_path, trainable):
+    config = tiny_config(image_folder, tmp_path, [f"training.phases=[{{epochs: 1, trainable: '{trainable}'}}]"])
+    assert not config.model.pretrained and config.model.weights is None
+    with pytest.raises(ConfigError, match=r"training\.phases\.0\.trainable .*allow_random_frozen"):
+        train(config)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_freezing_after_a_full_phase_or_when_allowed_is_accepted():
+    from covidscan.training.distributed import DistContext
+    from covidscan.training.trainer import check_plan
+
+    trained_first = config_from_dict(
+        {"training": {"phases": [{"trainable": "all"}, {"trainable": "head"}]}, "model": {"pretrained": False}}
+    )
+    check_plan(trained_first, DistContext())
+    allowed = config_from_dict(
+        {"training": {"phases": [{"trainable": "head"}]}, "model": {"pretrained": False, "allow_random_frozen": True}}
+    )
+    check_plan(allowed, DistContext())

@@ -146,6 +146,9 @@ class ModelConfig:
     weights: str | None = None  # local weights file, used instead of downloading
     head: Literal["softmax", "sigmoid"] = "softmax"  # softmax + CE, or sigmoid + BCE per class
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra model-specific arguments
+    # a phase may freeze a randomly initialised backbone (trainable: head / last:N before any 'all' phase)
+    # only when this says so: otherwise the trainer refuses it as a likely mistake
+    allow_random_frozen: bool = False
 
 
 @dataclass

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue an interrupted run from RUN_DIR/checkpoints/last.pt; its config.yaml is "
-        "used unless --config is given (--set overrides still apply)",
+        "used unless --config is given (--set overrides still apply; a change to the model, data or a "
+        "started phase is refused before RUN_DIR is touched)",
     )
     parser.add_argument(
         "--strict",
@@ -51,11 +52,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, args.overrides)
     if args.strict:
         config.training.strict_leakage = True
-    from covidscan.tracking import callbacks_from_args, closing_on_error
+    from covidscan.tracking import callbacks_from_args
 
-    trackers = callbacks_from_args(args)
-    with closing_on_error(trackers):
-        result = train(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume), callbacks=trackers)
+    trackers = callbacks_from_args(args)  # a failed or interrupted run ends its tracked runs (on_exception)
+    result = train(config, run_dir=args.resume or args.run_dir, resume=bool(args.resume), callbacks=trackers)
     if is_main_process():
         print(f"run directory: {result.run_dir}")
         summary = {"best": result.best_metrics, "test": _headline(result.test_metrics)}

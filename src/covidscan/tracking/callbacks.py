@@ -12,11 +12,15 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covidscan.errors import UsageError
 from covidscan.tracking.options import TRACKERS
 from covidscan.training.callbacks import Callback
+from covidscan.training.reporting import TestEvaluation
+
+if TYPE_CHECKING:
+    from covidscan.training.loop import TrainingLoop
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -55,10 +59,27 @@ def evaluation_scalars(test_metrics: dict[str, Any] | None) -> dict[str, float]:
 
 
 class TrackingCallback(Callback):
-    """A trainer callback that records a run elsewhere; ``close(status)`` ends it after a failure."""
+    """A trainer callback that records a run elsewhere; ``close(status)`` ends it, also when training
+    fails (``on_exception``: KILLED for an interrupt or a pruned trial, FAILED otherwise)."""
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush and end the tracked run (idempotent)."""
+
+    def on_exception(self, loop: TrainingLoop, error: BaseException) -> None:
+        self.close(exit_status(error))
+
+
+def final_test_scalars(loop: TrainingLoop) -> dict[str, float]:
+    """The loop's test-split evaluation as flat scalars (empty without a ``TestEvaluation``)."""
+    evaluation = loop.callback(TestEvaluation)
+    return evaluation_scalars(evaluation.result if evaluation is not None else None)
+
+
+def exit_status(error: BaseException) -> str:
+    """How a tracked run that raised ``error`` ends: KILLED (interrupt, pruned trial) or FAILED."""
+    optuna = sys.modules.get("optuna")  # a pruned trial can only come from an imported optuna
+    pruned = optuna is not None and isinstance(error, optuna.TrialPruned)
+    return "KILLED" if pruned or isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
 def make_trackers(
@@ -93,15 +114,13 @@ def callbacks_from_args(args: argparse.Namespace) -> list[TrackingCallback]:
 
 @contextmanager
 def closing_on_error(callbacks: Sequence[Callback]) -> Iterator[None]:
-    """End tracked runs as KILLED (interrupt, pruned trial) or FAILED when training raises, so
-    the MLflow UI never shows a dead run as still running."""
+    """End tracked runs as KILLED or FAILED when the block raises, so the MLflow UI never shows a
+    dead run as still running. ``train`` does this itself (``on_exception``); this is for trackers
+    driven by hand."""
     try:
         yield
     except BaseException as exc:
-        optuna = sys.modules.get("optuna")  # a pruned trial can only come from an imported optuna
-        pruned = optuna is not None and isinstance(exc, optuna.TrialPruned)
-        status = "KILLED" if pruned or isinstance(exc, KeyboardInterrupt) else "FAILED"
         for callback in callbacks:
             if isinstance(callback, TrackingCallback):
-                callback.close(status)
+                callback.close(exit_status(exc))
         raise

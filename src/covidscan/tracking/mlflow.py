@@ -13,20 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from covidscan.config import RunConfig
 from covidscan.optional import optional_import
 from covidscan.runtime import is_main_process
-from covidscan.tracking.callbacks import (
-    TrackingCallback,
-    evaluation_scalars,
-    flatten,
-    numeric_metrics,
-)
+from covidscan.tracking.callbacks import TrackingCallback, final_test_scalars, flatten, numeric_metrics
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from covidscan.training import TrainResult
+    from covidscan.training.loop import TrainingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +67,11 @@ class MLflowCallback(TrackingCallback):
         self._client: MlflowClient | None = None
         self._run_dir: Path | None = None
 
-    def on_train_start(self, run_dir: Path, config: RunConfig) -> None:
+    def on_fit_start(self, loop: TrainingLoop) -> None:
         if not is_main_process():
             return
-        self._run_dir = Path(run_dir)
+        config = loop.config
+        self._run_dir = Path(loop.run_dir)
         uri = self.tracking_uri or default_tracking_uri(config.output_dir)
         self._client = _client(uri)
         name = self.experiment or config.name
@@ -116,17 +111,16 @@ class MLflowCallback(TrackingCallback):
         for start in range(0, len(entries), _BATCH):
             self._client.log_batch(self.run_id, metrics=entries[start : start + _BATCH])
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         if self.run_id is None:
             return
-        self._log_metrics(numeric_metrics(metrics), step=epoch)
+        self._log_metrics(numeric_metrics(metrics), step=loop.epoch)
 
-    def on_train_end(self, result: TrainResult) -> None:
+    def on_fit_end(self, loop: TrainingLoop) -> None:
         if self.run_id is None:
             return
-        test = evaluation_scalars(result.test_metrics)
-        last_epoch = int(max((row.get("epoch", 0) for row in result.history), default=0))
-        self._log_metrics({f"test_{key}": value for key, value in test.items()}, step=last_epoch)
+        test = final_test_scalars(loop)
+        self._log_metrics({f"test_{key}": value for key, value in test.items()}, step=loop.epoch)
         self.close("FINISHED")
 
     def close(self, status: str = "FINISHED") -> None:

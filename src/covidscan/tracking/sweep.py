@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -30,10 +30,13 @@ from covidscan.config import ConfigError, RunConfig, config_from_dict
 from covidscan.errors import UsageError
 from covidscan.optional import optional_import
 from covidscan.runtime import atomic_path, write_json, write_text
-from covidscan.tracking.callbacks import closing_on_error, make_trackers
+from covidscan.tracking.callbacks import make_trackers
 from covidscan.tracking.mlflow import default_tracking_uri
 from covidscan.training import train
 from covidscan.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from covidscan.training.loop import TrainingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +139,13 @@ class TrialCallback(Callback):
         self.trial = trial
         self.monitor = monitor
 
-    def on_train_start(self, run_dir: Path, config: RunConfig) -> None:
-        self.trial.set_user_attr("run_dir", str(run_dir))
+    def on_fit_start(self, loop: TrainingLoop) -> None:
+        self.trial.set_user_attr("run_dir", str(loop.run_dir))
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         optuna = optional_import("optuna", extra="track")
 
+        epoch = loop.epoch
         if self.monitor not in metrics:
             raise ConfigError(
                 f"training.checkpoint_monitor {self.monitor!r} is not logged; available: {sorted(metrics)}"
@@ -266,8 +270,7 @@ def run_sweep(
             tags={"sweep.study": study_name, "sweep.trial": str(trial.number)},
         )
         callbacks = [*trackers, TrialCallback(trial, monitor)]  # trackers log an epoch before it may be pruned
-        with closing_on_error(callbacks):
-            result = train(trial_config, callbacks=callbacks)
+        result = train(trial_config, callbacks=callbacks)  # a pruned or failed trial ends its tracked runs
         return best_monitored(result.history, monitor, mode)
 
     if remaining > 0:

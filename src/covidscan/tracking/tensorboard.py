@@ -11,19 +11,14 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from covidscan.config import RunConfig
 from covidscan.optional import optional_import
 from covidscan.runtime import is_main_process
-from covidscan.tracking.callbacks import (
-    TrackingCallback,
-    evaluation_scalars,
-    numeric_metrics,
-)
+from covidscan.tracking.callbacks import TrackingCallback, final_test_scalars, numeric_metrics
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from covidscan.training import TrainResult
+    from covidscan.training.loop import TrainingLoop
 
 _SPLIT_PREFIXES = {"val_": "val", "test_": "test"}
 _TRAIN_METRICS = {"loss", "accuracy", "auc", "f1"}
@@ -44,29 +39,28 @@ class TensorBoardCallback(TrackingCallback):
         self.subdir = subdir
         self.writer: SummaryWriter | None = None
 
-    def on_train_start(self, run_dir: Path, config: RunConfig) -> None:
+    def on_fit_start(self, loop: TrainingLoop) -> None:
         if not is_main_process():
             return
         tensorboard = optional_import("torch.utils.tensorboard", extra="track")
-        self.writer = tensorboard.SummaryWriter(log_dir=str(Path(run_dir) / self.subdir))
+        self.writer = tensorboard.SummaryWriter(log_dir=str(Path(loop.run_dir) / self.subdir))
         # Four leading spaces make TensorBoard's Markdown render the YAML as a code block.
-        config_text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+        config_text = yaml.safe_dump(loop.config.to_dict(), sort_keys=False)
         self.writer.add_text("config", "\n".join("    " + line for line in config_text.splitlines()))
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         if self.writer is None:
             return
         for name, value in numeric_metrics(metrics).items():
             if name != "epoch":
-                self.writer.add_scalar(scalar_tag(name), value, global_step=epoch)
+                self.writer.add_scalar(scalar_tag(name), value, global_step=loop.epoch)
         self.writer.flush()
 
-    def on_train_end(self, result: TrainResult) -> None:
+    def on_fit_end(self, loop: TrainingLoop) -> None:
         if self.writer is None:
             return
-        last_epoch = int(max((row.get("epoch", 0) for row in result.history), default=0))
-        for name, value in evaluation_scalars(result.test_metrics).items():
-            self.writer.add_scalar(f"{name}/test", value, global_step=last_epoch)
+        for name, value in final_test_scalars(loop).items():
+            self.writer.add_scalar(f"{name}/test", value, global_step=loop.epoch)
         self.close()
 
     def close(self, status: str = "FINISHED") -> None:

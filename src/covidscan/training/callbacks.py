@@ -1,33 +1,90 @@
-"""Callbacks: the trainer's extension points, plus the monitors behind early stopping and best checkpoints."""
+"""Callbacks: everything the training loop does besides training, each with its own resumable state.
+
+A :class:`Callback` overrides the hooks it needs; every hook gets the :class:`~covidscan.training.loop.TrainingLoop`
+(model, optimizer, epoch, history, run_dir, config, ...). Best/last checkpoints, early stopping and
+the history file are callbacks like any other (Lightning's ``Callback`` + ``ModelCheckpoint`` +
+``EarlyStopping``), so a new behaviour (EMA weights, LR warm-up, another checkpoint rule) is a new
+callback, not an edit of the loop. ``state_dict()`` / ``load_state_dict()`` carry a callback's state
+through ``checkpoints/last.pt``, so a resumed run continues every callback where it stopped.
+
+The run-level reporting callbacks (test-split evaluation, ``metrics.json``) are in
+:mod:`covidscan.training.reporting`, the one training module that depends on ``covidscan.evaluation``.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from covidscan.config import RunConfig
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from covidscan.checkpoint import BEST_NAME, LAST_NAME, save_checkpoint
+from covidscan.training.history import plot_history, write_history
 
 if TYPE_CHECKING:
-    from covidscan.training.trainer import TrainResult
+    from covidscan.training.loop import TrainingLoop
+
+logger = logging.getLogger(__name__)
 
 
 class Callback:
-    """Subclass and override what you need (MLflow/TensorBoard logging, Optuna pruning, ...).
+    """Subclass and override the hooks you need; each receives the loop.
 
-    Callbacks run on the main process only. An exception raised in ``on_epoch_end`` (e.g.
-    ``optuna.TrialPruned``) stops training *after* that epoch's checkpoints are saved and propagates,
-    so the run can still be resumed.
+    Order of calls: ``on_fit_start`` once; per phase ``on_phase_start`` (also for the phase a resumed
+    run continues); per epoch ``on_epoch_start``, ``on_train_batch_end`` after every optimisation
+    step, ``on_epoch_end`` with the epoch's history row; ``on_fit_end`` once after the last epoch;
+    ``on_exception`` instead when training raises (then the error propagates).
+
+    To stop, call ``loop.stop(reason)`` (training ends after this epoch; a resume would continue) or
+    ``loop.stop_phase(reason)`` (the phase ends, as early stopping does, and stays ended on resume).
+    An exception raised in ``on_epoch_end`` (``KeyboardInterrupt``, ``optuna.TrialPruned``) also stops
+    training; that epoch's checkpoints are already saved, so the run can be resumed.
+
+    Callbacks run on the main process only (rank 0 under ``torchrun``), in the order given, after the
+    built-in ones. A callback that must act on every rank (a stopping rule every process has to
+    follow) sets ``rank_zero_only = False``; it then writes files only when ``loop.is_main``.
     """
 
-    def on_train_start(self, run_dir: Path, config: RunConfig) -> None:
-        """Called once the run directory, splits and model exist, before the first epoch."""
+    rank_zero_only: ClassVar[bool] = True
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Called with the epoch's history row (loss, accuracy, val_loss, ..., lr, seconds)."""
+    @property
+    def state_key(self) -> str:
+        """The name this callback's state is saved under in ``last.pt``; unique among a loop's callbacks."""
+        return type(self).__qualname__
 
-    def on_train_end(self, result: TrainResult) -> None:
-        """Called with the final result, after the test evaluation."""
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive an interruption (saved in ``last.pt`` after every epoch)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called before ``on_fit_start`` on resume)."""
+
+    def on_fit_start(self, loop: TrainingLoop) -> None:
+        """Once, before the first epoch (the run directory, splits and model exist)."""
+
+    def on_phase_start(self, loop: TrainingLoop) -> None:
+        """When a phase's optimizer and schedule are ready; ``loop.phase_epochs_done`` > 0 when resumed mid-phase."""
+
+    def on_epoch_start(self, loop: TrainingLoop) -> None:
+        """Before each training epoch; ``loop.epoch`` is the epoch about to run (from 1)."""
+
+    def on_train_batch_end(self, loop: TrainingLoop, loss: Any) -> None:
+        """After each optimisation step, with the batch loss as a device tensor.
+
+        Keep it cheap: it runs in the hot loop. Never read ``loss.item()`` here (it waits for the
+        device); the loop calls this hook only on callbacks that override it.
+        """
+
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
+        """After each epoch, with its history row (loss, accuracy, val_loss, ..., lr, seconds)."""
+
+    def on_fit_end(self, loop: TrainingLoop) -> None:
+        """Once after the last epoch (after the test evaluation for callbacks added to ``train``)."""
+
+    def on_exception(self, loop: TrainingLoop, error: BaseException) -> None:
+        """When training raises (including ``KeyboardInterrupt``), before the error propagates."""
 
 
 class Monitor:
@@ -57,6 +114,9 @@ class Monitor:
             self.best, self.best_epoch = value, epoch
         return improved
 
+    def reset(self) -> None:
+        self.best, self.best_epoch = (math.inf if self.mode == "min" else -math.inf), None
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
 
@@ -64,8 +124,14 @@ class Monitor:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
 
 
-class EarlyStopping:
-    """Keras-style early stopping: stop after ``patience`` epochs without improvement."""
+class EarlyStopping(Callback):
+    """Keras-style early stopping within each phase: after ``patience`` epochs without improvement
+    the phase ends (as one Keras ``fit()`` per phase would) and the next phase starts.
+
+    Runs on every rank: all processes see the same (all-reduced) metrics, so they stop together.
+    """
+
+    rank_zero_only = False
 
     def __init__(self, metric: str, patience: int, mode: Literal["min", "max"] = "min", min_delta: float = 0.0) -> None:
         if patience < 1:
@@ -82,9 +148,139 @@ class EarlyStopping:
             self.wait += 1
         return self.wait >= self.patience
 
+    def on_phase_start(self, loop: TrainingLoop) -> None:
+        if loop.phase_epochs_done == 0:  # a fresh phase; a resumed one keeps its restored state
+            self.monitor.reset()
+            self.wait = 0
+
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
+        if self.update(loop.epoch, metrics):
+            loop.stop_phase(
+                f"early stopping in phase {loop.phase_index + 1} after epoch {loop.epoch} "
+                f"({self.monitor.metric} did not improve for {self.patience} epochs)"
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {"monitor": self.monitor.state_dict(), "wait": self.wait}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state["monitor"])
         self.wait = state["wait"]
+
+
+class BestCheckpoint(Callback):
+    """``checkpoints/best.pt`` whenever ``metric`` improves, tracked across all phases.
+
+    Runs on every rank so each knows the best epoch; only rank 0 writes.
+    """
+
+    rank_zero_only = False
+
+    def __init__(self, metric: str, mode: Literal["min", "max"] = "min") -> None:
+        self.monitor = Monitor(metric, mode)
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.monitor.best_epoch
+
+    def best_row(self, history: list[dict[str, float]]) -> dict[str, float]:
+        """The history row of the best epoch ({} before any improvement)."""
+        return next((row for row in history if row["epoch"] == self.best_epoch), {})
+
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
+        if self.monitor.update(loop.epoch, metrics) and loop.is_main:
+            save_model_checkpoint(loop, BEST_NAME, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.monitor.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state)
+
+
+class LastCheckpoint(Callback):
+    """``checkpoints/last.pt`` after every epoch: the weights plus ``loop.state_dict()`` (position,
+    optimizer, scheduler, scaler, history, RNG and every callback's state), all a resume needs.
+
+    Put it after the callbacks whose epoch-end state it must capture (``train`` puts it after the
+    built-in ones and before yours, so a callback raising in ``on_epoch_end`` finds the epoch saved).
+    """
+
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
+        save_model_checkpoint(loop, LAST_NAME, metrics, training_state=loop.state_dict())
+
+
+class HistoryWriter(Callback):
+    """``history.csv`` (rewritten atomically every epoch) and the accuracy/loss plots at the end,
+    also when training stops with an error, so an interrupted run still has its curves."""
+
+    def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
+        write_history(loop.run_dir / "history.csv", loop.history)
+
+    def on_fit_end(self, loop: TrainingLoop) -> None:
+        self._plot(loop)
+
+    def on_exception(self, loop: TrainingLoop, error: BaseException) -> None:
+        self._plot(loop)
+
+    @staticmethod
+    def _plot(loop: TrainingLoop) -> None:
+        if loop.history:
+            plot_history(loop.history, loop.run_dir / "plots")
+
+
+class EMA(Callback):
+    """An exponential moving average of the weights, updated after every optimisation step and
+    saved as ``checkpoints/ema.pt`` (a full checkpoint: ``covidscan evaluate --checkpoint
+    RUN/checkpoints/ema.pt``) when training ends; often a smoother, better model than the last weights.
+
+    PyTorch's own EMA (``AveragedModel`` with ``get_ema_multi_avg_fn``), BatchNorm statistics
+    included. The average is part of ``last.pt``, so a resumed run continues it.
+    """
+
+    def __init__(self, decay: float = 0.999, name: str = "ema.pt") -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.name = name
+        self.average: AveragedModel | None = None
+        self.restored: dict[str, Any] | None = None  # a resumed average, applied once the model exists
+
+    def on_fit_start(self, loop: TrainingLoop) -> None:
+        self.average = AveragedModel(loop.model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        if self.restored is not None:
+            self.average.load_state_dict(self.restored)
+
+    def on_train_batch_end(self, loop: TrainingLoop, loss: Any) -> None:
+        self.average.update_parameters(loop.model)
+
+    def on_fit_end(self, loop: TrainingLoop) -> None:
+        if self.average is not None and int(self.average.n_averaged):
+            save_model_checkpoint(loop, self.name, loop.history[-1] if loop.history else {}, model=self.average.module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self.average.state_dict() if self.average is not None else self.restored}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restored = state["average"]
+
+
+def save_model_checkpoint(
+    loop: TrainingLoop,
+    name: str,
+    metrics: dict[str, float],
+    training_state: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+) -> None:
+    """Write ``<run_dir>/checkpoints/<name>`` with what every consumer of a checkpoint needs
+    (``model``: other weights than the loop's, e.g. an average)."""
+    save_checkpoint(
+        loop.run_dir / "checkpoints" / name,
+        model=model if model is not None else loop.model,
+        config=loop.config,
+        class_names=list(loop.class_names),
+        norm_stats=loop.norm_stats,
+        epoch=loop.epoch,
+        metrics=metrics,
+        training_state=training_state,
+    )
