@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ from covidscan.training.loss import ClassificationLoss
 from covidscan.training.optim import Schedule, build_optimizer, build_schedule, current_lr
 
 logger = logging.getLogger(__name__)
+
+CallbackT = TypeVar("CallbackT", bound=Callback)
 
 
 class TrainingLoop:
@@ -140,7 +142,7 @@ class TrainingLoop:
         if self.is_main:
             logger.info("%s", reason)
 
-    def callback(self, kind: type[Callback]) -> Any:
+    def callback(self, kind: type[CallbackT]) -> CallbackT | None:
         """The first callback of type ``kind`` (e.g. ``TestEvaluation``), or None."""
         return next((c for c in self.callbacks if isinstance(c, kind)), None)
 
