@@ -252,7 +252,8 @@ class EMA(Callback):
             self.average.load_state_dict(self.restored)
 
     def on_train_batch_end(self, loop: TrainingLoop, loss: Any) -> None:
-        self.average.update_parameters(loop.model)
+        if self.average is not None:
+            self.average.update_parameters(loop.model)
 
     def on_fit_end(self, loop: TrainingLoop) -> None:
         if self.average is not None and int(self.average.n_averaged):

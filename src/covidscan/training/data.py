@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -100,7 +102,7 @@ def build_loaders(
     train_set = build_dataset(config.data, splits.subset("train").samples, class_names, train=True, stats=stats)
     val_set = build_dataset(config.data, splits.subset("val").samples, class_names, train=False, stats=stats)
     batch_size = config.training.batch_size // context.world_size
-    sampler = DistributedSampler(
+    sampler: DistributedSampler = DistributedSampler(
         train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed
     )
     per_rank = len(sampler)
@@ -110,10 +112,11 @@ def build_loaders(
         logger.warning("dropping the last training batch of each epoch: it would hold a single sample")
     train = _loader(config, train_set, batch_size, device, sampler=sampler, drop_last=drop_last)
     val = None
-    if len(val_set):
-        shard = Subset(val_set, range(context.rank, len(val_set), context.world_size)) if context.enabled else val_set
+    val_size = len(cast(Sized, val_set))  # covidscan's datasets are map-style, so sized
+    if val_size:
+        shard = Subset(val_set, range(context.rank, val_size, context.world_size)) if context.enabled else val_set
         val = _loader(config, shard, batch_size, device, sampler=None, drop_last=False)
-    return Loaders(train, val, len(train_set))
+    return Loaders(train, val, len(cast(Sized, train_set)))
 
 
 def _loader(

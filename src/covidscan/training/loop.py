@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class TrainingLoop:
             if training.channels_last and self.device.type == "cuda"
             else torch.contiguous_format
         )
-        self.model = model.to(self.device, memory_format=self.memory_format)
+        self.model = model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # torch's stubs lack memory_format
         # layers opt in to Keras-style L2 terms by defining l2_penalty(); looked up once, not every step
         self.regularized = hasattr(model, "l2_penalty") and any(
             module is not model and hasattr(module, "l2_penalty") for module in model.modules()
@@ -256,7 +256,7 @@ class TrainingLoop:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         if self.config.training.compile:
-            forward_model = torch.compile(forward_model)
+            forward_model = cast(nn.Module, torch.compile(forward_model))
         self.forward_model = forward_model
         self.optimizer = build_optimizer(phase, (p for p in self.model.parameters() if p.requires_grad))
         self.schedule = build_schedule(phase.scheduler, self.optimizer)
@@ -280,11 +280,13 @@ class TrainingLoop:
         self.epoch += 1
         start = time.perf_counter()
         self._dispatch("on_epoch_start")
-        sampler = getattr(self.train_loader, "sampler", None)
+        sampler: Any = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler: one global shuffling order per epoch
             sampler.set_epoch(self.epoch)
         self.model.train()
         model, optimizer, schedule, scaler = self.forward_model, self.optimizer, self.schedule, self.scaler
+        if optimizer is None or schedule is None or scaler is None:
+            raise RuntimeError("an epoch ran before its phase was started")
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.config.training.grad_clip
         batch_callbacks = self.batch_callbacks

@@ -20,6 +20,8 @@ class ClassificationLoss(nn.Module):
     ``per_sample`` is the unweighted loss, which validation reports.
     """
 
+    class_weights: torch.Tensor | None  # a buffer: follows the module to its device
+
     def __init__(self, head: str, num_classes: int, class_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.head = head
@@ -44,12 +46,12 @@ def balanced_class_weights(labels: Sequence[int], class_names: Sequence[str]) ->
     """scikit-learn's ``balanced`` weights: n_samples / (n_classes * count(class))."""
     from sklearn.utils.class_weight import compute_class_weight
 
-    labels = np.asarray(labels)
-    missing = [name for i, name in enumerate(class_names) if not np.any(labels == i)]
+    label_array = np.asarray(labels)
+    missing = [name for i, name in enumerate(class_names) if not np.any(label_array == i)]
     if missing:
         raise DataError(
             f"class(es) {missing} have no training samples, so balanced class weights are undefined; "
             "add samples, change the split, or set training.class_weights: none"
         )
-    weights = compute_class_weight("balanced", classes=np.arange(len(class_names)), y=labels)
+    weights = compute_class_weight("balanced", classes=np.arange(len(class_names)), y=label_array)
     return torch.tensor(weights, dtype=torch.float32)

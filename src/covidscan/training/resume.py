@@ -86,7 +86,7 @@ def _changeable(key: str, phase: int) -> bool:
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": [1, {"c": 2}]}}`` -> ``{"a.b.0": 1, "a.b.1.c": 2}``."""
-    if dataclasses.is_dataclass(tree):
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
         tree = dataclasses.asdict(tree)
     if isinstance(tree, dict) and tree:
         items = [(str(k), v) for k, v in tree.items()]

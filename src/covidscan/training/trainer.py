@@ -86,8 +86,9 @@ def _train(
     started = time.perf_counter()
     check_plan(config, context)
     seed_everything(config.seed, config.training.deterministic)
-    checkpoint = resume_checkpoint(run_dir, config) if resume else None
-    splits = load_run_splits(config, run_dir / "splits.csv" if resume else None)
+    resumed = run_dir if resume else None
+    checkpoint = resume_checkpoint(resumed, config) if resumed is not None else None
+    splits = load_run_splits(config, resumed / "splits.csv" if resumed is not None else None)
     check_monitors(config, has_val=bool(splits.subset("val").samples))
     model = build_model(config, splits.class_names, checkpoint)
     # nothing above wrote a file: a refused resume leaves its run directory exactly as it was
