@@ -86,7 +86,8 @@ class TrainingLoop:
             if training.channels_last and self.device.type == "cuda"
             else torch.contiguous_format
         )
-        self.model = model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]  # torch's stubs lack memory_format
+        # torch's type stubs omit Module.to's memory_format argument
+        self.model = model.to(self.device, memory_format=self.memory_format)  # type: ignore[call-overload]
         # layers opt in to Keras-style L2 terms by defining l2_penalty(); looked up once, not every step
         self.regularized = hasattr(model, "l2_penalty") and any(
             module is not model and hasattr(module, "l2_penalty") for module in model.modules()
