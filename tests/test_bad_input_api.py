@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import math
+import select
 import socket
 import threading
 import time
@@ -231,3 +232,36 @@ def test_an_unexpected_error_is_a_json_500_and_the_connection_survives(server):
         assert connection.sock is socket_before
     finally:
         connection.close()
+
+
+def test_chunked_oversize_body_is_refused_while_it_arrives(server):
+    path = "/v1/predict"
+    """No Content-Length to check up front: the server counts the body as it arrives and answers 413
+    long before a 64 MB chunked upload has been sent (instead of spooling all of it first)."""
+    total, chunk = 64 * 2**20, b"\0" * 65536
+    with socket.create_connection(server, timeout=60) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n".encode()
+        )
+        sent, answered = 0, False
+        preamble = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n'
+        for data in (preamble, *(chunk for _ in range(total // len(chunk)))):
+            try:
+                sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            except OSError:  # the server answered and closed while we were still sending
+                break
+            sent += len(data)
+            if select.select([sock], [], [], 0)[0]:
+                answered = True
+                break
+        response = b""
+        while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            response += part
+    assert answered or sent < total
+    assert sent < 16 * 2**20, f"the server let {sent / 2**20:.0f} MB arrive before refusing"
+    assert b" 413 " in response.split(b"\r\n", 1)[0] and b"upload_too_large" in response
+    assert_healthy(http.client.HTTPConnection(*server, timeout=60))

@@ -81,17 +81,7 @@ def create_app(
     app.state.served = ServedModel(predictor, explain_model, preprocessing(predictor), anyio.CapacityLimiter(1))
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        """Answer 413 from Content-Length before a byte of an oversized body is parsed."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limits.max_bytes + MULTIPART_OVERHEAD:
-            return _error(
-                413,
-                "upload_too_large",
-                f"request body of {int(length) / 2**20:.1f} MB exceeds the {limits.max_bytes / 2**20:.1f} MB limit",
-            )
-        return await call_next(request)
+    _install_body_limits(app, lambda path: limits.max_bytes)
 
     async def read_upload(request: Request, file: UploadFile) -> DecodedImage:
         data = await file.read(limits.max_bytes + 1)
@@ -200,6 +190,46 @@ def create_app(
     return app
 
 
+class BodyTooLarge(Exception):
+    """Raised while receiving a body (e.g. chunked, without Content-Length) that passed its limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the {limit / 2**20:.1f} MB limit")
+        self.limit = limit
+
+
+class CountedBodyLimit:
+    """ASGI middleware counting request body bytes as they arrive: a chunked upload has no
+    Content-Length to check up front, so it is stopped once it passes its path's limit."""
+
+    def __init__(self, app, limit_for) -> None:
+        self.app, self.limit_for = app, limit_for
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit + MULTIPART_OVERHEAD:
+                raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(exc: BaseException | None) -> JSONResponse | None:
+    """The 413 for a body stopped by :class:`CountedBodyLimit`, however the framework wrapped it."""
+    while exc is not None and not isinstance(exc, BodyTooLarge):
+        exc = exc.__cause__ or exc.__context__
+    return _error(413, "upload_too_large", f"{exc}; send a smaller file") if exc is not None else None
+
+
 def _error(status: int, code: str, detail: Any) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
 
@@ -211,6 +241,23 @@ def _how_to_send(request: Request) -> str:
     if example:
         return f"send the file as the multipart form field `file`, e.g. curl -F file=@{example} {request.url}"
     return f"see {request.base_url}docs for the endpoints and their parameters"
+
+
+def _install_body_limits(app: FastAPI, limit_for) -> None:
+    """413 before parsing: from Content-Length when given, else by counting the body as it arrives."""
+    app.add_middleware(CountedBodyLimit, limit_for=limit_for)
+
+    @app.middleware("http")
+    async def refuse_oversized_bodies(request: Request, call_next):
+        length = request.headers.get("content-length")
+        limit = limit_for(request.url.path)
+        if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+            return _error(
+                413,
+                "upload_too_large",
+                f"request body of {int(length) / 2**20:.1f} MB exceeds the {limit / 2**20:.1f} MB limit",
+            )
+        return await call_next(request)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -234,6 +281,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if too_large := _too_large(exc):
+            return too_large
         docs = f"see {request.base_url}docs for the endpoints"
         if exc.status_code == 404:
             return _error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}; {docs}")
@@ -251,6 +300,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         try:
             return await call_next(request)
         except Exception as exc:
+            if too_large := _too_large(exc):
+                return too_large
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             return _error(
                 500,
