@@ -9,13 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch import nn
 
 import covidscan  # noqa: F401  (compat shim before torchvision)
 from covidscan.checkpoint import save_checkpoint
 from covidscan.config import config_from_dict
 from covidscan.data.synthetic import write_dicom_slice
-from covidscan.models import create_model, register_model, unregister_model
+from covidscan.models import ClassifierModel, create_model, register_model, unregister_model
 
 CLASSES = ["COVID", "normal"]
 
@@ -42,12 +44,28 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 32, seed
     return root
 
 
-def make_checkpoint(root: Path, model: str = "cnn1", size: int = 32, channels: int = 1, epoch: int = 2) -> Path:
-    """A random-init run directory: serving must not depend on the trainer."""
+def make_checkpoint(
+    root: Path,
+    model: str = "cnn1",
+    size: int = 32,
+    channels: int = 1,
+    epoch: int = 2,
+    data: dict | None = None,
+    seed: int | None = None,
+    name: str | None = None,
+) -> Path:
+    """A random-init run directory: serving must not depend on the trainer. ``data`` adds data-config
+    keys (e.g. a 3D stack layout), ``seed`` picks the random weights, ``name`` the run directory."""
     config = config_from_dict(
-        {"name": f"{model}-test", "data": {"image_size": size, "channels": channels}, "model": {"name": model}}
+        {
+            "name": f"{model}-test",
+            "data": {"image_size": size, "channels": channels, **(data or {})},
+            "model": {"name": model},
+        }
     )
-    run = root / f"{model}-run"
+    if seed is not None:
+        torch.manual_seed(seed)
+    run = root / (name or f"{model}-run")
     save_checkpoint(
         run / "checkpoints" / "best.pt",
         model=create_model(model, len(CLASSES), in_channels=channels),
@@ -72,3 +90,20 @@ def dicom_bytes(with_pixels: bool = True) -> bytes:
     hu = np.random.default_rng(1).integers(0, 2000, (36, 36)) - 1024.0 if with_pixels else None
     with tempfile.TemporaryDirectory() as folder:
         return write_dicom_slice(Path(folder) / "slice.dcm", hu, 0.0).read_bytes()
+
+
+def tiny3d(num_classes: int, in_channels: int = 1, pretrained: bool = False, weights=None, **_) -> ClassifierModel:
+    """A 3D classifier small enough to export and run in a unit test (register it with registered_model)."""
+    backbone = nn.Sequential(nn.Conv3d(in_channels, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2))
+    head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, num_classes))
+    return ClassifierModel(backbone, head, spatial_dims=3)
+
+
+def write_nifti(path: Path, slices: int = 10, size: tuple[int, int] = (20, 18), seed: int = 0) -> Path:
+    """A synthetic CT volume in HU, nibabel (x, y, z) order."""
+    import nibabel as nib
+
+    hu = np.random.default_rng(seed).normal(-600, 300, (*size, slices)).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), path)
+    return path

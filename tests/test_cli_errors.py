@@ -101,14 +101,15 @@ def test_missing_serve_extra(monkeypatch, tmp_path, capsys):
 
 
 def test_missing_export_extra(monkeypatch, tmp_path):
-    from covidscan.serving import OnnxPredictor, export_model
+    from covidscan.inference import OnnxEngine
+    from covidscan.serving import export_model
 
     _block(monkeypatch, "onnxscript")
     with _expect_extra("export"):
         export_model(tmp_path / "run", "onnx")
     _block(monkeypatch, "onnxruntime")
     with _expect_extra("export"):
-        OnnxPredictor(tmp_path / "model.onnx")
+        OnnxEngine(tmp_path / "model.onnx")
 
 
 def test_missing_track_extra(monkeypatch, tmp_path):

@@ -13,6 +13,7 @@ import pydicom
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from covidscan.data.synthetic import write_dicom_series
+from covidscan.inference import ModelCard
 from covidscan.notices import RESEARCH_USE_NOTICE
 from covidscan.serving.dicom_results import (
     EvidenceUnit,
@@ -21,7 +22,6 @@ from covidscan.serving.dicom_results import (
     patient_orientation,
     read_study_report,
 )
-from covidscan.serving.engine import ModelCard
 
 CLASSES = ["COVID", "normal"]
 

@@ -23,9 +23,9 @@ pytest.importorskip("highdicom")
 import pydicom
 
 from covidscan.data.synthetic import write_dicom_series
+from covidscan.inference import ModelCard
 from covidscan.serving import dicomweb
 from covidscan.serving.dicom_results import EvidenceUnit, StudyFindings, build_result_objects, read_study_report
-from covidscan.serving.engine import ModelCard
 
 PLUGIN_CANDIDATES = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",  # Debian's orthanc-dicomweb

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from covidscan.checkpoint import load_model
 from covidscan.cli import main as cli_main
 from covidscan.config import config_from_dict
 from covidscan.data import DataError, LeakageWarning
 from covidscan.explain import CAM_METHODS, compute_cam, explain_image, resolve_target_layer
+from covidscan.inference import Predictor, load_predictor
 from covidscan.models import ClassifierModel, create_model
 from covidscan.training import train
 
@@ -73,12 +73,12 @@ def blob_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("method", CAM_METHODS)
 def test_cam_peaks_inside_the_blob_that_decides_the_class(blob_run, method):
-    loaded = load_model(blob_run)
+    loaded = load_predictor(blob_run)
     blob = loaded.class_names.index("blob")
     rng = np.random.default_rng(1)  # held-out images, never seen in training
     images, corners = zip(*(blob_image(rng, True) for _ in range(30)))
-    batch = torch.stack([loaded.transform()(image) for image in images])
-    result = compute_cam(loaded.model, batch, method, samples=4)
+    batch = torch.stack([loaded.transform(image) for image in images])
+    result = compute_cam(loaded.torch_model, batch, method, samples=4)
     predicted_blob = (result.target == blob).numpy()
     assert predicted_blob.mean() >= 0.9, "the model did not learn the task; the CAM check would be meaningless"
     hits = [peak_in_blob(cam, corner) for cam, corner, ok in zip(result.maps.numpy(), corners, predicted_blob) if ok]
@@ -88,7 +88,7 @@ def test_cam_peaks_inside_the_blob_that_decides_the_class(blob_run, method):
 
 
 def test_explain_image_names_classes_and_renders_png(blob_run):
-    loaded = load_model(blob_run)
+    loaded = load_predictor(blob_run)
     image, _ = blob_image(np.random.default_rng(2), True)
     explanation = explain_image(loaded, image, "gradcampp", target_class="CLEAR")  # class names are case-insensitive
     assert explanation.target == "clear"
@@ -221,14 +221,12 @@ def test_scan_explanation_covers_every_slice_of_the_scan(tmp_path):
     """A 10-slice NIfTI scan cut into 4-slice stacks: the stitched map spans all 10 slices."""
     import nibabel as nib
 
-    from covidscan.checkpoint import LoadedModel
-
     hu = np.random.default_rng(4).normal(-600, 300, (20, 18, 10)).astype(np.float32)  # nibabel (x, y, z)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), tmp_path / "scan.nii.gz")
     config = config_from_dict(
         {"data": {"spatial_dims": 3, "depth": 4, "image_size": 16, "channels": 1, "normalize": "sample"}}
     )
-    loaded = LoadedModel(tiny_3d_model().eval(), config, ["CP", "NCP", "Normal"], None, tmp_path / "best.pt", {})
+    loaded = Predictor.from_model(tiny_3d_model().eval(), config, ["CP", "NCP", "Normal"])
     explanation = explain_image(loaded, tmp_path / "scan.nii.gz", "gradcam")
     assert explanation.map.shape == (10, 16, 16)
     assert explanation.map.max() == pytest.approx(1.0)

@@ -12,8 +12,8 @@ import torch
 from conftest import SHARED_DATASETS, write_image_folder
 from covidscan.cli import main
 from covidscan.data import read_image
+from covidscan.inference import metadata_path
 from covidscan.serving import create_app, export_model, load_predictor, predict_files
-from covidscan.serving.engine import metadata_path, preprocessing
 from helpers import CLASSES, make_checkpoint, png_bytes
 
 pytest.importorskip("onnxruntime")
@@ -29,7 +29,7 @@ def check_images(count: int = 6) -> list[np.ndarray]:
 
 
 def check_batch(predictor) -> torch.Tensor:
-    transform = preprocessing(predictor)
+    transform = predictor.transform
     return torch.stack([transform(image) for image in check_images()])
 
 

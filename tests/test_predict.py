@@ -11,7 +11,6 @@ import pytest
 from covidscan.cli import main
 from covidscan.data import list_inputs, read_image
 from covidscan.serving import load_predictor, predict_files
-from covidscan.serving.engine import preprocessing
 from helpers import CLASSES, make_checkpoint, write_image_folder
 
 
@@ -41,7 +40,7 @@ def test_rows_match_model_and_bad_files_do_not_abort(predictor, images, tmp_path
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
     assert set(errors) == {"broken.png", "empty.jpg"} and "broken.png" in errors["broken.png"]
     good = [r for r in rows if not r["error"]]
-    transform = preprocessing(predictor)
+    transform = predictor.transform
     for row in good[:3]:
         expected = predictor.predict_batch(transform(read_image(row["path"]))[None])[0]
         np.testing.assert_allclose([float(row[f"prob_{c}"]) for c in CLASSES], expected, atol=1e-5)
@@ -54,8 +53,8 @@ def test_resume_skips_finished_files_and_drops_a_partial_line(predictor, images,
     complete = out.read_text().splitlines(keepends=True)
     out.write_text("".join(complete[:4]) + complete[4][:10])  # header + 3 rows + a row cut mid-write
     seen: list[int] = []
-    original = predictor.predict_batch
-    monkeypatch.setattr(predictor, "predict_batch", lambda batch: seen.append(len(batch)) or original(batch))
+    original = predictor.predict_items
+    monkeypatch.setattr(predictor, "predict_items", lambda views: seen.append(len(views[0])) or original(views))
     summary = predict_files(predictor, [images], out, batch_size=4, progress=False)
     assert summary.skipped == 3 and sum(seen) == summary.predicted == 9 - 3
     rows = read_rows(out)
@@ -80,7 +79,7 @@ def test_worker_processes_give_the_same_rows(predictor, images, tmp_path):
 
 def test_cli_predict(predictor, images, tmp_path, capsys):
     out = tmp_path / "submission.csv"
-    run_dir = predictor.loaded.run_dir
+    run_dir = predictor.run_dir
     assert main(["predict", "--checkpoint", str(run_dir), "--input", str(images / "a"), "--out", str(out)]) == 0
     assert "5 predicted" in capsys.readouterr().out and len(read_rows(out)) == 5
     assert main(["predict", "--input", str(images)]) == 2  # neither --checkpoint nor --onnx

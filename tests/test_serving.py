@@ -17,7 +17,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from covidscan.data import read_image  # noqa: E402
 from covidscan.serving import UploadLimits, create_app, load_predictor  # noqa: E402
-from covidscan.serving.engine import preprocessing  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def test_predict_png_matches_python_api(client, run_dir, tmp_path):
     body = response.json()
     (tmp_path / "slice.png").write_bytes(data)
     predictor = load_predictor(run_dir)
-    expected = predictor.predict_batch(preprocessing(predictor)(read_image(tmp_path / "slice.png"))[None])[0]
+    expected = predictor.predict_batch(predictor.transform(read_image(tmp_path / "slice.png"))[None])[0]
     assert list(body["probabilities"]) == CLASSES
     np.testing.assert_allclose(list(body["probabilities"].values()), expected, atol=1e-6)
     assert body["predicted_label"] == CLASSES[int(np.argmax(expected))]

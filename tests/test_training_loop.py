@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from covidscan.checkpoint import load_model
 from covidscan.config import PhaseConfig, RunConfig, config_from_dict
+from covidscan.inference import load_predictor
 from covidscan.models import ClassifierModel
 from covidscan.training import (
     EMA,
@@ -200,9 +200,9 @@ def test_callback_state_and_the_ema_continue_through_a_resume(image_folder, tmp_
         steps_per_epoch = 3  # 24 images, batch 8
         assert counter.steps == 3 * steps_per_epoch  # restored from last.pt, then counted on
         assert int(ema.average.n_averaged) == 3 * steps_per_epoch
-        averaged = load_model(run_dir / "checkpoints" / "ema.pt")  # a checkpoint like any other
-        last = load_model(run_dir / "checkpoints" / "last.pt")
-    ema_weights, last_weights = averaged.model.state_dict(), last.model.state_dict()
+        averaged = load_predictor(run_dir / "checkpoints" / "ema.pt")  # a checkpoint like any other
+        last = load_predictor(run_dir / "checkpoints" / "last.pt")
+    ema_weights, last_weights = averaged.torch_model.state_dict(), last.torch_model.state_dict()
     assert any(not torch.equal(ema_weights[k], last_weights[k]) for k in ema_weights)
 
 

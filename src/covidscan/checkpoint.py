@@ -2,12 +2,19 @@
 
 A checkpoint holds the model's registry name and weights *and* the resolved run config, class
 names and normalisation statistics, so evaluation, prediction, explanation and serving rebuild the
-exact preprocessing of training from the file alone.
+exact preprocessing of training from the file alone (``covidscan.inference.load_predictor``).
+
+Loading never runs code from the file. Checkpoints are shared and downloaded, and a pickle can
+call any function while it is read, so files are read with ``torch.load(weights_only=True)``:
+tensors, numbers, strings and plain containers only. The one NumPy object a payload holds (the
+NumPy RNG state saved for ``train --resume``) is stored as a tagged tensor and turned back into an
+array on load. A file that needs full pickle — a checkpoint written before this rule, or a crafted
+one — is refused with the command that converts it, to be run only on files one trusts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +22,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidscan.config import RunConfig, config_from_dict
+from covidscan.config import RunConfig
 from covidscan.data.records import DataError
-from covidscan.data.transforms import NormStats, build_transform
+from covidscan.data.transforms import NormStats
 from covidscan.runtime import atomic_path
 
 CHECKPOINT_FORMAT = 1
 BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
+_NDARRAY = "__covidscan_ndarray__"  # key marking a NumPy array stored as a tensor
+
+
+class ModelFileError(DataError):
+    """A checkpoint, exported model or ensemble directory that cannot be used; the message names
+    the file and the fix."""
 
 
 def save_checkpoint(
@@ -46,11 +59,37 @@ def save_checkpoint(
         "norm_stats": None if norm_stats is None else {"mean": norm_stats.mean, "std": norm_stats.std},
         "epoch": epoch,
         "metrics": metrics or {},
-        "state_dict": model.state_dict(),
-        "training_state": training_state,  # optimizer/scheduler/history for resume (last.pt only)
+        "training_state": training_state,  # optimizer/scheduler/history/RNG for resume (last.pt only)
     }
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save({**to_safe(payload), "state_dict": model.state_dict()}, tmp)
+
+
+def to_safe(value: Any) -> Any:
+    """``value`` with NumPy arrays as tagged tensors and NumPy scalars as Python numbers, so that
+    ``torch.load(weights_only=True)`` reads it back without allowing any other type."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise TypeError("a checkpoint cannot hold NumPy object arrays (they need full pickle)")
+        return {_NDARRAY: torch.from_numpy(np.array(value, copy=True)), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: to_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_safe(item) for item in value)
+    return value
+
+
+def from_safe(value: Any) -> Any:
+    """The inverse of :func:`to_safe`."""
+    if isinstance(value, dict):
+        if _NDARRAY in value:
+            return value[_NDARRAY].numpy().astype(np.dtype(value["dtype"]), copy=False)
+        return {key: from_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(from_safe(item) for item in value)
+    return value
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -69,15 +108,60 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a run directory's or a file's checkpoint, read without unpickling code."""
     path = resolve_checkpoint(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable covidscan checkpoint ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: not a covidscan checkpoint (format {CHECKPOINT_FORMAT} expected)")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for anything outside its allow-list
+        raise ModelFileError(
+            f"{path}: refused: this file needs full pickle to load ({_unsafe_reason(exc)}), and unpickling "
+            "can run code hidden in a checkpoint. If it is a covidscan checkpoint from an older version "
+            f"and you trust where it came from, convert it once with `covidscan convert {path}`"
+        ) from None
+    except Exception as exc:  # truncated zip, not a torch file, ...: torch raises many types
+        raise ModelFileError(f"{path}: not a readable covidscan checkpoint ({_first_line(exc)})") from None
+    _check_payload(payload, path)
+    payload = {key: value if key == "state_dict" else from_safe(value) for key, value in payload.items()}
     payload["path"] = str(path)
     return payload
+
+
+def _check_payload(payload: Any, path: Path) -> None:
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelFileError(f"{path}: not a covidscan checkpoint (format {CHECKPOINT_FORMAT} expected)")
+
+
+def convert_checkpoint(path: str | Path, out: str | Path | None = None) -> Path:
+    """Rewrite a full-pickle covidscan checkpoint in the safe format (``out`` defaults to ``path``,
+    the original kept as ``<name>.pickle-backup``). **Unpickles the file: run it only on files you trust.**"""
+    path = resolve_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # the one trusted, explicit full load
+    except Exception as exc:  # torch raises many types on broken files
+        raise ModelFileError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+    _check_payload(payload, path)
+    state_dict = payload.pop("state_dict")
+    payload.pop("path", None)
+    target = Path(out) if out is not None else path
+    if target == path:
+        backup = path.with_name(path.name + ".pickle-backup")
+        backup.write_bytes(path.read_bytes())
+    with atomic_path(target) as tmp:
+        torch.save({**to_safe(payload), "state_dict": state_dict}, tmp)
+    load_checkpoint(target)  # proves the result loads safely
+    return target
+
+
+def _unsafe_reason(exc: Exception) -> str:
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip().removeprefix("WeightsUnpickler error: ")
+    return "objects outside the safe allow-list"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
@@ -89,68 +173,10 @@ def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)
 
 
-@dataclass
-class LoadedModel:
-    """A trained model ready for inference, with the preprocessing it was trained with."""
-
-    model: nn.Module
-    config: RunConfig
-    class_names: list[str]
-    norm_stats: NormStats | None
-    checkpoint_path: Path
-    metrics: dict[str, float]
-
-    @property
-    def run_dir(self) -> Path:
-        parent = self.checkpoint_path.parent
-        return parent.parent if parent.name == "checkpoints" else parent
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def transform(self):
-        return build_transform(self.config.data, train=False, stats=self.norm_stats)
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return class_probabilities(logits, self.config.model.head)
-
-    @torch.inference_mode()
-    def predict_batch(self, batch: torch.Tensor) -> np.ndarray:
-        """Class probabilities (N, K) for a preprocessed batch."""
-        return self.probabilities(self.model(batch.to(self.device)).float()).cpu().numpy()
-
-
 def build_model_from_config(config: RunConfig, num_classes: int) -> nn.Module:
     from covidscan.models import create_model
 
     in_channels = config.data.channels
     return create_model(
         config.model.name, num_classes=num_classes, in_channels=in_channels, pretrained=False, **config.model.kwargs
-    )
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the trained model from a run directory or checkpoint file (no weight downloads)."""
-    payload = load_checkpoint(path)
-    config = config_from_dict(payload["config"])
-    class_names = payload["class_names"]
-    model = build_model_from_config(config, len(class_names))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise DataError(
-            f"{payload['path']}: its weights do not fit model {config.model.name!r} as this covidscan "
-            f"version builds it (was the checkpoint made by another version, or edited?): "
-            f"{str(exc).splitlines()[0]} ..."
-        ) from exc
-    model.eval().to(device)
-    stats = payload.get("norm_stats")
-    return LoadedModel(
-        model,
-        config,
-        class_names,
-        NormStats(**stats) if stats else None,
-        Path(payload["path"]),
-        payload.get("metrics", {}),
     )

@@ -21,7 +21,20 @@ import traceback
 from covidscan import __version__
 from covidscan.errors import UserError
 
-VERBS = ("data", "train", "evaluate", "compare", "predict", "explain", "serve", "export", "sweep", "runs")
+VERBS = (
+    "data",
+    "train",
+    "evaluate",
+    "compare",
+    "predict",
+    "explain",
+    "serve",
+    "export",
+    "ensemble",
+    "convert",
+    "sweep",
+    "runs",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from covidscan.cli.predict import add_tta_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,10 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         "--run",
         dest="checkpoint",
-        required=True,
         metavar="RUN",
-        help="run directory (uses checkpoints/best.pt) or a checkpoint file",
+        help="run directory (uses checkpoints/best.pt), checkpoint file or ensemble directory",
     )
+    parser.add_argument(
+        "--onnx",
+        metavar="MODEL.onnx",
+        help="evaluate this ONNX export with ONNX Runtime (with --checkpoint: on that run's splits)",
+    )
+    add_tta_argument(parser)
     parser.add_argument(
         "--data",
         help="dataset to evaluate on (class folders or CSV manifest); default: the run's own split from its splits.csv",
@@ -79,9 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from covidscan.data.sources import parse_label_map
+    from covidscan.errors import UsageError
     from covidscan.evaluation import evaluate
     from covidscan.evaluation.report import format_metric
 
+    if args.checkpoint is None and args.onnx is None:
+        raise UsageError("give --checkpoint RUN (run, checkpoint or ensemble directory) or --onnx MODEL.onnx")
     result = evaluate(
         args.checkpoint,
         args.data,
@@ -96,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         batch_size=args.batch_size,
         seed=args.seed,
+        onnx=args.onnx,
+        tta=args.tta,
     )
     payload = result.payload
     print(
-        f"{payload['model']} on {payload['dataset']} ({payload['split']}, {payload['n_items']} items), "
-        f"positive class {payload['positive_class']}:"
+        f"{payload['model']} ({payload['engine']}{', TTA ' + '+'.join(payload['tta']) if args.tta else ''}) on "
+        f"{payload['dataset']} ({payload['split']}, {payload['n_items']} items), positive class "
+        f"{payload['positive_class']}:"
     )
     for name, metric in payload["metrics"].items():
         print(f"  {name:<12} {format_metric(metric)}")

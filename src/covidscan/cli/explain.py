@@ -18,7 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "<name>.npy (the map in [0, 1] at the model's input size) and explanations.csv.",
     )
     parser.add_argument(
-        "--checkpoint", required=True, metavar="RUN", help="run directory (uses checkpoints/best.pt) or checkpoint file"
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="run directory (uses checkpoints/best.pt), checkpoint file or ensemble directory (an ONNX export "
+        "cannot be explained: CAMs need the PyTorch model)",
     )
     parser.add_argument(
         "--input",
@@ -53,13 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from covidscan.checkpoint import load_model
     from covidscan.explain import explain_files
+    from covidscan.inference import load_predictor
 
-    loaded = load_model(args.checkpoint)
-    out_dir = Path(args.out) if args.out else loaded.run_dir / "explanations" / args.method
+    predictor = load_predictor(args.checkpoint)
+    predictor.require_explainable()
+    run_dir = predictor.run_dir or predictor.source.parent
+    out_dir = Path(args.out) if args.out else run_dir / "explanations" / args.method
     summary, failures = explain_files(
-        loaded,
+        predictor,
         args.input,
         out_dir,
         args.method,

@@ -9,9 +9,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export a trained model to ONNX or TorchScript",
-        description="Export a checkpoint to ONNX or TorchScript. The exported model takes a preprocessed float32 "
-        "batch (N, C, S, S) and returns class probabilities; <out>.json beside it holds the classes, "
-        "input size and normalisation. The export is compared with PyTorch before it is accepted.",
+        description="Export a checkpoint (2D or 3D model) to ONNX or TorchScript. The exported model takes a "
+        "preprocessed float32 batch, (N, C, S, S) images or (N, C, D, S, S) slice stacks, and returns class "
+        "probabilities; <out>.json beside it holds the classes, input shape and normalisation. The export is "
+        "compared with PyTorch before it is accepted.",
     )
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint .pt")
     parser.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default: %(default)s")

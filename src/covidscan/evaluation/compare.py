@@ -46,18 +46,18 @@ LEVELS: tuple[str, ...] = get_args(Level)
 
 def _run_info(evaluation: Evaluation) -> dict[str, Any]:
     """Runtime and parameter count: from the run's training metrics.json when present."""
-    run_dir = evaluation.loaded.run_dir
+    run_dir = evaluation.predictor.run_dir
     training: dict[str, Any] = {}
     if (run_dir / "metrics.json").is_file():
         try:
             training = json.loads((run_dir / "metrics.json").read_text())
         except json.JSONDecodeError:
             logger.warning("%s: unreadable metrics.json; runtime not shown", run_dir)
-    parameters = sum(p.numel() for p in evaluation.loaded.model.parameters())
+    parameters = evaluation.predictor.parameter_count()
     return {
         "run": run_dir.name,
         "run_dir": str(run_dir),
-        "model": evaluation.loaded.config.model.name,
+        "model": evaluation.predictor.card.architecture,
         "parameters": int(training.get("parameters") or parameters),
         "runtime_seconds": training.get("runtime_seconds"),
     }
@@ -99,12 +99,12 @@ def _level_metrics(evaluation: Evaluation, level: str) -> tuple[dict[str, Any], 
 def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: str) -> list[PredictionSet]:
     """Every set reordered to the first one's items (or patients); an error unless all runs scored
     the same ones with the same labels and classes."""
-    reference, reference_run = sets[0], evaluations[0].loaded.run_dir
+    reference, reference_run = sets[0], evaluations[0].predictor.run_dir
     index = {path: i for i, path in enumerate(reference.paths)}
     unit = "items" if level == "item" else "patients"
     aligned = []
     for predictions, evaluation in zip(sets, evaluations):
-        run_dir, paths = evaluation.loaded.run_dir, predictions.paths
+        run_dir, paths = evaluation.predictor.run_dir, predictions.paths
         if predictions.class_names != reference.class_names:
             raise DataError(
                 f"{run_dir}: classes {predictions.class_names} differ from {reference.class_names} of "
@@ -262,9 +262,9 @@ def compare_runs(
     out = (
         Path(out_dir)
         if out_dir is not None
-        else reference.loaded.run_dir.parent
+        else reference.predictor.run_dir.parent
         / "comparisons"
-        / (f"{split}-" + "-vs-".join(e.loaded.run_dir.name for e in evaluations)[:120])
+        / (f"{split}-" + "-vs-".join(e.predictor.run_dir.name for e in evaluations)[:120])
     )
     out.mkdir(parents=True, exist_ok=True)
     predicted = [predict_labels(a.proba, positive) for a in aligned]
@@ -275,8 +275,8 @@ def compare_runs(
         )
         pairs.append(
             {
-                "a": evaluations[i].loaded.run_dir.name,
-                "b": evaluations[j].loaded.run_dir.name,
+                "a": evaluations[i].predictor.run_dir.name,
+                "b": evaluations[j].predictor.run_dir.name,
                 "tests": [t.to_dict() for t in tests],
                 "differences": _differences(a, b, positive, n_bootstrap, seed),
             }
@@ -284,7 +284,7 @@ def compare_runs(
     grids = {}
     shown = evaluations if level == "item" else []  # a patient is several images: none to show
     for evaluation in shown:
-        name = evaluation.loaded.run_dir.name
+        name = evaluation.predictor.run_dir.name
         grid = prediction_grid(evaluation, out / f"grid-{name}.png", grid_size, seed)
         if grid is not None:
             grids[name] = grid.name

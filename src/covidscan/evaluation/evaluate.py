@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from covidscan.checkpoint import LoadedModel, load_model
-from covidscan.data import build_dataset, load_samples
+from covidscan.data import load_samples
 from covidscan.data.records import DataError, Sample
 from covidscan.data.splits import load_splits
 from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
@@ -43,6 +42,7 @@ from covidscan.evaluation.metrics import (
     resolve_positive_class,
 )
 from covidscan.evaluation.operating_point import OperatingPoint, choose_threshold
+from covidscan.inference import NON_FINITE_OUTPUT, Predictor, load_predictor
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path, write_json
 
@@ -75,7 +75,7 @@ class Evaluation:
     payload: dict[str, Any]
     predictions: PredictionSet
     predicted: np.ndarray  # arg-max class index per item
-    loaded: LoadedModel
+    predictor: Predictor
     out_dir: Path
 
 
@@ -84,7 +84,12 @@ def _dataset_name(spec: str) -> str:
     return path.parent.name if path.suffix.lower() == ".csv" else (path.name or str(spec))
 
 
-def _run_splits(run_dir: Path) -> Path:
+def _run_splits(run_dir: Path | None, source: Path) -> Path:
+    if run_dir is None:
+        raise DataError(
+            f"{source}: no training run is known for this model, so it has no test split; pass --data with "
+            "a dataset to evaluate on, or --checkpoint RUN (the run an ONNX export was made from)"
+        )
     path = run_dir / "splits.csv"
     if not path.is_file():
         raise DataError(
@@ -95,19 +100,18 @@ def _run_splits(run_dir: Path) -> Path:
 
 
 def select_samples(
-    loaded: LoadedModel, data: str | Path | None, split: str, label_map: dict[str, str] | None, external: bool
+    predictor: Predictor, data: str | Path | None, split: str, label_map: dict[str, str] | None, external: bool
 ) -> EvaluationSet:
     """The run's own split (``data`` None) or a dataset spec, checked against the model's classes."""
-    run_dir = loaded.run_dir
-    mapping = {**loaded.config.data.label_map, **(label_map or {})}
+    mapping = {**predictor.config.data.label_map, **(label_map or {})}
     if data is None:
         if external:
             raise DataError("--external needs --data: the dataset the model never saw")
-        sample_set = load_splits(_run_splits(run_dir))
+        sample_set = load_splits(_run_splits(predictor.run_dir, predictor.source))
         samples = [s for s in sample_set.samples if s.split == split]
         if mapping:
             samples = [Sample(s.path, mapping.get(s.label, s.label), s.patient_id, s.split) for s in samples]
-        dataset, used_split, name = loaded.config.data.source, split, split
+        dataset, used_split, name = predictor.config.data.source, split, split
     else:
         sample_set = load_samples(data, label_map=mapping, require_labels=False)
         has_splits = all(s.split for s in sample_set.samples)
@@ -127,35 +131,43 @@ def select_samples(
             f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled items); evaluation needs labels "
             "(use `covidscan predict` for unlabeled images)"
         )
-    unknown = sorted({s.label for s in samples} - set(loaded.class_names))
+    unknown = sorted({s.label for s in samples} - set(predictor.class_names))
     if unknown:
         raise DataError(
-            f"{dataset}: labels {unknown} are not among the model's classes {loaded.class_names}; map "
-            f"them with --label-map {unknown[0]}=CLASS (CLASS one of {loaded.class_names})"
+            f"{dataset}: labels {unknown} are not among the model's classes {predictor.class_names}; map "
+            f"them with --label-map {unknown[0]}=CLASS (CLASS one of {predictor.class_names})"
         )
     return EvaluationSet(samples, dataset, used_split, name, external, mapping)
 
 
 def predict(
-    loaded: LoadedModel, samples: Sequence[Sample], batch_size: int | None = None, desc: str = "evaluate"
+    predictor: Predictor, samples: Sequence[Sample], batch_size: int | None = None, desc: str = "evaluate"
 ) -> PredictionSet:
-    """Class probabilities for every item of ``samples`` (one item per image or per slice stack)."""
-    config = loaded.config
-    dataset = build_dataset(config.data, list(samples), loaded.class_names, train=False, stats=loaded.norm_stats)
+    """Class probabilities for every item of ``samples`` (one item per image or per slice stack).
+
+    Items whose model output is not finite are refused by name: metrics cannot be computed over
+    them, and dropping them silently would bias every number."""
+    config = predictor.config
+    dataset = predictor.dataset(samples)
     if len(dataset) == 0:
         raise DataError("the evaluation set is empty after loading (no image or slice stack could be built)")
     loader = DataLoader(
         dataset, batch_size=batch_size or config.training.batch_size, shuffle=False, num_workers=config.data.num_workers
     )
-    probabilities, labels = [], []
-    for images, targets in progress(loader, desc=desc, unit="batch"):
-        probabilities.append(loaded.predict_batch(images))
+    probabilities, labels, errors = [], [], []
+    for views, targets in progress(loader, desc=desc, unit="batch"):
+        batch_probabilities, batch_errors = predictor.predict_items(views)
+        probabilities.append(batch_probabilities)
+        errors.extend(batch_errors)
         labels.append(torch.as_tensor(targets).numpy())
     items = dataset.item_samples
+    bad = [items[i].path for i, error in enumerate(errors) if error]
+    if bad:
+        raise DataError(f"{bad[0]} ({len(bad)} item(s) in all, e.g. {bad[:3]}): {NON_FINITE_OUTPUT}")
     return PredictionSet(
         np.concatenate(labels),
         np.concatenate(probabilities),
-        list(loaded.class_names),
+        predictor.class_names,
         paths=[s.path for s in items],
         patient_ids=[s.patient_id for s in items],
     )
@@ -211,14 +223,13 @@ def _write_predictions(
             writer.writerow(row)
 
 
-def _validation_predictions(loaded: LoadedModel, batch_size: int | None) -> PredictionSet | None:
+def _validation_predictions(predictor: Predictor, batch_size: int | None) -> PredictionSet | None:
     """The run's own validation split, where thresholds and temperatures are fitted."""
-    path = loaded.run_dir / "splits.csv"
-    if not path.is_file():
+    if predictor.run_dir is None or not (predictor.run_dir / "splits.csv").is_file():
         return None
-    samples = [s for s in load_splits(path).samples if s.split == "val"]
-    samples = [s for s in samples if s.label in loaded.class_names]
-    return predict(loaded, samples, batch_size, desc="validation") if samples else None
+    samples = [s for s in load_splits(predictor.run_dir / "splits.csv").samples if s.split == "val"]
+    samples = [s for s in samples if s.label in predictor.class_names]
+    return predict(predictor, samples, batch_size, desc="validation") if samples else None
 
 
 def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
@@ -244,7 +255,7 @@ def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
 
 
 def _calibrate(
-    predictions: PredictionSet, validation: PredictionSet | None, temperature_scaling: bool, run_dir: Path
+    predictions: PredictionSet, validation: PredictionSet | None, temperature_scaling: bool, run_dir: Path | None
 ) -> tuple[dict[str, Any], ReliabilityTable]:
     """ECE and reliability table; with ``temperature_scaling`` first rescale both sets in place by a
     temperature fitted on validation."""
@@ -266,7 +277,7 @@ def _calibrate(
 
 
 def evaluate(
-    run: str | Path,
+    run: str | Path | None,
     data: str | Path | None = None,
     split: str = "test",
     out_dir: str | Path | None = None,
@@ -281,30 +292,34 @@ def evaluate(
     batch_size: int | None = None,
     seed: int = 0,
     write: bool = True,
+    onnx: str | Path | None = None,
+    tta: str | Sequence[str] | None = None,
 ) -> Evaluation:
     """Full evaluation of one run; see :func:`evaluate_run` for the arguments. ``write=False`` only
     computes (``compare`` uses it, so comparing never overwrites a run's own evaluation files)."""
-    loaded = load_model(run)
-    chosen = select_samples(loaded, data, split, label_map, external)
-    positive = resolve_positive_class(loaded.class_names, positive_class or loaded.config.data.positive_class)
-    predictions = predict(loaded, chosen.samples, batch_size)
-    validation = _validation_predictions(loaded, batch_size)
-    calibration, reliability = _calibrate(predictions, validation, temperature_scaling, loaded.run_dir)
+    predictor = load_predictor(run, onnx, tta=tta)
+    chosen = select_samples(predictor, data, split, label_map, external)
+    class_names = predictor.class_names
+    positive = resolve_positive_class(class_names, positive_class or predictor.config.data.positive_class)
+    predictions = predict(predictor, chosen.samples, batch_size)
+    validation = _validation_predictions(predictor, batch_size)
+    calibration, reliability = _calibrate(predictions, validation, temperature_scaling, predictor.run_dir)
     values, bootstrap_info = _metrics_with_ci(predictions, positive, n_bootstrap, seed)
     predicted = predict_labels(predictions.proba, positive)
     payload: dict[str, Any] = {
-        "run": str(loaded.run_dir),
-        "checkpoint": str(loaded.checkpoint_path),
-        "model": loaded.config.model.name,
+        "run": str(predictor.run_dir) if predictor.run_dir else None,
+        "checkpoint": str(predictor.source),
+        "model": predictor.card.architecture,
+        **predictor.describe(),
         "dataset": chosen.dataset,
         "split": chosen.split,
         "external": chosen.external,
         "label_map": chosen.label_map,
-        "class_names": loaded.class_names,
-        "positive_class": loaded.class_names[positive],
+        "class_names": class_names,
+        "positive_class": class_names[positive],
         "n_items": len(predictions),
         "n_patients": len(np.unique(predictions.groups())) if predictions.has_patients() else None,
-        "class_counts": dict(Counter(loaded.class_names[y] for y in predictions.y_true)),
+        "class_counts": dict(Counter(class_names[y] for y in predictions.y_true)),
         "metrics": {name: metric.to_dict() for name, metric in values.items()},
         "bootstrap": bootstrap_info,
         "confusion_matrix": _confusion(predictions, positive),
@@ -342,7 +357,7 @@ def evaluate(
             "confusion_matrix": _confusion(patients, positive),
         }
 
-    out = Path(out_dir) if out_dir is not None else loaded.run_dir / "evaluation" / chosen.name
+    out = Path(out_dir) if out_dir is not None else _default_out(predictor, chosen.name)
     if write:
         from covidscan.evaluation.report import write_evaluation_report
 
@@ -352,12 +367,24 @@ def evaluate(
         write_json(out / "metrics.json", payload)
     logger.info(
         "evaluation of %s on %s (%s): %s",
-        loaded.run_dir,
+        predictor.run_dir or predictor.source,
         chosen.dataset,
         chosen.split,
         ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None),
     )
-    return Evaluation(payload, predictions, predicted, loaded, out)
+    return Evaluation(payload, predictions, predicted, predictor, out)
+
+
+def _default_out(predictor: Predictor, name: str) -> Path:
+    """``<run>/evaluation/<name>``; ONNX Runtime and TTA results get their own folder beside the plain ones."""
+    suffix = "".join(
+        [
+            "-onnx" if "onnxruntime" in predictor.engine else "",
+            "-tta" if predictor.tta != ("identity",) else "",
+        ]
+    )
+    root = predictor.run_dir or predictor.source.parent
+    return root / "evaluation" / f"{name}{suffix}"
 
 
 def _operating_point(
@@ -380,7 +407,7 @@ def _operating_point(
 
 
 def evaluate_run(
-    run: str | Path,
+    run: str | Path | None,
     data: str | Path | None = None,
     split: str = "test",
     out_dir: str | Path | None = None,
@@ -396,6 +423,8 @@ def evaluate_run(
     spec ``load_samples`` takes (folder or manifest), whose ``split`` is used when it has a split
     column and all of it otherwise. ``label_map`` renames raw labels to the model's classes.
     ``options``: ``positive_class``, ``target_sensitivity`` (else Youden's J), ``temperature_scaling``,
-    ``aggregation`` ("mean"/"max" per patient), ``batch_size``, ``seed``.
+    ``aggregation`` ("mean"/"max" per patient), ``batch_size``, ``seed``, ``onnx`` (an export run with
+    ONNX Runtime; ``run`` may then be None, or the run it came from), ``tta`` (test-time augmentation
+    views, e.g. "identity,hflip"). ``run`` may also be an ensemble directory.
     """
     return evaluate(run, data, split, out_dir, label_map, n_bootstrap, external, **options).payload

@@ -1,8 +1,12 @@
 """Explaining a trained model's prediction on one image or scan, and on many files.
 
-This is the layer between :func:`covidscan.explain.cam.compute_cam` and its users: it reads the
-file, applies the model's own evaluation preprocessing (from the checkpoint), picks the explained
-class by name, and renders the overlay. ``POST /v1/explain`` and ``covidscan explain`` both call it.
+This is the layer between :func:`covidscan.explain.cam.compute_cam` and its users: it takes a
+:class:`~covidscan.inference.Predictor` (the one inference path), reads the file, applies each
+model's own evaluation preprocessing, picks the explained class by name, and renders the overlay.
+``POST /v1/explain`` and ``covidscan explain`` both call it. CAMs need gradients, so the predictor
+must hold PyTorch models: an ONNX export alone is refused with the reason. For an ensemble, every
+member explains the ensemble's class and the maps (each normalised, resized to the first member's
+input) are averaged.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from covidscan.checkpoint import LoadedModel
-from covidscan.data import DataError, Sample, read_image
-from covidscan.data.io import IMAGE_EXTENSIONS, is_nifti, is_supported_file
+from covidscan.data import DataError, Sample, list_inputs, read_image
+from covidscan.data.io import IMAGE_EXTENSIONS, is_nifti
 from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
 from covidscan.explain.overlay import render_montage, render_overlay, write_bytes
+from covidscan.inference import Predictor
 from covidscan.progress import progress as show_progress
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,7 @@ class Explanation:
 
 
 def explain_image(
-    loaded: LoadedModel,
+    predictor: Predictor,
     image: str | Path | np.ndarray,
     method: CamMethod = "gradcam",
     target_class: str | int | None = None,
@@ -53,20 +58,19 @@ def explain_image(
 ) -> Explanation:
     """Explain one input: a 2D image (path or (H, W) array in [0, 1]) for 2D models, or a scan
     (NIfTI file, DICOM series folder or folder of slice images) for 3D models."""
-    target_index = class_index(loaded, target_class)
+    predictor.require_explainable()
+    target_index = class_index(predictor, target_class)
     options = dict(layer=layer, samples=samples, sigma=sigma)
-    if loaded.model.spatial_dims == 3:
-        pixels, cam, probabilities, target = _explain_scan(loaded, image, method, target_index, **options)
+    if predictor.spatial_dims == 3:
+        pixels, cam, probabilities, target = _explain_scan(predictor, image, method, target_index, **options)
     else:
         pixels = (
-            read_image(image, window=loaded.config.data.window)
+            read_image(image, window=predictor.config.data.window)
             if isinstance(image, str | Path)
             else _checked_array(image, 2)
         )
-        x = loaded.transform()(pixels)[None]
-        result = compute_cam(loaded.model, x, method, target_class=target_index, **options)
-        cam, probabilities, target = result.maps[0], loaded.probabilities(result.logits)[0], int(result.target[0])
-    names = loaded.class_names
+        cam, probabilities, target = _explain_pixels(predictor, pixels, method, target_index, **options)
+    names = predictor.class_names
     predicted = int(probabilities.argmax())
     caption = f"{names[predicted]} {float(probabilities[predicted]):.1%}  ({_METHOD_TITLES[method]}"
     caption += f", map for {names[target]})" if target != predicted else ")"
@@ -82,8 +86,35 @@ def explain_image(
     )
 
 
+def _explain_pixels(
+    predictor: Predictor, pixels: np.ndarray, method: CamMethod, target_index: int | None, **options
+) -> tuple[torch.Tensor, np.ndarray, int]:
+    """(S, S) map, class probabilities and explained class for one decoded 2D image."""
+    views = [view[None] for view in predictor.preprocess(pixels)]
+    probabilities = predictor.predict_batch(views)[0]
+    target = int(probabilities.argmax()) if target_index is None else target_index
+    maps = [
+        compute_cam(member.explain_model, views[view], method, target_class=target, **options).maps
+        for member, view in zip(predictor.members, predictor.member_views)
+    ]
+    return _mean_map(maps)[0], probabilities, target
+
+
+def _mean_map(maps: list[torch.Tensor]) -> torch.Tensor:
+    """One model's normalised map as is; several: each resized to the first one's shape, averaged, renormalised."""
+    if len(maps) == 1:
+        return maps[0]
+    shape = maps[0].shape[1:]
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    resized = [
+        m if m.shape[1:] == shape else F.interpolate(m[:, None], size=shape, mode=mode, align_corners=False)[:, 0]
+        for m in maps
+    ]
+    return normalize_maps(torch.stack(resized).mean(0))
+
+
 def explain_files(
-    loaded: LoadedModel,
+    predictor: Predictor,
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     method: CamMethod = "gradcam",
@@ -96,16 +127,19 @@ def explain_files(
 ) -> tuple[Path, dict[str, str]]:
     """Write ``<name>.png`` (overlay or montage) and ``<name>.npy`` (raw map) per input, plus
     ``explanations.csv``; return that CSV's path and ``{file: error}`` for inputs that failed."""
-    class_index(loaded, target_class)  # a wrong class name fails before any file is read
+    predictor.require_explainable()
+    class_index(predictor, target_class)  # a wrong class name fails before any file is read
     out_dir = Path(out_dir)
-    files = list_volume_inputs(inputs) if loaded.model.spatial_dims == 3 else list_image_inputs(inputs)
+    files = list_volume_inputs(inputs) if predictor.spatial_dims == 3 else list_inputs(list(inputs))
     rows: list[dict[str, object]] = []
     failures: dict[str, str] = {}
     for path, stem in show_progress(
         list(zip(files, _unique_stems(files))), desc="explain", unit="input", leave=True, disable=not progress
     ):
         try:
-            explanation = explain_image(loaded, path, method, target_class, layer=layer, samples=samples, sigma=sigma)
+            explanation = explain_image(
+                predictor, path, method, target_class, layer=layer, samples=samples, sigma=sigma
+            )
         except DataError as exc:
             failures[str(path)] = str(exc)
             logger.warning("skipped %s", exc)
@@ -125,12 +159,12 @@ def explain_files(
                 **{f"p_{name}": round(p, 6) for name, p in explanation.probabilities.items()},
             }
         )
-    return _write_summary(out_dir / "explanations.csv", rows, loaded.class_names), failures
+    return _write_summary(out_dir / "explanations.csv", rows, predictor.class_names), failures
 
 
-def class_index(loaded: LoadedModel, target_class: str | int | None) -> int | None:
+def class_index(predictor: Predictor, target_class: str | int | None) -> int | None:
     """Class name (case-insensitive) or index -> index, with the valid names in the error."""
-    names = loaded.class_names
+    names = predictor.class_names
     if target_class is None:
         return None
     if isinstance(target_class, int) and 0 <= target_class < len(names):
@@ -139,19 +173,6 @@ def class_index(loaded: LoadedModel, target_class: str | int | None) -> int | No
     if isinstance(target_class, str) and target_class.lower() in lowered:
         return lowered.index(target_class.lower())
     raise UsageError(f"unknown class {target_class!r}; this model's classes are {names}")
-
-
-def list_image_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files and folders (searched recursively) -> supported image files, missing inputs kept so
-    they are reported by name with the other bad files."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        files.extend(
-            sorted(p for p in item.rglob("*") if p.is_file() and is_supported_file(p)) if item.is_dir() else [item]
-        )
-    if not files:
-        raise DataError(f"no supported images among {[str(i) for i in inputs]}")
-    return files
 
 
 def list_volume_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -185,8 +206,8 @@ def _checked_array(array: np.ndarray, ndim: int = 2) -> np.ndarray:
 
 
 def _explain_scan(
-    loaded: LoadedModel, scan: str | Path, method: CamMethod, target_index: int | None, **options
-) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
+    predictor: Predictor, scan: str | Path, method: CamMethod, target_index: int | None, **options
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray, int]:
     """Explain a scan stack by stack, with the 3D data pipeline the model was trained with.
 
     The scan's class is the mean of its stacks' probabilities; every stack is explained for that
@@ -200,20 +221,27 @@ def _explain_scan(
             "3D models explain scans given by path (NIfTI file, DICOM series folder or folder of "
             "slice images), not arrays"
         )
-    dataset = VolumeStackDataset([Sample(str(scan), None)], [], loaded.config.data, train=False)
-    volume = dataset.scan_volume(0).numpy()
-    stacks = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    probabilities = torch.as_tensor(loaded.predict_batch(stacks)).mean(0)
+    datasets = [VolumeStackDataset([Sample(str(scan), None)], [], view.data, train=False) for view in predictor.views]
+    stacks = [torch.stack([dataset[i][0] for i in range(len(dataset))]) for dataset in datasets]
+    probabilities = predictor.predict_batch(stacks).mean(0)
     target = int(probabilities.argmax()) if target_index is None else target_index
-    maps = compute_cam(loaded.model, stacks, method, target_class=target, normalize=False, **options).maps.cpu()
-    depth, slices = loaded.config.data.depth, volume.shape[0]
+    maps = []
+    for member, view in zip(predictor.members, predictor.member_views):
+        raw = compute_cam(member.explain_model, stacks[view], method, target_class=target, normalize=False, **options)
+        maps.append(_stitch(raw.maps.cpu(), datasets[view]))
+    return datasets[0].scan_volume(0).numpy(), _mean_map(maps)[0], probabilities, target
+
+
+def _stitch(maps: torch.Tensor, dataset) -> torch.Tensor:
+    """Per-stack raw maps -> one (1, D, S, S) map of the whole scan, normalised once."""
+    depth, slices = dataset.config.depth, dataset.scan_volume(0).shape[0]
     if slices < depth:  # one stack, edge-padded symmetrically by VolumeStackDataset.stack
         front = (depth - slices) // 2
-        return volume, normalize_maps(maps[:1, front : front + slices])[0], probabilities, target
+        return normalize_maps(maps[:1, front : front + slices])
     stitched = torch.zeros((slices, *maps.shape[2:]), dtype=maps.dtype)
     for (_, start), stack_map in zip(dataset.stacks, maps):
         stitched[start : start + depth] = torch.maximum(stitched[start : start + depth], stack_map)
-    return volume, normalize_maps(stitched[None])[0], probabilities, target
+    return normalize_maps(stitched[None])
 
 
 def _unique_stems(files: list[Path]) -> list[str]:

@@ -1,10 +1,12 @@
 """Serving: HTTP API + web page, batch prediction to CSV, ONNX / TorchScript export.
 
-Heavy optional dependencies (FastAPI, ONNX Runtime) are imported only by the modules that need them.
+Models are loaded through the one inference path, ``covidscan.inference`` (``load_predictor``,
+``ModelCard`` and ``Predictor`` are re-exported here for existing callers). Heavy optional
+dependencies (FastAPI, ONNX Runtime) are imported only by the modules that need them.
 """
 
+from covidscan.inference import ModelCard, Predictor, load_predictor
 from covidscan.optional import optional_import
-from covidscan.serving.engine import ModelCard, OnnxPredictor, Predictor, TorchPredictor, load_predictor
 from covidscan.serving.export import ExportResult, export_model
 from covidscan.serving.predict import PredictSummary, predict_files
 from covidscan.serving.upload import UploadError, UploadLimits, decode_upload
@@ -22,10 +24,8 @@ def create_app(*args, **kwargs):
 __all__ = [
     "ExportResult",
     "ModelCard",
-    "OnnxPredictor",
     "PredictSummary",
     "Predictor",
-    "TorchPredictor",
     "UploadError",
     "UploadLimits",
     "create_app",

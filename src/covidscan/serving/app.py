@@ -25,9 +25,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covidscan import __version__
-from covidscan.checkpoint import LoadedModel
 from covidscan.errors import UsageError
-from covidscan.serving.engine import Predictor, TorchPredictor, load_predictor, preprocessing
+from covidscan.explain import CAM_METHODS, explain_image
+from covidscan.inference import RESEARCH_USE_NOTICE, NonFiniteOutputError, Predictor, load_predictor
 from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, decode_upload, to_png
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,24 @@ EXAMPLE_UPLOADS = {"/v1/predict": "slice.png", "/v1/explain": "slice.png", "/v1/
 class ServedModel:
     """What the app holds between requests."""
 
-    predictor: Predictor
-    explain_model: LoadedModel | None  # PyTorch model for Grad-CAM (absent when serving ONNX alone)
-    transform: Any
+    predictor: Predictor  # with a PyTorch model for Grad-CAM unless serving an ONNX export alone
     limiter: anyio.CapacityLimiter
 
-    def predict(self, pixels: np.ndarray) -> np.ndarray:
-        return self.predictor.predict_batch(self.transform(pixels)[None])[0]
+    def predict(self, pixels: np.ndarray, filename: str) -> np.ndarray:
+        """Class probabilities for one decoded image; a 3D model or a non-finite output is a 4xx."""
+        if self.predictor.spatial_dims != 2:
+            raise UploadError(
+                409, "needs_study", "the served model is 3D (slice stacks): send a whole study, not one image"
+            )
+        try:
+            return self.predictor.predict_pixels(pixels)
+        except NonFiniteOutputError:
+            raise UploadError(
+                422,
+                "non_finite_output",
+                f"{filename}: the model's output is not finite (NaN/inf pixels or rescale values in the file?); "
+                "no label is given. Check the file",
+            ) from None
 
 
 def create_app(
@@ -63,14 +74,7 @@ def create_app(
 
     # Loaded here, not in the lifespan: a missing, truncated or foreign model file is then a one-line
     # error from `covidscan serve` (the CLI prints it) instead of a server traceback at start-up.
-    predictor = load_predictor(None if onnx else checkpoint, onnx, threads=threads)
-    explain_model = (
-        predictor.loaded
-        if isinstance(predictor, TorchPredictor)
-        else load_predictor(checkpoint, threads=threads).loaded
-        if checkpoint
-        else None
-    )
+    predictor = load_predictor(checkpoint, onnx, threads=threads)
     log.info("serving %s (%s, version %s)", predictor.card.model_id, predictor.engine, predictor.card.version)
 
     app = FastAPI(
@@ -78,7 +82,7 @@ def create_app(
         version=__version__,
         description="COVID-19 classification of chest CT / X-ray images. Research use only — not a diagnosis.",
     )
-    app.state.served = ServedModel(predictor, explain_model, preprocessing(predictor), anyio.CapacityLimiter(1))
+    app.state.served = ServedModel(predictor, anyio.CapacityLimiter(1))
     _install_error_handlers(app)
 
     _install_body_limits(app, lambda path: limits.max_bytes)
@@ -111,7 +115,7 @@ def create_app(
         return {
             **served.predictor.card.to_dict(),
             "engine": served.predictor.engine,
-            "explain_available": served.explain_model is not None,
+            "explain_available": served.predictor.explainable,
             "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels},
         }
 
@@ -123,7 +127,9 @@ def create_app(
         start = time.perf_counter()
         image = await read_upload(request, file)
         decoded = time.perf_counter()
-        probabilities = await anyio.to_thread.run_sync(served.predict, image.pixels, limiter=served.limiter)
+        probabilities = await anyio.to_thread.run_sync(
+            served.predict, image.pixels, file.filename or "upload", limiter=served.limiter
+        )
         done = time.perf_counter()
         card = served.predictor.card
         return {
@@ -132,6 +138,7 @@ def create_app(
             "model_id": card.model_id,
             "model_version": card.version,
             "engine": served.predictor.engine,
+            "warnings": [RESEARCH_USE_NOTICE],
             "image": {"format": image.format, "height": image.pixels.shape[0], "width": image.pixels.shape[1]},
             "timing_ms": {
                 "decode": round(1000 * (decoded - start), 2),
@@ -152,14 +159,12 @@ def create_app(
         target: str | None = Query(None, description="class to explain (default: the predicted one)"),
     ) -> Response:
         served: ServedModel = request.app.state.served
-        if served.explain_model is None:
+        if not served.predictor.explainable:
             raise UploadError(
                 409,
                 "explain_unavailable",
                 "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM",
             )
-        from covidscan.explain import CAM_METHODS, explain_image
-
         if method not in CAM_METHODS:
             raise UploadError(400, "invalid_argument", f"method must be one of {list(CAM_METHODS)}, got {method!r}")
         if target is not None and target not in served.predictor.card.class_names:
@@ -168,7 +173,7 @@ def create_app(
             )
         image = await read_upload(request, file)
         explanation = await anyio.to_thread.run_sync(
-            partial(explain_image, served.explain_model, image.pixels, method=method, target_class=target),
+            partial(explain_image, served.predictor, image.pixels, method=method, target_class=target),
             limiter=served.limiter,
         )
         return Response(

@@ -33,7 +33,7 @@ from covidscan import __version__
 from covidscan.notices import RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
-    from covidscan.serving.engine import ModelCard
+    from covidscan.inference import ModelCard
 
 PRIVATE_SCHEME = "99COVIDSCAN"
 MANUFACTURER = "covidscan"

@@ -1,10 +1,11 @@
-"""Export a trained model to ONNX or TorchScript, with probabilities inside and metadata beside it.
+"""Export a trained model (2D or 3D) to ONNX or TorchScript, probabilities inside, metadata beside it.
 
 The exported graph ends in the checkpoint's own probability function (softmax, or renormalised
-sigmoids), so every runtime returns the same numbers as ``LoadedModel.predict_batch``. A JSON file
-``<model>.json`` carries the class names, input size and normalisation, which is all
-:class:`~covidscan.serving.engine.OnnxPredictor` needs to serve the file without the checkpoint.
-Each export is checked against PyTorch before it is reported as done.
+sigmoids), so every runtime returns the same numbers as the PyTorch predictor. A JSON file
+``<model>.json`` carries the class names, input shape and normalisation, which is all
+``covidscan.inference.load_predictor(onnx=...)`` needs to run the file without the checkpoint.
+Each export is checked against PyTorch on a check batch — 2D images ``(N, C, S, S)`` or 3D slice
+stacks ``(N, C, D, S, S)`` — before it is reported as done.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidscan.checkpoint import LoadedModel, load_model
+from covidscan.checkpoint import ModelFileError
 from covidscan.errors import UsageError
+from covidscan.inference import METADATA_FORMAT, OnnxEngine, Predictor, load_predictor, metadata_path
 from covidscan.optional import optional_import
 from covidscan.runtime import atomic_path, write_json
-from covidscan.serving.engine import METADATA_FORMAT, OnnxPredictor, metadata_path, model_card
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,10 @@ TOLERANCE = 1e-4  # max abs difference in probabilities accepted between PyTorch
 class ProbabilityModel(nn.Module):
     """The classifier followed by the checkpoint's probability function, as one exportable graph."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, model: nn.Module, head: str) -> None:
         super().__init__()
-        self.model = loaded.model
-        self.sigmoid_head = loaded.config.model.head == "sigmoid"
+        self.model = model
+        self.sigmoid_head = head == "sigmoid"
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         logits = self.model(image)
@@ -52,7 +53,7 @@ class ProbabilityModel(nn.Module):
 class ExportResult:
     path: Path
     metadata_path: Path
-    max_abs_diff: float  # probabilities, export vs PyTorch, on a random check batch
+    max_abs_diff: float  # probabilities, export vs PyTorch, on the check batch
 
 
 def export_model(
@@ -62,7 +63,8 @@ def export_model(
     *,
     check_batch: torch.Tensor | None = None,
 ) -> ExportResult:
-    """Export ``checkpoint`` (run dir or .pt) and verify it against PyTorch on ``check_batch``.
+    """Export ``checkpoint`` (run dir or .pt) and verify it against PyTorch on ``check_batch``
+    (preprocessed items; random ones when None).
 
     ``out`` defaults to ``<run>/export/model<suffix>``. The batch axis is dynamic. Raises ValueError
     when the exported model disagrees with PyTorch by more than ``TOLERANCE``.
@@ -72,13 +74,16 @@ def export_model(
     if fmt == "onnx":  # torch.onnx writes with onnx + onnxscript; the check runs ONNX Runtime
         for module in ("onnx", "onnxscript", "onnxruntime"):
             optional_import(module, extra="export")
-    loaded = load_model(checkpoint)
-    wrapper = ProbabilityModel(loaded).eval()
-    data = loaded.config.data
-    if data.spatial_dims != 2:
-        raise UsageError(f"{checkpoint}: export supports 2D image models; this one is 3D")
-    path = Path(out) if out else loaded.run_dir / "export" / f"model{SUFFIXES[fmt]}"
-    example = torch.rand(2, data.channels, data.image_size, data.image_size)  # batch 2: keeps the axis dynamic
+    predictor = load_predictor(checkpoint)
+    if predictor.is_ensemble:
+        raise ModelFileError(f"{checkpoint}: an ensemble is exported member by member (members/*/checkpoints)")
+    member = predictor.members[0]
+    if member.explain_model is None:
+        raise ModelFileError(f"{checkpoint}: export needs a PyTorch checkpoint (run directory or .pt file)")
+    wrapper = ProbabilityModel(member.explain_model, member.config.model.head).eval()
+    shape = member.preprocessing.input_shape()
+    path = Path(out) if out else (member.run_dir or member.source.parent) / "export" / f"model{SUFFIXES[fmt]}"
+    example = torch.rand(2, *shape)  # batch 2: keeps the axis dynamic
     with atomic_path(path) as tmp:
         if fmt == "onnx":
             _export_onnx(wrapper, example, tmp)
@@ -86,9 +91,13 @@ def export_model(
             with torch.no_grad():
                 torch.jit.save(torch.jit.trace(wrapper, example), str(tmp))
 
-    card = model_card(loaded)
-    stats = loaded.norm_stats
+    stats = member.preprocessing.norm_stats
     meta = metadata_path(path)
+    axes = (
+        ["batch", "channels", "depth", "height", "width"]
+        if len(shape) == 4
+        else ["batch", "channels", "height", "width"]
+    )
     write_json(
         meta,
         {
@@ -96,23 +105,26 @@ def export_model(
             "runtime": fmt,
             "input": {
                 "name": "image",
-                "shape": ["batch", data.channels, data.image_size, data.image_size],
+                "shape": ["batch", *shape],
+                "axes": axes,
                 "dtype": "float32",
-                "preprocessing": "covidscan build_transform(config.data, train=False)",
+                "preprocessing": "covidscan.inference.Preprocessing(config.data, norm_stats)"
+                + (" of a scan's slice stacks" if len(shape) == 4 else " of a decoded image"),
             },
             "output": {
                 "name": "probabilities",
-                "shape": ["batch", len(loaded.class_names)],
-                "meaning": f"{loaded.config.model.head} class probabilities, summing to 1",
+                "shape": ["batch", len(predictor.class_names)],
+                "meaning": f"{member.config.model.head} class probabilities, summing to 1",
             },
-            "card": asdict(card),
-            "version": card.version,
-            "config": loaded.config.to_dict(),
+            "card": asdict(member.card),
+            "version": member.card.version,
+            "run_dir": str(member.run_dir.resolve()) if member.run_dir else None,
+            "config": member.config.to_dict(),
             "norm_stats": None if stats is None else {"mean": stats.mean, "std": stats.std},
         },
     )
-    batch = check_batch if check_batch is not None else torch.rand(3, data.channels, data.image_size, data.image_size)
-    diff = max_abs_difference(loaded, path, fmt, batch)
+    batch = check_batch if check_batch is not None else torch.rand(3, *shape)
+    diff = max_abs_difference(predictor, path, fmt, batch)
     if diff > TOLERANCE:
         path.unlink()
         meta.unlink()
@@ -155,11 +167,11 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
         )
 
 
-def max_abs_difference(loaded: LoadedModel, path: Path, fmt: ExportFormat, batch: torch.Tensor) -> float:
+def max_abs_difference(predictor: Predictor, path: Path, fmt: ExportFormat, batch: torch.Tensor) -> float:
     """Largest absolute difference between the exported model's probabilities and PyTorch's."""
-    expected = loaded.predict_batch(batch)
+    expected = predictor.predict_batch(batch)
     if fmt == "onnx":
-        actual = OnnxPredictor(path).predict_batch(batch)
+        actual = OnnxEngine(path)(batch)
     else:
         with torch.inference_mode():
             actual = torch.jit.load(str(path), map_location="cpu")(batch).numpy()

@@ -2,27 +2,35 @@
 
 Rows are appended and flushed batch by batch, so an interrupted run keeps everything finished; run
 the same command again and files already in the CSV are skipped (a half-written last line is cut
-off first). A file that cannot be read gets a row with its ``error`` and empty probabilities.
+off first). Files are matched by their normalised absolute path, so ``imgs/a.png`` and
+``/data/imgs/a.png`` are one file. A file that cannot be read, or whose model output is not
+finite, gets a row with its ``error`` and empty probabilities. ``<out>.json`` beside the CSV records
+the model (id, version, checkpoint hash), the engine and the test-time augmentation; resuming with
+another model or TTA is refused.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from covidscan.data import DataError, list_inputs, read_image
+from covidscan.data import DataError, list_inputs
 from covidscan.errors import UsageError
+from covidscan.inference import RESEARCH_USE_NOTICE, Predictor
 from covidscan.progress import progress as show_progress
-from covidscan.serving.engine import Predictor, preprocessing
+from covidscan.runtime import write_json
 
 PATH_COLUMN, LABEL_COLUMN, ERROR_COLUMN = "path", "predicted_label", "error"
+SIDECAR_FORMAT = "covidscan-predictions/1"
 
 
 def csv_header(class_names: Sequence[str]) -> list[str]:
@@ -37,28 +45,30 @@ class PredictSummary:
     skipped: int  # already in the CSV from an earlier run
 
 
+def path_key(path: str | Path) -> str:
+    """One spelling per file: absolute, normalised, symlinks resolved (what resuming matches on)."""
+    return os.path.realpath(os.path.abspath(path))
+
+
 class _PredictionInputs(Dataset):
     """Reads and preprocesses one file per item; errors become data, so one bad file cannot stop a batch."""
 
     def __init__(self, paths: Sequence[Path], predictor: Predictor) -> None:
         self.paths = list(paths)
-        self.transform = preprocessing(predictor)
-        self.window = predictor.config.data.window
-        data = predictor.config.data
-        self.empty = torch.zeros(data.channels, data.image_size, data.image_size)
+        self.predictor = predictor
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], str]:
         try:
-            return index, self.transform(read_image(self.paths[index], self.window)), ""
+            return index, self.predictor.read(self.paths[index]), ""
         except DataError as exc:
-            return index, self.empty, str(exc)
+            return index, self.predictor.empty_input(), str(exc)
 
 
 def finished_paths(out: Path, header: list[str]) -> set[str]:
-    """Paths already in ``out`` from an interrupted run; a partial last line is truncated away."""
+    """Keys (:func:`path_key`) of the files already in ``out``; a partial last line is truncated away."""
     if not out.is_file() or out.stat().st_size == 0:
         return set()
     with open(out, "rb+") as handle:
@@ -74,7 +84,32 @@ def finished_paths(out: Path, header: list[str]) -> set[str]:
             f"{out}: exists with columns {rows[0]}, not {header} (another model?); "
             "choose another --out or delete the file"
         )
-    return {row[0] for row in rows[1:] if row}
+    return {path_key(row[0]) for row in rows[1:] if row}
+
+
+def sidecar_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def check_sidecar(out: Path, description: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Write ``<out>.json`` (model provenance, TTA, notice) or, when resuming, refuse another model/TTA."""
+    sidecar = sidecar_path(out)
+    if sidecar.is_file() and out.is_file():
+        try:
+            recorded = json.loads(sidecar.read_text()).get("model", {})
+        except (OSError, json.JSONDecodeError):
+            recorded = {}
+        for key in ("model_version", "tta"):
+            if key in recorded and recorded[key] != description[key]:
+                raise UsageError(
+                    f"{out}: was written with {key} {recorded[key]!r}, this run uses {description[key]!r}; "
+                    "choose another --out (or delete the file) rather than mix two models' rows"
+                )
+        return
+    write_json(
+        sidecar, {"format": SIDECAR_FORMAT, "model": description, "notice": RESEARCH_USE_NOTICE, **(extra or {})}
+    )
 
 
 def predict_files(
@@ -86,17 +121,28 @@ def predict_files(
     num_workers: int = 0,
     progress: bool = True,
 ) -> PredictSummary:
-    """Predict every supported file under ``inputs`` (files or folders) into the CSV ``out``."""
+    """Predict every supported 2D file under ``inputs`` (files or folders) into the CSV ``out``."""
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
+    if predictor.spatial_dims != 2:
+        raise UsageError(
+            f"{predictor.source}: a 3D model predicts whole scans: use predict_studies (covidscan predict --studies)"
+        )
     out = Path(out)
-    class_names = predictor.card.class_names
+    class_names = predictor.class_names
     header = csv_header(class_names)
     done = finished_paths(out, header)
-    todo = [path for path in list_inputs(list(inputs)) if str(path) not in done]
+    todo: list[Path] = []
+    seen = set(done)
+    for path in list_inputs(list(inputs)):
+        key = path_key(path)
+        if key not in seen:
+            seen.add(key)
+            todo.append(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_sidecar(out, predictor.describe())
     loader = DataLoader(_PredictionInputs(todo, predictor), batch_size=batch_size, num_workers=num_workers)
     predicted = failed = 0
     with (
@@ -106,20 +152,22 @@ def predict_files(
         writer = csv.writer(handle)
         if handle.tell() == 0:
             writer.writerow(header)
-        for indices, batch, errors in loader:
+        for indices, views, errors in loader:
+            errors = list(errors)
             ok = [i for i, error in enumerate(errors) if not error]
-            probabilities = predictor.predict_batch(batch[ok]) if ok else np.empty((0, len(class_names)))
-            by_row = dict(zip(ok, probabilities))
-            for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
+            probabilities, model_errors = predictor.predict_items([view[ok] for view in views])
+            by_row = dict(zip(ok, zip(probabilities, model_errors)))
+            for row, index in enumerate(indices.tolist()):
                 path = str(todo[index])
+                error = errors[row] or by_row[row][1]
                 if error:
                     writer.writerow([path, "", *[""] * len(class_names), error])
+                    failed += 1
                 else:
-                    p = by_row[row]
+                    p = by_row[row][0]
                     writer.writerow([path, class_names[int(np.argmax(p))], *(f"{v:.6f}" for v in p), ""])
+                    predicted += 1
             handle.flush()
             os.fsync(handle.fileno())
-            predicted += len(ok)
-            failed += len(errors) - len(ok)
             bar.update(len(errors))
     return PredictSummary(out, predicted, failed, len(done))

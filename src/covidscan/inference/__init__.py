@@ -1,0 +1,47 @@
+"""Inference: the one path from a trained model to class probabilities (docs/architecture.md).
+
+``load_predictor(source)`` takes a run directory, a checkpoint, an ONNX export or an ensemble
+directory and returns a :class:`Predictor`: 2D or 3D, PyTorch or ONNX Runtime, with the
+preprocessing of training and optional test-time augmentation. Evaluation, batch prediction,
+serving, explanation and export all go through it.
+"""
+
+from covidscan.inference.card import ModelCard, file_sha256
+from covidscan.inference.engines import METADATA_FORMAT, OnnxEngine, TorchEngine, metadata_path, read_export_metadata
+from covidscan.inference.ensemble import ensemble_card, is_ensemble_dir, load_ensemble, make_ensemble
+from covidscan.inference.predictor import (
+    NON_FINITE_OUTPUT,
+    ExplainUnavailable,
+    Member,
+    NonFiniteOutputError,
+    Predictor,
+    load_predictor,
+)
+from covidscan.inference.preprocessing import Preprocessing
+from covidscan.inference.tta import DEFAULT_TTA, TTA_VIEWS, parse_tta
+from covidscan.notices import RESEARCH_USE_NOTICE  # every verdict output carries it
+
+__all__ = [
+    "DEFAULT_TTA",
+    "METADATA_FORMAT",
+    "NON_FINITE_OUTPUT",
+    "RESEARCH_USE_NOTICE",
+    "TTA_VIEWS",
+    "ExplainUnavailable",
+    "Member",
+    "ModelCard",
+    "NonFiniteOutputError",
+    "OnnxEngine",
+    "Predictor",
+    "Preprocessing",
+    "TorchEngine",
+    "ensemble_card",
+    "file_sha256",
+    "is_ensemble_dir",
+    "load_ensemble",
+    "load_predictor",
+    "make_ensemble",
+    "metadata_path",
+    "parse_tta",
+    "read_export_metadata",
+]
