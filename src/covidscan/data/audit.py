@@ -141,17 +141,15 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, block: int = 5
 def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, path: str | Path) -> Path:
     """Histogram of each val/test image's distance to its nearest train image, threshold marked:
     a bump at the far left is the near-duplicate leak the audit counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from covidscan.plotting import new_figure, save_figure
 
     by_split = {
         name: np.stack([f.phash for f in hashed if f.sample.split == name])
         for name in SPLIT_NAMES
         if any(f.sample.split == name for f in hashed)
     }
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure = new_figure(figsize=(7, 4), layout="tight")
+    axis = figure.subplots()
     bits = by_split["train"].shape[1] * 64 if "train" in by_split else 64
     bins = np.arange(0, bits // 2 + 2, 2)
     for name in ("val", "test"):
@@ -162,11 +160,7 @@ def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, p
     axis.set_ylabel("images")
     axis.set_title("How close val/test images are to training images")
     axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)
 
 
 def _split_pair(a: Sample, b: Sample) -> str:

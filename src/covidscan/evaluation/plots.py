@@ -1,36 +1,28 @@
-"""Figures for evaluation reports (matplotlib, Agg backend: no display needed)."""
+"""Figures for evaluation reports (matplotlib figures on an Agg canvas: no display, no pyplot state)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, precision_recall_curve, roc_curve
 
 from covidscan.evaluation.calibration import ReliabilityTable
 from covidscan.evaluation.metrics import PredictionSet, normalise_confusion
-from covidscan.runtime import atomic_path
+from covidscan.plotting import new_figure, save_figure
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    """Atomic save: a report never points at a half-written PNG."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+def _save(fig: Figure, path: Path) -> Path:
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> Path:
     """Counts and row-normalised rates side by side (rows = true class)."""
     size = max(4.0, 1.2 * len(class_names) + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    fig = new_figure(figsize=(2 * size, size))
+    axes = fig.subplots(1, 2)
     ConfusionMatrixDisplay(counts, display_labels=class_names).plot(
         ax=axes[0], colorbar=False, cmap="Blues", values_format="d"
     )
@@ -48,7 +40,8 @@ def plot_confusion(counts: np.ndarray, class_names: Sequence[str], path: Path, t
 def plot_roc_pr(predictions: PredictionSet, positive: int, path: Path, title: str = "") -> Path:
     """ROC and precision-recall curves: the positive class for binary models, every class one-vs-rest
     otherwise (classes absent from the set are skipped)."""
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 5))
+    fig = new_figure(figsize=(11, 5))
+    roc_ax, pr_ax = fig.subplots(1, 2)
     classes = range(predictions.num_classes) if predictions.num_classes > 2 else [positive]
     for c in classes:
         is_c = predictions.y_true == c
@@ -80,7 +73,8 @@ def plot_roc_pr(predictions: PredictionSet, positive: int, path: Path, title: st
 
 def plot_reliability(table: ReliabilityTable, path: Path, title: str = "") -> Path:
     """Accuracy per confidence bin against the diagonal of perfect calibration, with bin counts."""
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = new_figure(figsize=(5.5, 6.5))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     centers = (table.edges[:-1] + table.edges[1:]) / 2
     width = table.edges[1] - table.edges[0]
     filled = table.count > 0
@@ -121,7 +115,8 @@ def plot_prediction_grid(
     if not images:
         raise ValueError("prediction grid needs at least one image")
     rows = int(np.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    fig = new_figure(figsize=(3 * columns, 3.2 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for i, (image, true, pred) in enumerate(zip(images, true_labels, predicted)):

@@ -358,20 +358,16 @@ def plot_param_importances(study: Any, path: Path, seed: int = 0) -> Path | None
     if not importances:
         logger.info("no parameter varied across completed trials; no importance plot")
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from covidscan.plotting import new_figure, save_figure
 
     names = list(importances)[::-1]  # most important on top
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    fig = new_figure(figsize=(8, 0.5 * len(names) + 1.5), layout="tight")
+    ax = fig.subplots()
     ax.barh(names, [importances[name] for name in names], color="tab:blue")
     ax.set_xlabel("relative importance (fANOVA)")
     ax.set_title(f"Hyper-parameter importance, {completed} completed trials", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     write_json(path.with_suffix(".json"), importances)
     return path
 

@@ -32,10 +32,7 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
 
 def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]:
     """``accuracy.png`` and ``loss.png``: train vs validation per epoch, phase changes dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from covidscan.plotting import new_figure, save_figure
 
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -43,7 +40,8 @@ def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]
     phase_starts = [row["epoch"] - 0.5 for prev, row in itertools.pairwise(rows) if row["phase"] != prev["phase"]]
     written = []
     for metric, label in (("accuracy", "Accuracy"), ("loss", "Loss")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = new_figure(figsize=(6, 4), layout="tight")
+        ax = fig.subplots()
         ax.plot(epochs, [row[metric] for row in rows], marker="o", label="train")
         val = [row.get(f"val_{metric}", math.nan) for row in rows]
         if any(not math.isnan(v) for v in val):
@@ -55,9 +53,5 @@ def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]
         ax.set_title(f"{label} vs epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = plot_dir / f"{metric}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, plot_dir / f"{metric}.png", dpi=100))
     return written
