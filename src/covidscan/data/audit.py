@@ -138,13 +138,18 @@ def nearest_distances(queries: np.ndarray, reference: np.ndarray, block: int = 5
     return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
+def _hash_matrix(facts: Sequence[ImageFacts]) -> np.ndarray:
+    """The (N, words) uint64 perceptual hashes of ``facts`` (those without one are left out)."""
+    return np.stack([f.phash for f in facts if f.phash is not None])
+
+
 def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, path: str | Path) -> Path:
     """Histogram of each val/test image's distance to its nearest train image, threshold marked:
     a bump at the far left is the near-duplicate leak the audit counts."""
     from covidscan.plotting import new_figure, save_figure
 
     by_split = {
-        name: np.stack([f.phash for f in hashed if f.sample.split == name])
+        name: _hash_matrix([f for f in hashed if f.sample.split == name])
         for name in SPLIT_NAMES
         if any(f.sample.split == name for f in hashed)
     }
@@ -154,7 +159,7 @@ def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, p
     bins = np.arange(0, bits // 2 + 2, 2)
     for name in ("val", "test"):
         if name in by_split and "train" in by_split:
-            axis.hist(nearest_distances(by_split[name], by_split["train"]), bins=bins, alpha=0.6, label=name)
+            axis.hist(nearest_distances(by_split[name], by_split["train"]), bins=bins.tolist(), alpha=0.6, label=name)
     axis.axvline(threshold + 0.5, color="black", linestyle="--", label=f"near-duplicate threshold ({threshold})")
     axis.set_xlabel(f"Hamming distance to the nearest train image (phash bits of {bits})")
     axis.set_ylabel("images")
@@ -229,7 +234,8 @@ def audit_samples(
     }
     by_digest: dict[str, list[ImageFacts]] = defaultdict(list)
     for f in readable:
-        by_digest[f.sha256].append(f)
+        if f.sha256 is not None:
+            by_digest[f.sha256].append(f)
     groups = [g for g in by_digest.values() if len(g) > 1]
     report["exact_duplicates"] = {
         "n_groups": len(groups),
@@ -238,8 +244,8 @@ def audit_samples(
         "groups": [[f.sample.path for f in g] for g in groups[:200]],
     }
     hashed = [f for f in readable if f.phash is not None]
-    pairs = near_duplicate_pairs(np.stack([f.phash for f in hashed]), threshold) if hashed else np.zeros((0, 3), int)
-    involved = np.unique(pairs[:, :2]) if len(pairs) else []
+    pairs = near_duplicate_pairs(_hash_matrix(hashed), threshold) if hashed else np.zeros((0, 3), int)
+    involved = np.unique(pairs[:, :2])
     report["near_duplicates"] = {
         "hash": f"phash {hash_size}x{hash_size} ({hash_size * hash_size} bits)",
         "threshold_bits": threshold,
@@ -261,11 +267,11 @@ def audit_samples(
 
 
 def _size_summary(sizes: Sequence[str | None]) -> dict[str, Any]:
-    sizes = [s for s in sizes if s]
-    if not sizes:
+    known = [s for s in sizes if s]
+    if not known:
         return {}
-    dims = np.array([[int(v) for v in s.split("x")] for s in sizes if s.count("x") == 1])
-    summary: dict[str, Any] = {"distinct": len(set(sizes)), "most_common": Counter(sizes).most_common(5)}
+    dims = np.array([[int(v) for v in s.split("x")] for s in known if s.count("x") == 1])
+    summary: dict[str, Any] = {"distinct": len(set(known)), "most_common": Counter(known).most_common(5)}
     if len(dims):
         summary["width_range"] = [int(dims[:, 0].min()), int(dims[:, 0].max())]
         summary["height_range"] = [int(dims[:, 1].min()), int(dims[:, 1].max())]

@@ -14,7 +14,19 @@ from covidscan.data.records import Sample
 from covidscan.data.transforms import NormStats, build_transform
 
 
-class ImageDataset(Dataset):
+class SampleDataset(Dataset[tuple[torch.Tensor, int]]):
+    """What ``build_dataset`` returns: ``(tensor, class index)`` items (-1 when unlabeled), a length,
+    and ``item_samples``, the sample behind each item (evaluation aggregates them per patient)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def item_samples(self) -> list[Sample]:
+        raise NotImplementedError
+
+
+class ImageDataset(SampleDataset):
     """Reads each image lazily (nothing held in RAM) and returns ``(tensor, class index)``.
 
     Unlabeled samples get index -1. Decoding errors surface as ``DataError`` naming the file.
@@ -56,7 +68,7 @@ def build_dataset(
     *,
     train: bool,
     stats: NormStats | None = None,
-) -> Dataset:
+) -> SampleDataset:
     """The dataset a config asks for: 2D images, or (``spatial_dims: 3``) slice stacks of volumes."""
     if config.spatial_dims == 3:
         from covidscan.data.volumes import build_volume_dataset

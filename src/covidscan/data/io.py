@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from covidscan.config import WindowConfig
 from covidscan.data.records import DataError
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
@@ -131,7 +135,7 @@ def read_dicom(path: str | Path, *, pixels: bool = True) -> DicomSlice:
         pixels=array,
         position=_slice_position(ds, orientation),
         modality=ds.get("Modality"),
-        spacing=tuple(float(v) for v in ds.PixelSpacing) if "PixelSpacing" in ds else None,
+        spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])) if "PixelSpacing" in ds else None,
         thickness=float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None,
         orientation=orientation,
     )
@@ -179,7 +183,7 @@ def _series_headers(
     if any(s.position is None for _, s in slices):
         missing = next(str(f) for f, s in slices if s.position is None)
         raise DataError(f"{missing}: no ImagePositionPatient or SliceLocation; cannot order the series")
-    slices.sort(key=lambda item: item[1].position)
+    slices.sort(key=lambda item: cast(float, item[1].position))  # None was rejected above
     positions = np.array([s.position for _, s in slices])
     gaps = np.diff(positions)
     if len(gaps) and np.any(np.isclose(gaps, 0)):
@@ -219,6 +223,8 @@ def read_dicom_series(
         elif image.shape != hu.shape[1:]:
             raise DataError(f"{file}: slice size {image.shape} differs from the series' {hu.shape[1:]}; not one series")
         hu[index] = image
+    if hu is None:
+        raise DataError(f"{folder}: no DICOM slices in this series folder")
     return Volume(hu, spacing, str(folder))
 
 
@@ -231,10 +237,8 @@ def read_middle_slice(path: str | Path) -> tuple[np.ndarray, tuple[int, int, int
         middle = read_dicom(slices[len(slices) // 2][0]).pixels
         return middle, (len(slices), *middle.shape)
     if is_nifti(path):
-        import nibabel as nib
-
         try:
-            image = nib.load(str(path))
+            image = nifti_image(path)
             if len(image.shape) not in (2, 3):
                 raise DataError(f"{path}: expected a 2D or 3D NIfTI volume, got shape {image.shape}")
             depth = image.shape[2] if len(image.shape) == 3 else 1
@@ -248,13 +252,22 @@ def read_middle_slice(path: str | Path) -> tuple[np.ndarray, tuple[int, int, int
     raise DataError(f"{path}: a volume must be a DICOM series folder or a .nii/.nii.gz file")
 
 
+def nifti_image(path: str | Path) -> SpatialImage:
+    """nibabel's lazy image of a NIfTI file: the header is read, the voxels only when asked for."""
+    import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
+
+    image = nib.load(str(path))
+    if not isinstance(image, SpatialImage):
+        raise DataError(f"{path}: not a NIfTI volume (nibabel read it as {type(image).__name__})")
+    return image
+
+
 def read_nifti(path: str | Path) -> np.ndarray:
     """Read a NIfTI volume as float32 (D, H, W): nibabel's (x, y, z) is moved to slices-first."""
-    import nibabel as nib
-
     path = Path(path)
     try:
-        image = nib.load(str(path))
+        image = nifti_image(path)
         data = np.asarray(image.dataobj, dtype=np.float32)  # scl_slope/inter applied by nibabel
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
@@ -273,8 +286,6 @@ def read_volume(path: str | Path) -> Volume:
     if path.is_dir():
         return read_dicom_series(path)
     if is_nifti(path):
-        import nibabel as nib
-
-        zooms = nib.load(str(path)).header.get_zooms()[:3]
+        zooms = nifti_image(path).header.get_zooms()[:3]
         return Volume(read_nifti(path), (float(zooms[2]), float(zooms[1]), float(zooms[0])), str(path))
     raise DataError(f"{path}: a volume must be a DICOM series folder or a .nii/.nii.gz file")

@@ -46,5 +46,6 @@ class SampleSet:
         return SampleSet([s for s in self.samples if s.split == split], self.class_names)
 
     def labels(self) -> list[int]:
+        """Class index of each sample; -1 for an unlabeled one (as datasets report it)."""
         mapping = self.label_map
-        return [mapping[s.label] for s in self.samples]
+        return [-1 if s.label is None else mapping[s.label] for s in self.samples]

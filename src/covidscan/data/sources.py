@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from covidscan.data.io import DICOM_EXTENSIONS, is_supported_file
@@ -56,18 +57,17 @@ def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[S
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
     split_dirs = _split_dirs(root)
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
     if split_dirs:
-        samples, skipped = [], []
         for split_dir in split_dirs:
-            found, bad = discover_folder(split_dir, skip_bad=skip_bad)
-            samples += [s.with_split(canonical_split(split_dir.name)) for s in found]
+            in_split, bad = discover_folder(split_dir, skip_bad=skip_bad)
+            samples += [s.with_split(canonical_split(split_dir.name)) for s in in_split]
             skipped += bad
         return samples, skipped
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders; expected {root}/<class name>/<images>")
-    samples: list[Sample] = []
-    skipped: list[tuple[str, str]] = []
     for class_dir in class_dirs:
         found = 0
         for entry in sorted(class_dir.iterdir()):
@@ -125,7 +125,7 @@ def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sam
     return samples, skipped
 
 
-def _manifest_columns(path: Path, header: list[str]) -> dict[str, str]:
+def _manifest_columns(path: Path, header: Sequence[str]) -> dict[str, str]:
     """Map the CSV's own column names to path/label/patient_id/split (see ``COLUMN_ALIASES``)."""
     lowered = {name.strip().lower(): name.strip() for name in header if name}
     rename = {}
@@ -216,8 +216,9 @@ def load_samples(
         kept: dict[str, int] = {}
         capped = []
         for s in samples:
-            kept[s.label] = kept.get(s.label, 0) + 1
-            if kept[s.label] <= max_per_class:
+            label = s.label or ""
+            kept[label] = kept.get(label, 0) + 1
+            if kept[label] <= max_per_class:
                 capped.append(s)
         samples = capped
     if skipped:

@@ -85,6 +85,7 @@ def assign_splits(sample_set: SampleSet, split_config: SplitConfig, seed: int) -
     elif method == "predefined":
         names = _predefined_split(samples, ratios, seed)
     elif method == "file":
+        assert split_config.file is not None  # SplitConfig requires it for method "file"
         return _apply_file(sample_set, Path(split_config.file))
     else:
         raise DataError(f"unknown split method {method!r}")
@@ -188,7 +189,7 @@ def _predefined_split(samples: Sequence[Sample], ratios: Sequence[float], seed: 
     train_r, val_r, _ = ratios
     if "val" not in set(names) and val_r > 0:
         rest = np.flatnonzero(names == "train")
-        train_samples = [samples[i] for i in rest]
+        train_samples = [samples[int(i)] for i in rest]
         groups = _groups(train_samples) if any(s.patient_id for s in train_samples) else None
         names[rest] = _ratio_split(_labels(train_samples), (train_r, val_r, 0.0), seed, groups=groups)
         logger.info("predefined split has no val part: carved %d val samples from train", int((names == "val").sum()))
@@ -213,6 +214,7 @@ def _apply_file(sample_set: SampleSet, path: Path) -> SampleSet:
                 f"{path}: {s.path} is labelled {row.label!r} there but {s.label!r} in the data; "
                 "the splits file belongs to another version of this dataset"
             )
+        assert row.split is not None  # load_splits rejects a row without one
         assigned.append(s.with_split(row.split))
     if missing:
         raise DataError(

@@ -7,6 +7,7 @@ deterministic path, rebuilt from the config stored in the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,7 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
 
-def fit_norm_stats(images: list[np.ndarray] | torch.utils.data.Dataset, image_size: int) -> NormStats:
+def fit_norm_stats(images: Iterable[np.ndarray], image_size: int) -> NormStats:
     """Dataset-wide mean/std (Keras ``featurewise_center``) over resized training images."""
     resize = v2.Resize((image_size, image_size), antialias=True)
     total, total_sq, count = 0.0, 0.0, 0

@@ -28,15 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from covidscan.config import ConfigError, DataConfig
+from covidscan.data.datasets import SampleDataset
 from covidscan.data.io import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     LUNG_WINDOW,
     apply_window,
     is_nifti,
+    nifti_image,
     read_dicom_series,
     read_image,
     read_volume,
@@ -86,10 +87,8 @@ def read_scan_header(path: str | Path) -> ScanHeader:
             )
         return ScanHeader(len(files), None, False)
     if is_nifti(path):
-        import nibabel as nib
-
         try:
-            header = nib.load(str(path)).header
+            header = nifti_image(path).header
         except FileNotFoundError:
             raise DataError(f"{path}: file not found") from None
         except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
@@ -150,8 +149,7 @@ def _lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[slice, slice]:
     """Square in-plane box around the mask (all slices), with a margin, clipped to the image."""
     rows, cols = np.nonzero(mask.any(axis=0))
     height, width = mask.shape[1:]
-    side = max(np.ptp(rows), np.ptp(cols)) * (1 + 2 * margin) + 1
-    side = int(min(side, height, width))
+    side = int(min(max(np.ptp(rows), np.ptp(cols)) * (1 + 2 * margin) + 1, height, width))
     boxes = []
     for centre, size in (((rows.min() + rows.max()) / 2, height), ((cols.min() + cols.max()) / 2, width)):
         start = int(np.clip(round(centre - side / 2), 0, size - side))
@@ -217,10 +215,11 @@ def volume_transform(config: DataConfig, *, train: bool):
         RandScaleIntensity,
         RepeatChannel,
         ToTensor,
+        Transform,
     )
 
     aug, size = config.augment, config.image_size
-    steps = []
+    steps: list[Transform] = []
     if train:
         if aug.rotation or aug.zoom or aug.shift:
             steps.append(
@@ -256,7 +255,7 @@ def volume_transform(config: DataConfig, *, train: bool):
     return Compose(steps)
 
 
-class VolumeStackDataset(Dataset):
+class VolumeStackDataset(SampleDataset):
     """Stacks of ``depth`` adjacent slices over a list of scans; items are ``(C, D, H, W), label``.
 
     ``item_samples[i]`` is the scan's sample with ``#stack<k>`` appended to its path and the scan's
@@ -329,7 +328,8 @@ class VolumeStackDataset(Dataset):
         changes the preprocessed scan, and the file's modification time.
         """
         path, header = self.scans[scan_index].path, self.headers[scan_index]
-        if self.config.volume.cache_dir is None:
+        cache_dir = self.config.volume.cache_dir
+        if cache_dir is None:
             return load_scan(path, self.config, header)
         config = self.config
         key = repr(
@@ -342,7 +342,7 @@ class VolumeStackDataset(Dataset):
                 config.volume.lung,
             )
         )
-        file = Path(config.volume.cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+        file = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
         if not file.is_file():
             with atomic_path(file) as tmp:  # a concurrent worker or an interrupted run never sees half a file
                 np.save(tmp, load_scan(path, config, header).numpy())

@@ -84,9 +84,9 @@ class _RankedScores:
         total_neg = cum_neg[:, -1].astype(np.float64)
         total_pos = cum_all[:, -1].astype(np.float64) - total_neg
         # Mann-Whitney U counted as losses: negatives scored at or above each positive.
-        losses = np.sum(pos * cum_neg, axis=1, dtype=np.float64)
+        losses = (pos * cum_neg).sum(axis=1, dtype=np.float64)
         precision = (cum_all - cum_neg) / np.maximum(cum_all, 1)
-        hits = np.sum(pos * precision, axis=1, dtype=np.float64)
+        hits = (pos * precision).sum(axis=1, dtype=np.float64)
         if self.tied is not None:
             tied_pos = pos[:, self.tied]
             group_pos = np.add.reduceat(tied_pos, self.tied_starts, axis=1)
@@ -178,8 +178,9 @@ def _resampled_metrics(
         _, unit_of_item = np.unique(groups, return_inverse=True)
     n_units = int(unit_of_item.max()) + 1
     identity = np.arange(n_items)
-    gathers = [unit_of_item[batch.order] for batch in batches]
-    gathers = [None if np.array_equal(index, identity) else index for index in gathers]
+    gathers: list[np.ndarray | None] = [
+        None if np.array_equal(index, identity) else index for index in (unit_of_item[b.order] for b in batches)
+    ]
 
     def resample_chunk(rows: int, seed_sequence: np.random.SeedSequence) -> list[dict[str, np.ndarray]]:
         counts = _resample_counts(n_units, rows, np.random.default_rng(seed_sequence))

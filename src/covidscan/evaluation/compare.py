@@ -63,7 +63,7 @@ def _run_info(evaluation: Evaluation) -> dict[str, Any]:
     }
 
 
-def _resolve_level(level: Level, evaluations: list[Evaluation]) -> str:
+def _resolve_level(level: Level, evaluations: list[Evaluation]) -> Level:
     """``auto``: patient level as soon as one run scored volume stacks (stacks of one scan are not
     independent, and two depths cut different stacks), item level otherwise."""
     if level != "auto":
@@ -82,7 +82,7 @@ def _compared_set(evaluation: Evaluation, level: str, aggregation: Aggregation) 
         patients.y_true,
         patients.proba,
         patients.class_names,
-        paths=patients.patient_ids,
+        paths=[str(patient) for patient in patients.patient_ids],  # every aggregated row has an id
         patient_ids=patients.patient_ids,
     )
 
@@ -147,7 +147,7 @@ def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: st
 
 def _differences(
     a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int
-) -> dict[str, dict[str, float | None]]:
+) -> dict[str, dict[str, Any]]:
     """Metric of A minus metric of B with a paired bootstrap CI (same resamples for both)."""
     values_a, values_b = compute_metrics(a, positive), compute_metrics(b, positive)
     intervals = (
@@ -155,11 +155,11 @@ def _differences(
     )
     differences = {}
     for name, metric_a in values_a.items():
-        metric_b = values_b[name]
-        defined = metric_a.value is not None and metric_b.value is not None
+        value_a, value_b = metric_a.value, values_b[name].value
+        defined = value_a is not None and value_b is not None
         interval = intervals.get(name, {})
         differences[name] = {
-            "value": metric_a.value - metric_b.value if defined else None,
+            "value": value_a - value_b if value_a is not None and value_b is not None else None,
             "ci_low": interval.get("ci_low") if defined else None,
             "ci_high": interval.get("ci_high") if defined else None,
             "undefined": None if defined else "undefined for at least one model",

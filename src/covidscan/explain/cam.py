@@ -177,7 +177,7 @@ def _noisy_gradient_moments(
     generator = torch.Generator(device=x.device).manual_seed(seed)
     value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).clamp(min=1e-6)
     std = (sigma * value_range)[(...,) + (None,) * (x.ndim - 1)]
-    moments: list[torch.Tensor | float] = [0.0, 0.0, 0.0]
+    moments = [torch.zeros((), device=x.device, dtype=x.dtype) for _ in range(3)]  # broadcast on the first add
     for _ in range(samples):
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * std
         _, grad, _, _ = _forward_backward(model, module, x + noise, lambda _logits: target)

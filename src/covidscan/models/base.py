@@ -7,9 +7,18 @@ dense head), and the Grad-CAM target (the backbone's last feature map) for 2D an
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@runtime_checkable
+class L2Regularized(Protocol):
+    """A layer that adds a Keras-style L2 term to the loss (``kernel_regularizer``)."""
+
+    def l2_penalty(self) -> torch.Tensor: ...
 
 
 class ClassifierModel(nn.Module):
@@ -49,7 +58,7 @@ class ClassifierModel(nn.Module):
         Layers opt in by defining ``l2_penalty()`` (e.g. study E's Dense 1024 with L2 0.01); the
         result is a zero tensor when none do, so ``loss + model.l2_penalty()`` is always valid.
         """
-        terms = [m.l2_penalty() for m in self.modules() if m is not self and hasattr(m, "l2_penalty")]
+        terms = [m.l2_penalty() for m in self.modules() if m is not self and isinstance(m, L2Regularized)]
         if not terms:
             return torch.zeros((), device=next(self.parameters()).device)
         return torch.stack(terms).sum()
@@ -63,9 +72,11 @@ def keras_parameter_count(model: nn.Module) -> int:
     """
     params = sum(p.numel() for p in model.parameters())
     moving = sum(
-        m.running_mean.numel() + m.running_var.numel()
+        buffer.numel()
         for m in model.modules()
         if isinstance(m, _BatchNorm) and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var)
+        if buffer is not None
     )
     return params + moving
 

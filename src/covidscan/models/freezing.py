@@ -62,7 +62,7 @@ def set_trainable(model: nn.Module, spec: str) -> int:
             )
         model.requires_grad_(False)
         model.head.requires_grad_(True)
-        layers = parameter_layers(model.backbone)
+        layers = parameter_layers(model.get_submodule("backbone"))
         if n_layers > len(layers):
             warnings.warn(
                 f"trainable {spec!r}: the backbone has only {len(layers)} layers with parameters; training all of them",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -69,8 +69,13 @@ def resolve_head(
         spec = NAMED_HEADS[head]
     else:
         raise ConfigError(f"unknown head {head!r}; choose 'default' or one of {sorted(NAMED_HEADS)}")
-    overrides = {"pooling": pooling, "dropout": dropout, "hidden": None if hidden is None else tuple(hidden)}
-    return replace(spec, **{key: value for key, value in overrides.items() if value is not None})
+    if pooling is not None:
+        spec = replace(spec, pooling=cast(Pooling, pooling))  # HeadSpec validates the value
+    if dropout is not None:
+        spec = replace(spec, dropout=dropout)
+    if hidden is not None:
+        spec = replace(spec, hidden=tuple(hidden))
+    return spec
 
 
 class L2Linear(nn.Linear):
@@ -102,7 +107,7 @@ def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], num_classes: int)
         layers += [L2Linear(width, hidden, spec.l2) if spec.l2 else nn.Linear(width, hidden), nn.ReLU(inplace=True)]
         dropout = [nn.Dropout(spec.dropout)] if spec.dropout else []
         norm = [nn.BatchNorm1d(hidden)] if spec.batch_norm else []
-        layers += norm + dropout if spec.norm_before_dropout else dropout + norm
+        layers += [*norm, *dropout] if spec.norm_before_dropout else [*dropout, *norm]
         width = hidden
     if not spec.hidden and spec.dropout:
         layers.append(nn.Dropout(spec.dropout))

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,7 +99,7 @@ def find_offline_file(filename: str) -> Path | None:
     return None
 
 
-def torchvision_pretrained_state(model_name: str, weights_enum: type) -> dict[str, torch.Tensor]:
+def torchvision_pretrained_state(model_name: str, weights_enum: Any) -> dict[str, torch.Tensor]:
     """ImageNet state dict for a torchvision architecture: a local copy of any of its weight
     versions (default first) if there is one, else torchvision's download, failing fast offline."""
     default = weights_enum.DEFAULT
@@ -134,7 +135,7 @@ def timm_pretrained_model(model_name: str, arch: str, **kwargs) -> nn.Module:
                 f"on a machine with internet, copy that cache here and keep HF_HUB_OFFLINE=1."
             )
         else:
-            url = tag.url if tag is not None else ""
+            url = tag.url if tag is not None and isinstance(tag.url, str) else ""
             where = f"Offline, put the file {_url_filename(url)} (from {url}) at {hub_checkpoint_dir()}."
         raise PretrainedWeightsError(
             f"ImageNet weights for {model_name!r} (timm {arch!r}) could not be loaded: "

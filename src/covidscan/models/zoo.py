@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -229,7 +230,7 @@ def _torchvision_backbone(
         if pretrained:  # RGB filters summed (1 channel) or repeated (n channels), as timm does
             with torch.no_grad():
                 new.weight.copy_(adapt_input_conv(in_channels, old.weight))
-                if old.bias is not None:
+                if old.bias is not None and new.bias is not None:
                     new.bias.copy_(old.bias)
         net.set_submodule(first_conv, new)
     return nn.Sequential(OrderedDict([(m, net.get_submodule(m)) for m in feature_modules] + list(extra)))
@@ -297,7 +298,7 @@ def _timm_backbone(name: str, arch: str, in_channels: int, pretrained: bool) -> 
     """The timm network without pooling and classifier: its forward returns the last feature map."""
     import timm
 
-    options = dict(num_classes=0, global_pool="", in_chans=in_channels)
+    options: dict[str, Any] = dict(num_classes=0, global_pool="", in_chans=in_channels)
     if pretrained:
         return timm_pretrained_model(name, arch, **options)
     return timm.create_model(arch, pretrained=False, **options)

@@ -52,7 +52,7 @@ def _monai_resnet(in_channels: int, block: str, layers: list[int]) -> tuple[nn.M
         spatial_dims=3,
         n_input_channels=in_channels,
         conv1_t_size=7,
-        conv1_t_stride=(1, 2, 2),
+        conv1_t_stride=(1, 2, 2),  # type: ignore[arg-type]  # one stride per axis; MONAI annotates tuple[int]
         feed_forward=False,
     )
     parts = ["conv1", "bn1", "act", "maxpool", *_RESNET_STAGES]
@@ -98,9 +98,8 @@ def _register(name: str, description: str, make_backbone: BackboneFactory) -> No
         spec = resolve_head(head, HeadSpec(), dropout=dropout, hidden=hidden)
         if spec.pooling != "avg":
             raise ConfigError(f"{name}: 3D models use average pooling; head {head!r} asks for {spec.pooling!r}")
-        return ClassifierModel(
-            backbone, build_head(spec, (channels, 1, 1, 1), num_classes), spatial_dims=3, cam_target=backbone.layer4
-        )
+        head_module = build_head(spec, (channels, 1, 1, 1), num_classes)
+        return ClassifierModel(backbone, head_module, spatial_dims=3, cam_target=backbone.get_submodule("layer4"))
 
 
 _register(

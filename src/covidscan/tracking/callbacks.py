@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"training": {"phases": [{"lr": 1e-3}]}}`` -> ``{"training.phases.0.lr": 1e-3}``: the
     same dotted keys ``--set`` and sweep spaces use, so a logged param can be pasted back."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(tree, dict) and tree:
         items = tree.items()
     elif isinstance(tree, (list, tuple)) and tree and any(isinstance(v, (dict, list)) for v in tree):

@@ -98,18 +98,26 @@ class MLflowCallback(TrackingCallback):
             self._log_params(flatten(config.to_dict()))
         logger.info("MLflow run %s in experiment %r at %s", self.run_id, name, uri)
 
+    def _active(self) -> tuple[MlflowClient, str, Path]:
+        """Client, run id and run directory of the MLflow run in progress (set by ``on_train_start``)."""
+        if self._client is None or self.run_id is None or self._run_dir is None:
+            raise RuntimeError("MLflowCallback has no MLflow run in progress (on_train_start did not run)")
+        return self._client, self.run_id, self._run_dir
+
     def _log_params(self, params: dict[str, Any]) -> None:
+        client, run_id, _ = self._active()
         entities = optional_import("mlflow.entities", extra="track")
         entries = [entities.Param(key, str(value)[:_MAX_PARAM_LENGTH]) for key, value in params.items()]
         for start in range(0, len(entries), _BATCH):
-            self._client.log_batch(self.run_id, params=entries[start : start + _BATCH])
+            client.log_batch(run_id, params=entries[start : start + _BATCH])
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        client, run_id, _ = self._active()
         entities = optional_import("mlflow.entities", extra="track")
         now = int(time.time() * 1000)
         entries = [entities.Metric(key, value, now, step) for key, value in metrics.items()]
         for start in range(0, len(entries), _BATCH):
-            self._client.log_batch(self.run_id, metrics=entries[start : start + _BATCH])
+            client.log_batch(run_id, metrics=entries[start : start + _BATCH])
 
     def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         if self.run_id is None:
@@ -127,11 +135,12 @@ class MLflowCallback(TrackingCallback):
         """Upload the run directory's files and end the MLflow run with ``status``."""
         if self.run_id is None:
             return
+        client, run_id, run_dir = self._active()
         for name in RUN_ARTEFACTS:
-            path = self._run_dir / name
+            path = run_dir / name
             if path.is_dir():
-                self._client.log_artifacts(self.run_id, str(path), artifact_path=name)
+                client.log_artifacts(run_id, str(path), artifact_path=name)
             elif path.is_file():
-                self._client.log_artifact(self.run_id, str(path))
-        self._client.set_terminated(self.run_id, status=status)
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, status=status)
         self.run_id = None
