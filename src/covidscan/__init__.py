@@ -7,4 +7,4 @@ factory), ``training`` (the trainer), ``evaluation`` (metrics, statistics, repor
 
 from covidscan import compat as _compat  # noqa: F401  (must run before anything imports torchvision)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it from here
