@@ -136,6 +136,18 @@ def test_every_optional_import_names_an_extra_of_the_package():
         for path in Path(covidscan.__file__).parent.rglob("*.py")
         for match in re.findall(r"optional_import\(\s*(\S+),\s*extra=\"(\w+)\"", path.read_text())
     ]
-    assert len(calls) >= 8  # fastapi, uvicorn, onnx, onnxruntime, optuna, mlflow, tensorboard, ...
+    assert len(calls) >= 10  # fastapi, uvicorn, onnx, onnxruntime, optuna, mlflow, tensorboard, highdicom, ...
     for module, extra in calls:
         assert extra in extras, f"optional_import({module}, extra={extra!r}): no such extra in pyproject.toml"
+
+
+def test_missing_pacs_extra(monkeypatch):
+    from covidscan.serving.dicom_results import class_concept
+    from covidscan.serving.dicomweb import connect
+
+    _block(monkeypatch, "highdicom")
+    with _expect_extra("pacs"):
+        class_concept("COVID")
+    _block(monkeypatch, "dicomweb_client", "dicomweb_client.api")
+    with _expect_extra("pacs"):
+        connect("http://127.0.0.1:8042/dicom-web")

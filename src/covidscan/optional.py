@@ -1,6 +1,6 @@
 """Optional dependencies: import one, or say which ``pip install "covidscan[extra]"`` brings it.
 
-The extras (``serve``, ``export``, ``track``) keep the core install small. Every import of an
+The extras (``serve``, ``export``, ``track``, ``pacs``) keep the core install small. Every import of an
 extra's module goes through :func:`optional_import`, so a missing one is a one-line user error with
 the install command, not a raw ``ModuleNotFoundError`` from deep inside a command.
 """

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from covidscan import __version__
 from covidscan.notices import RESEARCH_USE_NOTICE
+from covidscan.optional import optional_import
 
 if TYPE_CHECKING:
     from covidscan.inference import ModelCard
@@ -99,7 +100,7 @@ class ResultObjects:
 
 def class_concept(name: str):
     """The coded concept for a class name: SNOMED CT when well known, else a private code."""
-    import highdicom as hd
+    hd = optional_import("highdicom", extra="pacs")
 
     known = _SNOMED_CLASSES.get(name.strip().lower())
     if known:
@@ -108,7 +109,7 @@ def class_concept(name: str):
 
 
 def _private(value: str, meaning: str):
-    import highdicom as hd
+    hd = optional_import("highdicom", extra="pacs")
 
     return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
 
@@ -122,7 +123,7 @@ UMLS_QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 def _algorithm(findings: StudyFindings):
-    import highdicom as hd
+    hd = optional_import("highdicom", extra="pacs")
 
     card = findings.model
     parameters = {
@@ -140,7 +141,7 @@ def _algorithm(findings: StudyFindings):
 
 
 def _measurement_group(tracking: str, probabilities: Sequence[float], findings: StudyFindings, sources, finding=None):
-    import highdicom as hd
+    hd = optional_import("highdicom", extra="pacs")
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -178,8 +179,8 @@ def build_result_objects(
 ) -> ResultObjects:
     """The SR (and, given the key unit's CAM overlay as RGB uint8, the SC) for ``source``, the
     headers (pydicom datasets, pixels not needed) of the series the prediction was made on."""
-    import highdicom as hd
-    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+    hd = optional_import("highdicom", extra="pacs")
+    coding_schemes = optional_import("highdicom.coding_schemes", extra="pacs")
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -189,13 +190,13 @@ def build_result_objects(
     _check_findings(findings, by_uid)
     source = [_with_patient_module(ds) for ds in source]
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source}
-    common = dict(
+    common: dict[str, Any] = dict(
         manufacturer=MANUFACTURER,
         manufacturer_model_name=f"covidscan {findings.model.architecture}",
         software_versions=[f"covidscan {__version__}", f"model {findings.model.version}"],
         content_qualification="RESEARCH",
         coding_schemes=[
-            CodingSchemeIdentificationItem(
+            coding_schemes.CodingSchemeIdentificationItem(
                 designator=PRIVATE_SCHEME, name="covidscan model outputs", responsible_organization=MANUFACTURER
             )
         ],
@@ -246,7 +247,7 @@ def build_result_objects(
 
 def _qualitative_evaluations(findings: StudyFindings, overlay):
     """TID 1500's *Qualitative Evaluations*: the rule and the notice as text, the overlay by reference."""
-    import highdicom as hd
+    hd = optional_import("highdicom", extra="pacs")
     from pydicom.sr.codedict import codes
 
     container = hd.sr.ContainerContentItem(
@@ -297,7 +298,7 @@ def _with_patient_module(ds):
 
 
 def _secondary_capture(findings: StudyFindings, key_sources, overlay_rgb: np.ndarray, key_unit, common):
-    import highdicom as hd
+    hd = optional_import("highdicom", extra="pacs")
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
@@ -358,7 +359,8 @@ def patient_orientation(ds) -> tuple[str, str]:
 def with_banner(rgb: np.ndarray, text: str) -> np.ndarray:
     """``rgb`` with a black band above it carrying ``text`` (wrapped), burned into the pixels."""
     image = Image.fromarray(rgb).convert("RGB")
-    font = ImageFont.load_default(size=max(12, image.width // 45))
+    font_size = max(12, image.width // 45)
+    font = ImageFont.load_default(size=font_size)
     draw = ImageDraw.Draw(image)
     lines, line = [], ""
     for word in text.split():
@@ -369,12 +371,12 @@ def with_banner(rgb: np.ndarray, text: str) -> np.ndarray:
         else:
             line = candidate
     lines.append(line)
-    height = int(font.size * 1.3) * len(lines) + 12
+    height = int(font_size * 1.3) * len(lines) + 12
     canvas = Image.new("RGB", (image.width, image.height + height), "black")
     canvas.paste(image, (0, height))
     draw = ImageDraw.Draw(canvas)
     for row, text_line in enumerate(lines):
-        draw.text((8, 6 + row * int(font.size * 1.3)), text_line, fill=(255, 200, 0), font=font)
+        draw.text((8, 6 + row * int(font_size * 1.3)), text_line, fill=(255, 200, 0), font=font)
     return np.asarray(canvas)
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from covidscan.data import DataError
+from covidscan.optional import optional_import
 
 log = logging.getLogger(__name__)
 TOKEN_VARIABLE = "COVIDSCAN_DICOMWEB_TOKEN"
@@ -46,8 +47,8 @@ class ChosenSeries:
 
 def connect(url: str, timeout: float = 60.0):
     """A ``DICOMwebClient`` for ``url``; credentials come from the URL or ``COVIDSCAN_DICOMWEB_TOKEN``."""
-    import requests
-    from dicomweb_client.api import DICOMwebClient
+    requests = optional_import("requests", extra="pacs")
+    dicomweb_client = optional_import("dicomweb_client.api", extra="pacs")
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -58,8 +59,8 @@ def connect(url: str, timeout: float = 60.0):
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
         url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     headers = {"Authorization": f"Bearer {os.environ[TOKEN_VARIABLE]}"} if os.environ.get(TOKEN_VARIABLE) else None
-    session.request = _with_timeout(session.request, timeout)  # type: ignore[method-assign]
-    client = DICOMwebClient(url=url.rstrip("/"), session=session, headers=headers)
+    session.request = _with_timeout(session.request, timeout)
+    client = dicomweb_client.DICOMwebClient(url=url.rstrip("/"), session=session, headers=headers)
     # a busy server (429/503) is retried briefly; an unreachable one fails in seconds, not half a minute
     client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
     return client
