@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import Any, Protocol, Self, TextIO, TypeVar
+from typing import Any, Protocol, Self, TextIO, TypeVar, overload
 
 from covidscan.runtime import is_main_process
 
@@ -60,6 +60,32 @@ def is_interactive(stream: TextIO) -> bool:
 
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty()) or _bar_class() is not terminal_tqdm
+
+
+@overload
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    leave: bool = False,
+    disable: bool = False,
+    stream: TextIO | None = None,
+) -> Progress[T]: ...
+
+
+@overload
+def progress(
+    iterable: None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    leave: bool = False,
+    disable: bool = False,
+    stream: TextIO | None = None,
+) -> Progress[Any]: ...  # counted with update(n), not iterated
 
 
 def progress(

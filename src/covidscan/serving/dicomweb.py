@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from covidscan.data import DataError
+from covidscan.errors import UsageError
 from covidscan.optional import optional_import
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def store_results(client, datasets: Sequence[Any]) -> list[str]:
         return []
     study_uids = {str(ds.StudyInstanceUID) for ds in datasets}
     if len(study_uids) != 1:
-        raise ValueError(f"result objects span {len(study_uids)} studies; store each study's results separately")
+        raise UsageError(f"result objects span {len(study_uids)} studies; store each study's results separately")
     try:
         response = client.store_instances(list(datasets), study_instance_uid=study_uids.pop())
     except Exception as exc:

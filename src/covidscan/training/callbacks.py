@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from covidscan.checkpoint import BEST_NAME, LAST_NAME, save_checkpoint
+from covidscan.errors import UsageError
 from covidscan.training.history import plot_history, write_history
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Monitor:
 
     def __init__(self, metric: str, mode: Literal["min", "max"] = "min", min_delta: float = 0.0) -> None:
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise UsageError(f"mode must be 'min' or 'max', got {mode!r}")
         self.metric = metric
         self.mode = mode
         self.min_delta = abs(min_delta)
@@ -135,7 +136,7 @@ class EarlyStopping(Callback):
 
     def __init__(self, metric: str, patience: int, mode: Literal["min", "max"] = "min", min_delta: float = 0.0) -> None:
         if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
+            raise UsageError(f"patience must be >= 1, got {patience}")
         self.monitor = Monitor(metric, mode, min_delta)
         self.patience = patience
         self.wait = 0
@@ -240,7 +241,7 @@ class EMA(Callback):
 
     def __init__(self, decay: float = 0.999, name: str = "ema.pt") -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay}")
+            raise UsageError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.name = name
         self.average: AveragedModel | None = None

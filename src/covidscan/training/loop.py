@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from covidscan.checkpoint import class_probabilities
 from covidscan.config import PhaseConfig, RunConfig
 from covidscan.data import NormStats
+from covidscan.errors import UsageError
 from covidscan.models.freezing import set_trainable
 from covidscan.progress import progress
 from covidscan.training.callbacks import Callback
@@ -103,7 +104,7 @@ class TrainingLoop:
         keys = [c.state_key for c in self.callbacks]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
-            raise ValueError(f"callbacks share the state_key(s) {duplicates}; give each a distinct state_key")
+            raise UsageError(f"callbacks share the state_key(s) {duplicates}; give each a distinct state_key")
         # the per-step hook goes only to callbacks that override it: none means no cost in the hot loop
         self.batch_callbacks = [
             c for c in self.callbacks if type(c).on_train_batch_end is not Callback.on_train_batch_end

@@ -24,6 +24,7 @@ from torch import nn
 
 from covidscan.config import ConfigError, RunConfig
 from covidscan.data import DataError, SampleSet
+from covidscan.errors import UsageError
 from covidscan.models import create_model
 from covidscan.runtime import create_run_dir, resolve_device, seed_everything
 from covidscan.training.callbacks import BestCheckpoint, Callback, EarlyStopping, HistoryWriter, LastCheckpoint
@@ -65,7 +66,7 @@ def train(
     Under ``torchrun`` every rank calls this; only rank 0 writes files and runs ``callbacks``.
     """
     if resume and run_dir is None:
-        raise ValueError("resume=True needs the run directory of the interrupted run")
+        raise UsageError("resume=True needs the run directory of the interrupted run")
     context = env_context()
     device = device_for(context, resolve_device(config.training.device))
     created = init_distributed(context, device)
