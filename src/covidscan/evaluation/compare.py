@@ -44,9 +44,16 @@ Level = Literal["auto", "item", "patient"]
 LEVELS: tuple[str, ...] = get_args(Level)
 
 
+def _run_dir(evaluation: Evaluation) -> Path:
+    """The compared run's directory (compare takes runs, whose directories hold their splits)."""
+    if evaluation.predictor.run_dir is None:
+        raise UsageError(f"{evaluation.predictor.card.model_id}: compare needs run directories, not exported models")
+    return evaluation.predictor.run_dir
+
+
 def _run_info(evaluation: Evaluation) -> dict[str, Any]:
     """Runtime and parameter count: from the run's training metrics.json when present."""
-    run_dir = evaluation.predictor.run_dir
+    run_dir = _run_dir(evaluation)
     training: dict[str, Any] = {}
     if (run_dir / "metrics.json").is_file():
         try:
@@ -99,12 +106,12 @@ def _level_metrics(evaluation: Evaluation, level: str) -> tuple[dict[str, Any], 
 def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: str) -> list[PredictionSet]:
     """Every set reordered to the first one's items (or patients); an error unless all runs scored
     the same ones with the same labels and classes."""
-    reference, reference_run = sets[0], evaluations[0].predictor.run_dir
+    reference, reference_run = sets[0], _run_dir(evaluations[0])
     index = {path: i for i, path in enumerate(reference.paths)}
     unit = "items" if level == "item" else "patients"
     aligned = []
     for predictions, evaluation in zip(sets, evaluations):
-        run_dir, paths = evaluation.predictor.run_dir, predictions.paths
+        run_dir, paths = _run_dir(evaluation), predictions.paths
         if predictions.class_names != reference.class_names:
             raise DataError(
                 f"{run_dir}: classes {predictions.class_names} differ from {reference.class_names} of "
@@ -262,9 +269,9 @@ def compare_runs(
     out = (
         Path(out_dir)
         if out_dir is not None
-        else reference.predictor.run_dir.parent
+        else _run_dir(reference).parent
         / "comparisons"
-        / (f"{split}-" + "-vs-".join(e.predictor.run_dir.name for e in evaluations)[:120])
+        / (f"{split}-" + "-vs-".join(_run_dir(e).name for e in evaluations)[:120])
     )
     out.mkdir(parents=True, exist_ok=True)
     predicted = [predict_labels(a.proba, positive) for a in aligned]
@@ -275,8 +282,8 @@ def compare_runs(
         )
         pairs.append(
             {
-                "a": evaluations[i].predictor.run_dir.name,
-                "b": evaluations[j].predictor.run_dir.name,
+                "a": _run_dir(evaluations[i]).name,
+                "b": _run_dir(evaluations[j]).name,
                 "tests": [t.to_dict() for t in tests],
                 "differences": _differences(a, b, positive, n_bootstrap, seed),
             }
@@ -284,7 +291,7 @@ def compare_runs(
     grids = {}
     shown = evaluations if level == "item" else []  # a patient is several images: none to show
     for evaluation in shown:
-        name = evaluation.predictor.run_dir.name
+        name = _run_dir(evaluation).name
         grid = prediction_grid(evaluation, out / f"grid-{name}.png", grid_size, seed)
         if grid is not None:
             grids[name] = grid.name

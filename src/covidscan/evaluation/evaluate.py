@@ -41,7 +41,7 @@ from covidscan.evaluation.metrics import (
     predict_labels,
     resolve_positive_class,
 )
-from covidscan.evaluation.operating_point import OperatingPoint, choose_threshold
+from covidscan.evaluation.operating_point import OperatingPoint, ThresholdMethod, choose_threshold
 from covidscan.inference import NON_FINITE_OUTPUT, Predictor, load_predictor
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path, write_json
@@ -110,7 +110,10 @@ def select_samples(
         sample_set = load_splits(_run_splits(predictor.run_dir, predictor.source))
         samples = [s for s in sample_set.samples if s.split == split]
         if mapping:
-            samples = [Sample(s.path, mapping.get(s.label, s.label), s.patient_id, s.split) for s in samples]
+            samples = [
+                Sample(s.path, None if s.label is None else mapping.get(s.label, s.label), s.patient_id, s.split)
+                for s in samples
+            ]
         dataset, used_split, name = predictor.config.data.source, split, split
     else:
         sample_set = load_samples(data, label_map=mapping, require_labels=False)
@@ -131,7 +134,7 @@ def select_samples(
             f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled items); evaluation needs labels "
             "(use `covidscan predict` for unlabeled images)"
         )
-    unknown = sorted({s.label for s in samples} - set(predictor.class_names))
+    unknown = sorted({s.label for s in samples if s.label is not None} - set(predictor.class_names))
     if unknown:
         raise DataError(
             f"{dataset}: labels {unknown} are not among the model's classes {predictor.class_names}; map "
@@ -396,7 +399,7 @@ def _operating_point(
     is_positive = validation.y_true == positive
     if is_positive.all() or not is_positive.any():
         return "the validation split holds only one class"
-    method = "sensitivity" if target_sensitivity is not None else "youden"
+    method: ThresholdMethod = "sensitivity" if target_sensitivity is not None else "youden"
     return choose_threshold(
         is_positive,
         validation.proba[:, positive],

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from covidscan.data import DataError, Sample, list_inputs, read_image
 from covidscan.data.io import IMAGE_EXTENSIONS, is_nifti
@@ -28,6 +29,7 @@ from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
 from covidscan.explain.overlay import render_montage, render_overlay, write_bytes
 from covidscan.inference import Predictor
+from covidscan.inference.predictor import Member
 from covidscan.progress import progress as show_progress
 
 logger = logging.getLogger(__name__)
@@ -74,16 +76,23 @@ def explain_image(
     predicted = int(probabilities.argmax())
     caption = f"{names[predicted]} {float(probabilities[predicted]):.1%}  ({_METHOD_TITLES[method]}"
     caption += f", map for {names[target]})" if target != predicted else ")"
-    cam = cam.cpu().numpy().astype(np.float32)
-    render = render_montage if cam.ndim == 3 else render_overlay
+    cam_map = cam.cpu().numpy().astype(np.float32)
+    render = render_montage if cam_map.ndim == 3 else render_overlay
     return Explanation(
-        map=cam,
+        map=cam_map,
         probabilities={n: float(p) for n, p in zip(names, probabilities)},
         predicted=names[predicted],
         target=names[target],
         method=method,
-        overlay_png_bytes=render(pixels, cam, caption, cmap=cmap),
+        overlay_png_bytes=render(pixels, cam_map, caption, cmap=cmap),
     )
+
+
+def _cam_model(member: Member) -> nn.Module:
+    """The PyTorch module Grad-CAM differentiates; an exported (ONNX) member has none."""
+    if member.explain_model is None:
+        raise UsageError(f"{member.source}: Grad-CAM needs the PyTorch checkpoint, not an exported model")
+    return member.explain_model
 
 
 def _explain_pixels(
@@ -94,7 +103,7 @@ def _explain_pixels(
     probabilities = predictor.predict_batch(views)[0]
     target = int(probabilities.argmax()) if target_index is None else target_index
     maps = [
-        compute_cam(member.explain_model, views[view], method, target_class=target, **options).maps
+        compute_cam(_cam_model(member), views[view], method, target_class=target, **options).maps
         for member, view in zip(predictor.members, predictor.member_views)
     ]
     return _mean_map(maps)[0], probabilities, target
@@ -206,7 +215,7 @@ def _checked_array(array: np.ndarray, ndim: int = 2) -> np.ndarray:
 
 
 def _explain_scan(
-    predictor: Predictor, scan: str | Path, method: CamMethod, target_index: int | None, **options
+    predictor: Predictor, scan: str | Path | np.ndarray, method: CamMethod, target_index: int | None, **options
 ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, int]:
     """Explain a scan stack by stack, with the 3D data pipeline the model was trained with.
 
@@ -227,7 +236,7 @@ def _explain_scan(
     target = int(probabilities.argmax()) if target_index is None else target_index
     maps = []
     for member, view in zip(predictor.members, predictor.member_views):
-        raw = compute_cam(member.explain_model, stacks[view], method, target_class=target, normalize=False, **options)
+        raw = compute_cam(_cam_model(member), stacks[view], method, target_class=target, normalize=False, **options)
         maps.append(_stitch(raw.maps.cpu(), datasets[view]))
     return datasets[0].scan_volume(0).numpy(), _mean_map(maps)[0], probabilities, target
 

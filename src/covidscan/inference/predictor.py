@@ -193,7 +193,7 @@ class Predictor:
         """Zeros shaped like one item of every view: the placeholder for an input that failed to load."""
         return [torch.zeros(view.input_shape()) for view in self.views]
 
-    def dataset(self, samples: Sequence[Sample]) -> Dataset:
+    def dataset(self, samples: Sequence[Sample]) -> _ViewsDataset:
         """Items ``([view tensors], class index)`` over images (2D) or slice stacks (3D), with
         ``item_samples`` like the data layer's datasets (see :func:`covidscan.data.build_dataset`)."""
         return _ViewsDataset([view.dataset(samples, self.class_names) for view in self.views])
@@ -221,7 +221,7 @@ class Predictor:
                     )
                 total += probabilities
         mean = (total / (len(self.members) * len(self._tta_transforms))).astype(np.float32)
-        finite = np.isfinite(mean).all(axis=1)
+        finite = np.asarray(np.isfinite(mean).all(axis=1))
         mean[~finite] = np.nan
         return mean, ["" if ok else NON_FINITE_OUTPUT for ok in finite]
 
@@ -412,6 +412,7 @@ def load_predictor(
         return Predictor([load_onnx_member(onnx, source, threads=threads, device=device)], tta=tta)
     from covidscan.inference.ensemble import is_ensemble_dir, load_ensemble
 
+    assert source is not None  # checked above: one of source and onnx is given
     if is_ensemble_dir(source):
         return load_ensemble(source, tta=tta, threads=threads, device=device)
     return Predictor([load_checkpoint_member(source, device)], tta=tta)

@@ -11,6 +11,7 @@ training augmentations (torchvision / MONAI) are random and act before normalisa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,11 @@ from covidscan.errors import UsageError
 SHIFT_FRACTION = 0.04
 TTA_VIEWS = ("identity", "hflip", "shift")
 DEFAULT_TTA = ("identity", "hflip")
+
+
+def _shifted(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``x`` shifted by ``rows``/``cols`` steps of the shift size (see ``_pixels``)."""
+    return _shift(x, *_pixels(x, rows, cols))
 
 
 def _shift(batch: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -43,7 +49,7 @@ def view_transforms(views: Iterable[str]) -> list[Callable[[torch.Tensor], torch
             transforms.append(lambda x: torch.flip(x, dims=(-1,)))
         elif view == "shift":
             for rows, cols in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                transforms.append(lambda x, r=rows, c=cols: _shift(x, *_pixels(x, r, c)))
+                transforms.append(partial(_shifted, rows=rows, cols=cols))
         else:
             raise UsageError(f"unknown test-time augmentation {view!r}; choose from {list(TTA_VIEWS)}")
     return transforms

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covidscan import __version__
 from covidscan.errors import UsageError
-from covidscan.explain import CAM_METHODS, explain_image
+from covidscan.explain import CAM_METHODS, CamMethod, explain_image
 from covidscan.inference import RESEARCH_USE_NOTICE, NonFiniteOutputError, Predictor, load_predictor
 from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, decode_upload, to_png
 
@@ -173,7 +173,7 @@ def create_app(
             )
         image = await read_upload(request, file)
         explanation = await anyio.to_thread.run_sync(
-            partial(explain_image, served.predictor, image.pixels, method=method, target_class=target),
+            partial(explain_image, served.predictor, image.pixels, method=cast(CamMethod, method), target_class=target),
             limiter=served.limiter,
         )
         return Response(

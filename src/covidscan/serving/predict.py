@@ -158,14 +158,14 @@ def predict_files(
             probabilities, model_errors = predictor.predict_items([view[ok] for view in views])
             by_row = dict(zip(ok, zip(probabilities, model_errors)))
             for row, index in enumerate(indices.tolist()):
-                path = str(todo[index])
+                name = str(todo[index])
                 error = errors[row] or by_row[row][1]
                 if error:
-                    writer.writerow([path, "", *[""] * len(class_names), error])
+                    writer.writerow([name, "", *[""] * len(class_names), error])
                     failed += 1
                 else:
                     p = by_row[row][0]
-                    writer.writerow([path, class_names[int(np.argmax(p))], *(f"{v:.6f}" for v in p), ""])
+                    writer.writerow([name, class_names[int(np.argmax(p))], *(f"{v:.6f}" for v in p), ""])
                     predicted += 1
             handle.flush()
             os.fsync(handle.fileno())
