@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from covidscan.checkpoint import ModelFileError, build_model_from_config, load_checkpoint
 from covidscan.config import RunConfig, config_from_dict
 from covidscan.data import DataError, NormStats, Sample, read_image
+from covidscan.data.datasets import SampleDataset
 from covidscan.errors import UsageError
 from covidscan.inference.card import ModelCard, file_sha256
 from covidscan.inference.engines import Engine, OnnxEngine, TorchEngine, read_export_metadata
@@ -245,18 +246,18 @@ class ExplainUnavailable(UsageError):
 class _ViewsDataset(Dataset):
     """Zips one dataset per view: item ``i`` is every view's tensor for the same image or stack."""
 
-    def __init__(self, datasets: list[Dataset]) -> None:
-        lengths = {len(dataset) for dataset in datasets}  # type: ignore[arg-type]
+    def __init__(self, datasets: list[SampleDataset]) -> None:
+        lengths = {len(dataset) for dataset in datasets}
         if len(lengths) != 1:
             raise ModelFileError(f"ensemble members cut the inputs into different numbers of items: {sorted(lengths)}")
         self.datasets = datasets
 
     def __len__(self) -> int:
-        return len(self.datasets[0])  # type: ignore[arg-type]
+        return len(self.datasets[0])
 
     @property
     def item_samples(self) -> list[Sample]:
-        return self.datasets[0].item_samples  # type: ignore[attr-defined]
+        return self.datasets[0].item_samples
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int]:
         items = [dataset[index] for dataset in self.datasets]

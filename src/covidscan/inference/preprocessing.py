@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from covidscan.config import DataConfig, WindowConfig
 from covidscan.data import NormStats, Sample, build_dataset, build_transform
+from covidscan.data.datasets import SampleDataset
 from covidscan.errors import UsageError
 
 # DataConfig fields that change what a model sees at evaluation time (the rest are about training data)
@@ -63,7 +63,7 @@ class Preprocessing:
     def image(self, pixels: np.ndarray) -> torch.Tensor:
         return self.transform(pixels)
 
-    def dataset(self, samples: Sequence[Sample], class_names: Sequence[str]) -> Dataset:
+    def dataset(self, samples: Sequence[Sample], class_names: Sequence[str]) -> SampleDataset:
         """Items ``(tensor, class index)``: one per image (2D) or per slice stack of a scan (3D)."""
         return build_dataset(self.data, list(samples), list(class_names), train=False, stats=self.norm_stats)
 
