@@ -3,6 +3,9 @@
 Built on ``torchvision.transforms.v2`` (the pure-Python part, usable with ``covidscan.compat``).
 Augmentation runs only when ``train=True``; evaluation and serving share the exact same
 deterministic path, rebuilt from the config stored in the checkpoint.
+
+Every step is a named module (no lambdas), so a transform pickles: DataLoader workers started with
+``spawn`` or ``forkserver`` (macOS, Windows, Python >= 3.14's default) receive it by pickling.
 """
 
 from __future__ import annotations
@@ -30,6 +33,34 @@ class NormStats:
     std: float
 
 
+class ArrayToTensor(torch.nn.Module):
+    """A (H, W) float array to a (1, H, W) float32 tensor."""
+
+    def forward(self, array: np.ndarray) -> torch.Tensor:
+        return _to_tensor(array)
+
+
+class ClampUnit(torch.nn.Module):
+    """Clip intensities back into [0, 1] after an intensity augmentation."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.clamp(0.0, 1.0)
+
+
+class RepeatChannels(torch.nn.Module):
+    """Grayscale (1, H, W) stacked to (channels, H, W), as ImageNet backbones expect RGB."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.expand(self.channels, -1, -1).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
 class PerSampleStandardize(torch.nn.Module):
     """Keras' ``samplewise_center`` + ``samplewise_std_normalization``."""
 
@@ -54,7 +85,7 @@ def _normalizer(config: DataConfig, stats: NormStats | None) -> torch.nn.Module 
 def build_transform(config: DataConfig, *, train: bool, stats: NormStats | None = None) -> v2.Compose:
     """Map a (H, W) float32 [0, 1] grayscale array to a normalised (C, S, S) tensor."""
     size = config.image_size
-    steps: list[torch.nn.Module] = [v2.Lambda(_to_tensor), v2.Resize((size, size), antialias=True)]
+    steps: list[torch.nn.Module] = [ArrayToTensor(), v2.Resize((size, size), antialias=True)]
     aug = config.augment
     if train:
         if aug.rotation or aug.shift or aug.zoom:
@@ -69,9 +100,9 @@ def build_transform(config: DataConfig, *, train: bool, stats: NormStats | None 
             steps.append(v2.RandomHorizontalFlip())
         if aug.brightness:
             steps.append(v2.ColorJitter(brightness=aug.brightness))
-            steps.append(v2.Lambda(lambda t: t.clamp(0, 1)))
+            steps.append(ClampUnit())
     if config.channels == 3:
-        steps.append(v2.Lambda(lambda t: t.expand(3, -1, -1).contiguous()))
+        steps.append(RepeatChannels(3))
     normalizer = _normalizer(config, stats)
     if normalizer is not None:
         steps.append(normalizer)

@@ -43,7 +43,7 @@ from covidscan.data.io import (
     read_volume,
 )
 from covidscan.data.records import DataError, Sample
-from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClampUnit
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path
 
@@ -198,17 +198,13 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
     return tensor.clamp_(0.0, 1.0)
 
 
-def _clamp_unit(tensor: torch.Tensor) -> torch.Tensor:
-    """A module-level function, not a lambda: the transform must pickle for spawned DataLoader workers."""
-    return tensor.clamp(0.0, 1.0)
-
-
 def volume_transform(config: DataConfig, *, train: bool):
     """MONAI transforms for one ``(1, D, H, W)`` stack: augmentation when training (from
-    ``data.augment``; rotation/zoom/shift in-plane, never across slices), channels, normalisation."""
+    ``data.augment``; rotation/zoom/shift in-plane, never across slices), channels, normalisation.
+
+    Every step is a class instance (no lambdas) so the transform pickles for spawned DataLoader workers."""
     from monai.transforms import (
         Compose,
-        Lambda,
         NormalizeIntensity,
         RandAffine,
         RandFlip,
@@ -235,7 +231,7 @@ def volume_transform(config: DataConfig, *, train: bool):
             steps.append(RandFlip(prob=0.5, spatial_axis=2))
         if aug.brightness:
             steps.append(RandScaleIntensity(factors=aug.brightness, prob=1.0))
-            steps.append(Lambda(_clamp_unit))
+            steps.append(ClampUnit())
     if config.channels == 3:
         steps.append(RepeatChannel(repeats=3))
     if config.normalize == "imagenet":
