@@ -2,13 +2,15 @@
 
 Input is a ``(N, C, D, H, W)`` slice stack. Every model starts with study C's Table-3 stem: one
 7x7x7 convolution with stride 1 across slices and 2 in-plane (64 filters), so thin stacks (depth
-2 or 4) keep their slices through the stem.
+2 or 4) keep their slices through the convolution, then the 3x3x3 max-pool with stride 2 that
+Table 3 puts after it in every model. All five models therefore end on the same feature-map
+shape for a given input (e.g. (1, 2, 2) for a 16x64x64 stack).
 
 - ``resnet3d_18/34/50``: MONAI's ``ResNet`` (basic blocks [2,2,2,2] / [3,4,6,3], bottleneck
   [3,4,6,3]) with ``conv1_t_size=7, conv1_t_stride=1``; MONAI keeps the 3x3x3 max-pool after it.
 - ``r2plus1d_18/34``: torchvision's ``VideoResNet`` with ``Conv2Plus1D`` blocks ([2,2,2,2] is
   torchvision's ``r2plus1d_18``; [3,4,6,3] is the 34-layer variant built from the same blocks),
-  its (2+1)D stem replaced by the Table-3 stem.
+  its (2+1)D stem (which has no max-pool) replaced by the Table-3 stem with its max-pool.
 
 No pretrained 3D weights are fetched (Kinetics / MedicalNet weights need a download and a matching
 stem); ``weights=PATH`` loads a local state dict into the backbone. Options (``model.kwargs``):
@@ -34,11 +36,13 @@ _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 def table3_stem(in_channels: int) -> nn.Sequential:
-    """Study C's first layer: conv 7x7x7, stride (1, 2, 2), 64 filters, BatchNorm, ReLU."""
+    """Study C's first layers: conv 7x7x7, stride (1, 2, 2), 64 filters, BatchNorm, ReLU, then the
+    3x3x3 max-pool with stride 2 (padding 1, as MONAI's 3D ResNet has it)."""
     return nn.Sequential(
         nn.Conv3d(in_channels, STEM_WIDTH, kernel_size=7, stride=(1, 2, 2), padding=3, bias=False),
         nn.BatchNorm3d(STEM_WIDTH),
         nn.ReLU(inplace=True),
+        nn.MaxPool3d(kernel_size=3, stride=2, padding=1),
     )
 
 
