@@ -153,3 +153,18 @@ def test_keras_last_150_layers_of_resnet101v2_is_last_81_here():
     set_trainable(model, "last:81")
     trainable = [name for name, layer in layers if _trainable(layer) == {True}]
     assert trainable[0] == "stages.2.blocks.12.conv3" and len(trainable) == 81
+
+
+def test_flatten_head_takes_its_input_size_from_the_config():
+    from covidscan.config import ConfigError, config_from_dict
+    from covidscan.models import create_model_from_config
+
+    raw = {"data": {"image_size": 48, "channels": 1}, "model": {"name": "cnn1", "kwargs": {"pooling": "flatten"}}}
+    model = create_model_from_config(config_from_dict(raw), num_classes=2)
+    assert next(m for m in model.head if isinstance(m, nn.Linear)).in_features == 128 * 6 * 6
+    assert model(torch.randn(2, 1, 48, 48)).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"sized for a \(128, 6, 6\) feature map.*got \(128, 8, 8\).*image_size"):
+        model(torch.randn(2, 1, 64, 64))  # not the bare "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(ConfigError, match=r"model.kwargs.input_size \(64\) differs from data.image_size \(48\)"):
+        config_from_dict(raw, ["model.kwargs.input_size=64"])
+    assert config_from_dict(raw, ["model.kwargs.input_size=48"]).model.kwargs["input_size"] == 48  # agreeing: fine

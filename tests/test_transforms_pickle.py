@@ -28,30 +28,49 @@ STATS = NormStats(mean=0.4, std=0.2)
 SIZE = 16
 
 
+# a non-default value per augmentation option, so the step it adds is built
+SWITCHED_ON = {
+    "rotation": 10.0,
+    "zoom": 0.1,
+    "shift": 0.1,
+    "hflip": True,
+    "brightness": 0.2,
+    "interpolation": "bilinear",
+    "fill": "nearest",
+    "preset": "robust",
+    "gamma": 0.3,
+    "contrast": 0.3,
+    "blur": 1.0,
+    "noise": 0.05,
+    "low_resolution": 0.5,
+    "jpeg_quality": 30,
+    "crop": 0.2,
+    "prob": 1.0,
+}
+
+
 def _switched_on(field: dataclasses.Field) -> object:
-    """A non-default value for one augmentation option, so the step it adds is built."""
-    kind = typing.get_type_hints(AugmentConfig)[field.name]
-    if kind is bool:
-        return not field.default
-    if kind is float:
-        return 0.5 if field.name == "rotation" else 0.1
-    raise AssertionError(f"the pickling test does not know how to switch on data.augment.{field.name}")
+    assert field.name in SWITCHED_ON, f"the pickling test does not know how to switch on data.augment.{field.name}"
+    return SWITCHED_ON[field.name]
 
 
 def _option_configs() -> list[DataConfig]:
-    """One config per augmentation option (alone), per normalisation and channel count, 2D and 3D."""
+    """One config per augmentation option (alone), normalisation and channel count, intensity
+    preprocessing, for 2D and 3D."""
     configs = []
     for dims in (2, 3):
         for field in dataclasses.fields(AugmentConfig):
             augment = AugmentConfig(**{field.name: _switched_on(field)})
             configs.append(DataConfig(image_size=SIZE, channels=3, spatial_dims=dims, depth=2, augment=augment))
-        for normalize in ("imagenet", "sample", "dataset", "none"):
-            if dims == 3 and normalize == "dataset":
+        for normalize in typing.get_args(typing.get_type_hints(DataConfig)["normalize"]):
+            if dims == 3 and "dataset" in normalize:
                 continue  # refused for volumes (tests/test_volumes.py)
             for channels in (1, 3):
                 configs.append(
                     DataConfig(image_size=SIZE, channels=channels, spatial_dims=dims, depth=2, normalize=normalize)
                 )
+        for intensity in ("equalize", "clahe"):
+            configs.append(DataConfig(image_size=SIZE, channels=3, spatial_dims=dims, depth=2, intensity=intensity))
     return configs
 
 

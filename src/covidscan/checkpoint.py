@@ -174,9 +174,6 @@ def class_probabilities(logits: torch.Tensor, head: str) -> torch.Tensor:
 
 
 def build_model_from_config(config: RunConfig, num_classes: int) -> nn.Module:
-    from covidscan.models import create_model
+    from covidscan.models import create_model_from_config
 
-    in_channels = config.data.channels
-    return create_model(
-        config.model.name, num_classes=num_classes, in_channels=in_channels, pretrained=False, **config.model.kwargs
-    )
+    return create_model_from_config(config, num_classes, load_weights=False)

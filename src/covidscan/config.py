@@ -40,21 +40,76 @@ class WindowConfig:
         _check(self.width > 0, f"data.window.width must be > 0, got {self.width}")
 
 
+# Named sets of the robustness options below; a preset fills every such option left unset (null).
+AUGMENT_PRESETS: dict[str, dict[str, float]] = {
+    # what differs between hospitals' images: exposure and contrast curves, scanner resolution and
+    # reconstruction sharpness, noise, JPEG export quality, framing (see docs/training.md)
+    "robust": {
+        "gamma": 0.3,
+        "contrast": 0.3,
+        "blur": 1.0,
+        "noise": 0.03,
+        "low_resolution": 0.5,
+        "jpeg_quality": 30,
+        "crop": 0.2,
+    },
+}
+_ROBUST_OPTIONS = ("gamma", "contrast", "blur", "noise", "low_resolution", "jpeg_quality", "crop")
+
+
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation, in the studies' Keras-style vocabulary; off at evaluation."""
+    """Training-time augmentation, in the studies' Keras-style vocabulary; off at evaluation.
+
+    The robustness options (``gamma`` ... ``crop``) default to null: off, or the ``preset``'s value
+    when a preset is named; an explicit value, 0 included, overrides the preset. ``resolved()``
+    gives the values in force. Each of gamma/contrast/blur/noise/low_resolution/jpeg_quality fires
+    on an image with probability ``prob``; the geometric options, brightness and crop always do.
+    """
 
     rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
     zoom: float = 0.0  # relative, scale in [1 - zoom, 1 + zoom]
     shift: float = 0.0  # fraction of width/height
     hflip: bool = False
     brightness: float = 0.0  # relative factor jitter
+    interpolation: Literal["nearest", "bilinear"] = "nearest"  # rotation/zoom/shift resampling
+    fill: Literal["constant", "nearest", "reflect"] = "constant"  # outside the image: black, edge, mirror (Keras)
+    preset: str = "none"  # "none" or a name in AUGMENT_PRESETS (fills the unset options below)
+    gamma: float | None = None  # gamma in [1 - gamma, 1 + gamma]
+    contrast: float | None = None  # contrast factor in [1 - contrast, 1 + contrast] about the image mean
+    blur: float | None = None  # Gaussian blur, sigma up to this many pixels (of the resized image)
+    noise: float | None = None  # Gaussian noise, standard deviation up to this (intensities in [0, 1])
+    low_resolution: float | None = None  # down- then up-sampling, by a factor in [1 - low_resolution, 1]
+    jpeg_quality: int | None = None  # JPEG re-encoding at a quality in [jpeg_quality, 95]; 0 = off
+    crop: float | None = None  # random resized crop: side in [1 - crop, 1] of the image, resized back
+    prob: float = 0.3  # chance that each of gamma/contrast/blur/noise/low_resolution/jpeg_quality fires
 
     def __post_init__(self) -> None:
         _check(0 <= self.rotation <= 180, f"data.augment.rotation must be in [0, 180], got {self.rotation}")
-        for name in ("zoom", "shift", "brightness"):
+        for name in ("zoom", "shift", "brightness", "gamma", "contrast", "low_resolution", "crop"):
             value = getattr(self, name)
-            _check(0 <= value < 1, f"data.augment.{name} must be in [0, 1), got {value}")
+            _check(value is None or 0 <= value < 1, f"data.augment.{name} must be in [0, 1), got {value}")
+        _check(
+            self.blur is None or 0 <= self.blur <= 10, f"data.augment.blur must be in [0, 10] pixels, got {self.blur}"
+        )
+        _check(
+            self.noise is None or 0 <= self.noise <= 0.5, f"data.augment.noise must be in [0, 0.5], got {self.noise}"
+        )
+        _check(
+            self.jpeg_quality is None or self.jpeg_quality == 0 or 1 <= self.jpeg_quality <= 95,
+            f"data.augment.jpeg_quality must be 0 (off) or in [1, 95], got {self.jpeg_quality}",
+        )
+        _check(0 <= self.prob <= 1, f"data.augment.prob must be in [0, 1], got {self.prob}")
+        _check(
+            self.preset == "none" or self.preset in AUGMENT_PRESETS,
+            f"data.augment.preset must be 'none' or one of {sorted(AUGMENT_PRESETS)}, got {self.preset!r}",
+        )
+
+    def resolved(self) -> AugmentConfig:
+        """The options in force: unset robustness options take the preset's value, else 0 (off)."""
+        preset = AUGMENT_PRESETS.get(self.preset, {})
+        values = {name: preset.get(name, 0) for name in _ROBUST_OPTIONS if getattr(self, name) is None}
+        return dataclasses.replace(self, **values)
 
 
 SplitMethod = Literal["auto", "stratified", "grouped", "kfold", "predefined", "file"]
@@ -117,7 +172,10 @@ class DataConfig:
     image_size: int = 224
     channels: int = 3  # 1 = grayscale, 3 = grayscale stacked to RGB for ImageNet backbones
     window: WindowConfig | None = None  # HU window applied to DICOM/NIfTI input
-    normalize: Literal["imagenet", "sample", "dataset", "none"] = "imagenet"
+    # imagenet: ImageNet mean/std; inception: to [-1, 1] (TF-trained weights, e.g. EfficientNet-Lite);
+    # sample: per image; dataset: training-split mean/std; sample+dataset: both, in Keras' order
+    normalize: Literal["imagenet", "inception", "sample", "dataset", "sample+dataset", "none"] = "imagenet"
+    intensity: Literal["none", "equalize", "clahe"] = "none"  # per-image histogram equalisation, train and eval
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     max_per_class: int | None = None  # cap for quick runs on a subset
@@ -234,6 +292,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        size = self.model.kwargs.get("input_size")
+        _check(
+            size is None or size == self.data.image_size,
+            f"model.kwargs.input_size ({size}) differs from data.image_size ({self.data.image_size}); remove "
+            "model.kwargs.input_size: a Flatten head is sized from data.image_size",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

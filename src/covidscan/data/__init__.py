@@ -15,7 +15,7 @@ from covidscan.data.io import (
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.sources import list_inputs, load_samples, parse_label_map
 from covidscan.data.splits import LeakageWarning, assign_splits, load_splits, save_splits, split_counts
-from covidscan.data.transforms import NormStats, build_transform, fit_norm_stats
+from covidscan.data.transforms import NormStats, build_transform, fit_norm_stats, uses_dataset_stats
 
 __all__ = [
     "LUNG_WINDOW",
@@ -44,4 +44,5 @@ __all__ = [
     "read_volume",
     "save_splits",
     "split_counts",
+    "uses_dataset_stats",
 ]

@@ -11,8 +11,9 @@ whole dataset in RAM.
 
 Preprocessing of a scan, in order: optional lung crop/mask (HU threshold + largest components,
 scipy.ndimage), HU window to [0, 1], in-plane resize to ``image_size`` (antialiased), optional
-resampling to ``volume.z_spacing`` mm between slices. Augmentation (MONAI, dimension-agnostic)
-runs on each stack at training time only. See docs/volumes.md for the bad-input policies.
+resampling to ``volume.z_spacing`` mm between slices. Augmentation (``covidscan.data.augment``,
+shared with 2D images, following torch's RNG) runs on each stack at training time only. See
+docs/volumes.md for the bad-input policies.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from covidscan.data.io import (
     read_volume,
 )
 from covidscan.data.records import DataError, Sample
-from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ClampUnit
+from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_intensity
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path
 
@@ -199,39 +200,18 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
 
 
 def volume_transform(config: DataConfig, *, train: bool):
-    """MONAI transforms for one ``(1, D, H, W)`` stack: augmentation when training (from
-    ``data.augment``; rotation/zoom/shift in-plane, never across slices), channels, normalisation.
+    """Transforms for one ``(1, D, H, W)`` stack: augmentation when training (``data.augment``, the
+    stack shared with 2D images: in-plane, the same for every slice), ``data.intensity``, channels,
+    normalisation (MONAI). Every step is a class instance, so the transform pickles for spawned
+    DataLoader workers."""
+    from monai.transforms import Compose, NormalizeIntensity, RepeatChannel, ToTensor
 
-    Every step is a class instance (no lambdas) so the transform pickles for spawned DataLoader workers."""
-    from monai.transforms import (
-        Compose,
-        NormalizeIntensity,
-        RandAffine,
-        RandFlip,
-        RandScaleIntensity,
-        RepeatChannel,
-        ToTensor,
-        Transform,
-    )
-
-    aug, size = config.augment, config.image_size
-    steps: list[Transform] = []
+    steps: list = []
     if train:
-        if aug.rotation or aug.zoom or aug.shift:
-            steps.append(
-                RandAffine(
-                    prob=1.0,
-                    rotate_range=(np.deg2rad(aug.rotation), 0, 0),
-                    scale_range=(0, aug.zoom, aug.zoom),
-                    translate_range=(0, aug.shift * size, aug.shift * size),
-                    padding_mode="zeros",
-                )
-            )
-        if aug.hflip:
-            steps.append(RandFlip(prob=0.5, spatial_axis=2))
-        if aug.brightness:
-            steps.append(RandScaleIntensity(factors=aug.brightness, prob=1.0))
-            steps.append(ClampUnit())
+        from covidscan.data.augment import build_augmentation
+
+        steps.append(build_augmentation(config.augment, config.image_size))
+    steps.append(build_intensity(config.intensity))
     if config.channels == 3:
         steps.append(RepeatChannel(repeats=3))
     if config.normalize == "imagenet":
@@ -241,14 +221,17 @@ def volume_transform(config: DataConfig, *, train: bool):
             else ([float(np.mean(IMAGENET_MEAN))], [float(np.mean(IMAGENET_STD))])
         )
         steps.append(NormalizeIntensity(subtrahend=mean, divisor=std, channel_wise=True))
+    elif config.normalize == "inception":
+        steps.append(NormalizeIntensity(subtrahend=0.5, divisor=0.5))
     elif config.normalize == "sample":
         steps.append(NormalizeIntensity())
-    elif config.normalize == "dataset":
+    elif config.normalize in ("dataset", "sample+dataset"):
         raise ConfigError(
-            "data.normalize 'dataset' is not available for 3D volumes; use 'sample', 'imagenet' or 'none'"
+            f"data.normalize '{config.normalize}' is not available for 3D volumes; use 'sample', 'imagenet', "
+            "'inception' or 'none'"
         )
     steps.append(ToTensor(track_meta=False))
-    return Compose(steps)
+    return Compose([step for step in steps if step is not None])
 
 
 class VolumeStackDataset(SampleDataset):
@@ -355,8 +338,6 @@ class VolumeStackDataset(SampleDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = self.scans[self.stacks[index][0]].label
-        if self.train:  # MONAI's random transforms follow torch's RNG, seeded by the trainer per run and worker
-            self.transform.set_random_state(seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         return self.transform(self.stack(index)), self.class_index[label] if label is not None else -1
 
 

@@ -3,7 +3,14 @@
 from covidscan.models.base import ClassifierModel, keras_parameter_count
 from covidscan.models.freezing import set_trainable
 from covidscan.models.heads import HeadSpec
-from covidscan.models.registry import create_model, list_models, model_entry, register_model, unregister_model
+from covidscan.models.registry import (
+    create_model,
+    create_model_from_config,
+    list_models,
+    model_entry,
+    register_model,
+    unregister_model,
+)
 from covidscan.models.weights import PretrainedWeightsError
 
 __all__ = [
@@ -11,6 +18,7 @@ __all__ = [
     "HeadSpec",
     "PretrainedWeightsError",
     "create_model",
+    "create_model_from_config",
     "keras_parameter_count",
     "list_models",
     "model_entry",

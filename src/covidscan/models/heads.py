@@ -4,7 +4,7 @@ A head maps the backbone's feature map to logits. The variants differ only in a 
 :class:`HeadSpec` describes them all and :func:`build_head` turns it into modules:
 
 - pooling ``"avg"`` (GlobalAveragePooling) or ``"flatten"`` (Keras ``Flatten``; needs the feature
-  map's size, i.e. the input size, known when the model is built);
+  map's size, i.e. the input size, known when the model is built: ``data.image_size`` from a config);
 - hidden dense layers (ReLU), each followed by Dropout and/or BatchNorm in either order (study B:
   Dense-Dropout-BN, study E: Dense-BN-Dropout);
 - a Keras-style L2 kernel penalty on the hidden dense layers, read by the trainer through
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from covidscan.config import ConfigError
+from covidscan.errors import UsageError
 
 Pooling = Literal["avg", "flatten"]
 
@@ -92,6 +93,29 @@ class L2Linear(nn.Linear):
         return f"{super().extra_repr()}, l2={self.l2}"
 
 
+class SizedFlatten(nn.Flatten):
+    """Keras ``Flatten`` for the feature-map shape the dense layer after it was sized for.
+
+    Another input size would reach the dense layer as a bare "mat1 and mat2 shapes cannot be
+    multiplied"; this names the cause instead."""
+
+    def __init__(self, feature_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.feature_shape = tuple(feature_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.feature_shape:
+            raise UsageError(
+                f"this Flatten head was sized for a {self.feature_shape} feature map, i.e. the input size the "
+                f"model was built for, but got {tuple(x.shape[1:])}: give images of that size (data.image_size) "
+                "or rebuild the model for the new size"
+            )
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"feature_shape={self.feature_shape}"
+
+
 def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """Modules mapping a ``(N, *feature_shape)`` feature map (2D or 3D) to ``num_classes`` logits."""
     channels, spatial = feature_shape[0], feature_shape[1:]
@@ -101,7 +125,7 @@ def build_head(spec: HeadSpec, feature_shape: tuple[int, ...], num_classes: int)
         layers += [pool, nn.Flatten()]
         width = channels
     else:
-        layers.append(nn.Flatten())
+        layers.append(SizedFlatten(feature_shape))
         width = channels * math.prod(spatial)
     for hidden in spec.hidden:
         layers += [L2Linear(width, hidden, spec.l2) if spec.l2 else nn.Linear(width, hidden), nn.ReLU(inplace=True)]

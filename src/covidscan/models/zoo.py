@@ -7,7 +7,8 @@ here from the papers. All builders accept the same options (``create_model(..., 
 
 - ``head``: ``"default"`` (the model's own, below) or ``"study_e"`` (see ``heads.STUDY_E_HEAD``);
 - ``pooling`` (``"avg"`` | ``"flatten"``), ``dropout``, ``hidden`` (dense widths): override the head;
-- ``input_size``: the square input side, needed by ``pooling="flatten"`` to size the dense layer.
+- ``input_size``: the square input side, needed by ``pooling="flatten"`` to size the dense layer;
+  ``create_model_from_config`` passes ``data.image_size``, so configs never repeat it.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def _assemble(
     spec = resolve_head(head, default_head, pooling=pooling, dropout=dropout, hidden=hidden)
     if spec.pooling == "flatten" and input_size is None:
         raise ConfigError(
-            "pooling='flatten' needs the input size to size the dense layer: add "
-            "`input_size: <data.image_size>` to model.kwargs"
+            "pooling='flatten' needs the input size to size the dense layer: create_model(..., input_size=N) "
+            "(from a config it is data.image_size)"
         )
-    shape = feature_shape(backbone, in_channels, input_size or _PROBE_SIZE)
+    # a Flatten head's width depends on the input size; pooled heads need only the channel count
+    shape = feature_shape(backbone, in_channels, input_size if spec.pooling == "flatten" else _PROBE_SIZE)
     return ClassifierModel(backbone, build_head(spec, shape, num_classes))
 
 
@@ -102,7 +104,7 @@ def _register(
             return _assemble(backbone, num_classes, in_channels, default_head, **head_options)
 
         builder.__doc__ = description
-        register_model(name, description=description, input_size=input_size)(builder)
+        register_model(name, description=description, input_size=input_size, takes_input_size=True)(builder)
         return make_backbone
 
     return decorator

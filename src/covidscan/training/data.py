@@ -19,7 +19,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from covidscan.config import ConfigError, RunConfig, SplitConfig
-from covidscan.data import DataError, NormStats, SampleSet, build_dataset, fit_norm_stats, load_samples, read_image
+from covidscan.data import (
+    DataError,
+    NormStats,
+    SampleSet,
+    build_dataset,
+    fit_norm_stats,
+    load_samples,
+    read_image,
+    uses_dataset_stats,
+)
 from covidscan.data.audit import check_split_leakage
 from covidscan.data.splits import assign_splits, save_splits
 from covidscan.runtime import write_json
@@ -77,19 +86,19 @@ def write_split_files(splits: SampleSet, run_dir: Path, strict_leakage: bool) ->
 
 
 def norm_stats_for(config: RunConfig, splits: SampleSet, saved: dict | None = None) -> NormStats | None:
-    """Dataset-wide mean/std fitted on the training split only (``data.normalize: dataset``), or the
-    ``saved`` statistics of a resumed run."""
+    """Dataset-wide mean/std fitted on the training split only (``data.normalize: dataset`` or
+    ``sample+dataset``, after ``data.intensity``), or the ``saved`` statistics of a resumed run."""
     data = config.data
-    if data.normalize != "dataset":
+    if not uses_dataset_stats(data):
         return None
     if saved:
         return NormStats(**saved)
     if data.spatial_dims == 3:
         raise ConfigError(
-            "data.normalize 'dataset' is fitted on 2D training images; for 3D volumes use 'sample' or 'none'"
+            f"data.normalize '{data.normalize}' is fitted on 2D training images; for 3D volumes use 'sample' or 'none'"
         )
     train_paths = [s.path for s in splits.subset("train").samples]
-    return fit_norm_stats((read_image(path, data.window) for path in train_paths), data.image_size)
+    return fit_norm_stats((read_image(path, data.window) for path in train_paths), data.image_size, data.intensity)
 
 
 def build_loaders(

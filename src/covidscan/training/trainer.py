@@ -25,7 +25,7 @@ from torch import nn
 from covidscan.config import ConfigError, RunConfig
 from covidscan.data import DataError, SampleSet
 from covidscan.errors import UsageError
-from covidscan.models import create_model
+from covidscan.models import create_model_from_config
 from covidscan.runtime import create_run_dir, resolve_device, seed_everything
 from covidscan.training.callbacks import BestCheckpoint, Callback, EarlyStopping, HistoryWriter, LastCheckpoint
 from covidscan.training.data import build_loaders, load_run_splits, norm_stats_for, write_split_files
@@ -174,14 +174,7 @@ def check_monitors(config: RunConfig, has_val: bool) -> None:
 
 def build_model(config: RunConfig, class_names: Sequence[str], checkpoint: dict[str, Any] | None = None) -> nn.Module:
     """The registry model for ``config``; with a resume ``checkpoint``, its weights (no download needed)."""
-    model = create_model(
-        config.model.name,
-        num_classes=len(class_names),
-        in_channels=config.data.channels,
-        pretrained=config.model.pretrained and checkpoint is None,
-        weights=config.model.weights if checkpoint is None else None,
-        **config.model.kwargs,
-    )
+    model = create_model_from_config(config, len(class_names), load_weights=checkpoint is None)
     if checkpoint is not None:
         if list(checkpoint["class_names"]) != list(class_names):
             raise DataError(
