@@ -3,8 +3,9 @@
 Run: .venv/bin/python benchmarks/data_pipeline.py [--images 384] [--slices 300]
 
 1. Images/s through ``build_dataset`` + ``DataLoader`` on ../shared/datasets/sarscov2-ct (JPEG,
-   ~350x260), resized to 224x224 with study A's augmentation (rotation 10, zoom 0.1, shift 0.2,
-   h-flip) and without augmentation, for num_workers 0 and 2.
+   ~350x260), resized to 224x224 without augmentation, with study A's augmentation (rotation 10,
+   zoom 0.1, shift 0.2, h-flip), and with study A's plus the ``robust`` preset and CLAHE
+   (``data.intensity: clahe``), for num_workers 0 and 2.
 2. ``read_dicom_series`` on a synthetic 300-slice 512x512 CT series (uncompressed 16-bit: pydicom
    cannot encode JPEG-lossless, so decode cost is not included; see row 3), wall time and peak
    memory (tracemalloc peak of Python/NumPy allocations, and the process's peak RSS increase).
@@ -35,14 +36,20 @@ from covidscan.data.synthetic import write_dicom_slice
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
-def throughput(samples, class_names, augment: bool, workers: int, batch_size: int = 32) -> float:
+STUDY_A = {"rotation": 10, "zoom": 0.1, "shift": 0.2, "hflip": True}
+PIPELINES = {  # name -> (data.augment, data.intensity)
+    "no augmentation": ({}, "none"),
+    "augmented (study A)": (STUDY_A, "none"),
+    "study A + robust preset + CLAHE": ({**STUDY_A, "preset": "robust"}, "clahe"),
+}
+
+
+def throughput(samples, class_names, pipeline: str, workers: int, batch_size: int = 32) -> float:
+    augment, intensity = PIPELINES[pipeline]
     config = DataConfig(
-        image_size=224,
-        channels=3,
-        num_workers=workers,
-        augment=AugmentConfig(rotation=10, zoom=0.1, shift=0.2, hflip=True) if augment else AugmentConfig(),
+        image_size=224, channels=3, num_workers=workers, augment=AugmentConfig(**augment), intensity=intensity
     )
-    dataset = build_dataset(config, samples, class_names, train=augment)
+    dataset = build_dataset(config, samples, class_names, train=bool(augment))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     start = time.perf_counter()
     count = sum(len(labels) for _, labels in loader)
@@ -104,13 +111,12 @@ def main() -> int:
     if source.is_dir():
         data = load_samples(source)
         samples = data.samples[:: max(1, len(data.samples) // args.images)][: args.images]
-        for augment in (False, True):
+        for pipeline in PIPELINES:
             for workers in (0, 2):
-                rate = throughput(samples, data.class_names, augment, workers)
+                rate = throughput(samples, data.class_names, pipeline, workers)
                 rows.append(
                     (
-                        f"sarscov2-ct JPEG -> 224x224x3, {'augmented' if augment else 'no augmentation'}, "
-                        f"num_workers={workers}",
+                        f"sarscov2-ct JPEG -> 224x224x3, {pipeline}, num_workers={workers}",
                         f"{rate:.0f} images/s",
                         f"{len(samples)} images",
                     )
