@@ -108,7 +108,7 @@ class AugmentConfig:
     def resolved(self) -> AugmentConfig:
         """The options in force: unset robustness options take the preset's value, else 0 (off)."""
         preset = AUGMENT_PRESETS.get(self.preset, {})
-        values = {name: preset.get(name, 0) for name in _ROBUST_OPTIONS if getattr(self, name) is None}
+        values: dict[str, Any] = {name: preset.get(name, 0) for name in _ROBUST_OPTIONS if getattr(self, name) is None}
         return dataclasses.replace(self, **values)
 
 

@@ -148,9 +148,7 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
 
 
-def fit_norm_stats(
-    images: Iterable[np.ndarray] | torch.utils.data.Dataset, image_size: int, intensity: str = "none"
-) -> NormStats:
+def fit_norm_stats(images: Iterable[np.ndarray], image_size: int, intensity: str = "none") -> NormStats:
     """Dataset-wide mean/std (Keras ``featurewise_center``) over the resized training images, after
     the ``data.intensity`` preprocessing when there is one (what the normalisation step receives)."""
     steps: list[torch.nn.Module] = [v2.Resize((image_size, image_size), antialias=True)]

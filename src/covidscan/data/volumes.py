@@ -222,7 +222,9 @@ def volume_transform(config: DataConfig, *, train: bool):
         )
         steps.append(NormalizeIntensity(subtrahend=mean, divisor=std, channel_wise=True))
     elif config.normalize == "inception":
-        steps.append(NormalizeIntensity(subtrahend=0.5, divisor=0.5))
+        steps.append(
+            NormalizeIntensity(subtrahend=[0.5] * config.channels, divisor=[0.5] * config.channels, channel_wise=True)
+        )
     elif config.normalize == "sample":
         steps.append(NormalizeIntensity())
     elif config.normalize in ("dataset", "sample+dataset"):

@@ -75,7 +75,8 @@ def efficientnet_lite_backbone(variant: int, in_channels: int, pretrained: bool)
     if pretrained:
         filename = LITE_WEIGHT_FILES[variant]
         state = timm_state_from_lite_file(
-            packaged_pretrained_state(f"efficientnet_lite{variant}", filename), [len(s) for s in backbone.blocks]
+            packaged_pretrained_state(f"efficientnet_lite{variant}", filename),
+            [len(list(stage.children())) for stage in backbone.get_submodule("blocks").children()],
         )
         state["conv_stem.weight"] = adapt_input_conv(in_channels, state["conv_stem.weight"])
         load_backbone_state(backbone, state, source=filename)

@@ -75,7 +75,8 @@ def _assemble(
             "(from a config it is data.image_size)"
         )
     # a Flatten head's width depends on the input size; pooled heads need only the channel count
-    shape = feature_shape(backbone, in_channels, input_size if spec.pooling == "flatten" else _PROBE_SIZE)
+    size = input_size if spec.pooling == "flatten" and input_size is not None else _PROBE_SIZE
+    shape = feature_shape(backbone, in_channels, size)
     return ClassifierModel(backbone, build_head(spec, shape, num_classes))
 
 
