@@ -12,7 +12,7 @@ from PIL import Image
 
 from covidscan.cli import main
 from covidscan.config import SplitConfig
-from covidscan.data.audit import audit_samples, check_split_leakage, near_duplicate_pairs, nearest_distances
+from covidscan.data.audit import audit_samples, check_split_leakage
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import LeakageWarning, assign_splits, save_splits
 
@@ -45,25 +45,6 @@ def planted(tmp_path):
     Image.fromarray(np.clip(pixels * 0.9 + 12, 0, 255).astype(np.uint8)).save(near)
     samples += [Sample(str(exact), "COVID", split="test"), Sample(str(near), "normal", split="test")]
     return SampleSet(samples, ["COVID", "normal"])
-
-
-def test_near_duplicate_pairs_matches_brute_force():
-    rng = np.random.default_rng(1)
-    hashes = rng.integers(0, 2**63, size=(60, 4), dtype=np.uint64)
-    hashes[10] = hashes[3]
-    hashes[10, 0] ^= np.uint64(0b1011)  # 3 bits apart
-    pairs = near_duplicate_pairs(hashes, threshold=120, block=7)
-    bits = np.unpackbits(hashes.view(np.uint8), axis=1)
-    expected = {
-        (i, j, int((bits[i] != bits[j]).sum()))
-        for i in range(60)
-        for j in range(i + 1, 60)
-        if (bits[i] != bits[j]).sum() <= 120
-    }
-    assert {tuple(map(int, p)) for p in pairs} == expected
-    assert (3, 10, 3) in expected
-    nearest = nearest_distances(hashes[:20], hashes[20:], block=6)
-    assert nearest.tolist() == [min(int((bits[i] != bits[j]).sum()) for j in range(20, 60)) for i in range(20)]
 
 
 def test_audit_finds_planted_exact_and_near_duplicates_across_splits(planted):
