@@ -126,3 +126,50 @@ def test_cli_audit_with_splits_file(planted, tmp_path, capsys):
     assert json.loads(out.read_text())["leakage"]["test_with_train_near_duplicate"] == 2
     assert out.with_suffix(".png").stat().st_size > 0
     assert main(["data", "audit", str(manifest), "--splits", str(splits), "--strict"]) == 2
+
+
+def test_hashes_are_cached_per_file_and_refreshed_when_a_file_changes(planted, monkeypatch):
+    import covidscan.data.audit as audit
+
+    first = audit.inspect_samples(planted.samples, progress=False)
+    calls = []
+    original = audit.inspect_sample
+    monkeypatch.setattr(audit, "inspect_sample", lambda s, h: calls.append(s.path) or original(s, h))
+    again = audit.inspect_samples(planted.samples, progress=False)
+    assert calls == []  # everything came from the cache
+    assert [(f.sha256, f.size, f.mode, f.phash.tolist()) for f in again] == [
+        (f.sha256, f.size, f.mode, f.phash.tolist()) for f in first
+    ]
+    changed = planted.samples[3].path
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(changed)  # new content, new size and mtime
+    refreshed = audit.inspect_samples(planted.samples, progress=False)
+    assert calls == [changed]
+    assert refreshed[3].sha256 != first[3].sha256
+    assert audit.inspect_samples(planted.samples, progress=False, cache=False) and len(calls) == 1 + len(
+        planted.samples
+    )
+
+
+def test_hashing_in_worker_processes_gives_the_same_facts(planted, monkeypatch):
+    import covidscan.data.audit as audit
+
+    monkeypatch.setattr(audit, "PARALLEL_MIN_IMAGES", 2)
+    monkeypatch.setattr(audit, "_WORKER_CHUNK", 5)
+    parallel = audit.inspect_samples(planted.samples, progress=False, workers=2, cache=False)
+    serial = audit.inspect_samples(planted.samples, progress=False, workers=1, cache=False)
+    assert [f.sample.path for f in parallel] == [s.path for s in planted.samples]
+    assert [(f.sha256, f.phash.tolist(), f.size, f.error) for f in parallel] == [
+        (f.sha256, f.phash.tolist(), f.size, f.error) for f in serial
+    ]
+
+
+def test_an_unusable_cache_is_skipped_with_a_warning(planted, tmp_path, monkeypatch, caplog):
+    from covidscan.data.audit import inspect_samples
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("COVIDSCAN_CACHE", str(blocker / "cache"))
+    with caplog.at_level("WARNING", logger="covidscan.data.hashcache"):
+        facts = inspect_samples(planted.samples, progress=False)
+    assert all(f.phash is not None for f in facts)
+    assert "hash cache" in caplog.text and "not used" in caplog.text

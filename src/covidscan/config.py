@@ -185,6 +185,7 @@ class DataConfig:
     spatial_dims: Literal[2, 3] = 2
     depth: int = 16  # slices per stack for 3D models
     volume: VolumeConfig = field(default_factory=VolumeConfig)  # 3D stacking, resampling, lung crop
+    lung: Literal["none", "crop", "mask"] = "none"  # 2D: crop to the lungs or black outside them (data/lung.py)
 
     def __post_init__(self) -> None:
         _check(16 <= self.image_size <= 2048, f"data.image_size must be in [16, 2048], got {self.image_size}")
@@ -193,6 +194,14 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         _check(self.depth >= 1, f"data.depth must be >= 1, got {self.depth}")
+        _check(
+            self.spatial_dims == 3 or self.volume.lung == "none",
+            f"data.volume.lung applies to 3D volumes only; for 2D images use data.lung: {self.volume.lung}",
+        )
+        _check(
+            self.spatial_dims == 2 or self.lung == "none",
+            f"data.lung applies to 2D images only; for 3D volumes use data.volume.lung: {self.lung}",
+        )
 
 
 @dataclass

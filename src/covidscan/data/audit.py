@@ -7,13 +7,21 @@ Hamming distance) inside the dataset and across train/val/test, plus patients th
 share near-duplicates or patients with train.
 
 Volumes (DICOM series folders, NIfTI files) are hashed on their middle slice, lung-windowed.
+
+At scale (hundreds of thousands of slices): images are hashed in worker processes, hashes are
+cached per file (:mod:`covidscan.data.hashcache`) so the trainer's check after an audit, or a second
+audit, does not decode anything again, and near-duplicate pairs come from an exact multi-index hash
+(:mod:`covidscan.data.hashindex`) instead of comparing every image with every other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from covidscan.data.hashcache import FileKey, HashCache, file_key
 from covidscan.data.hashindex import near_duplicate_pairs, nearest_distances
 from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_middle_slice
 from covidscan.data.records import DataError, Sample, SampleSet
@@ -35,6 +44,10 @@ DEFAULT_NEAR_THRESHOLD = 24
 _HASH_DECODE_SIZE = 128  # JPEG draft size: phash looks at 4 * hash_size pixels, so skip full decodes
 _MAX_LISTED_PAIRS = 2000
 _MAX_PLOTTED_QUERIES = 2000
+HASH_VERSION = 1  # bump when hashing changes, so the cache does not serve hashes of the old kind
+PARALLEL_MIN_IMAGES = 2000  # fewer images to hash than this: worker start-up would cost more than it saves
+_WORKER_CHUNK = 256
+_CACHE_WRITE_EVERY = 5000
 
 
 @dataclass
@@ -98,15 +111,77 @@ def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageF
     return facts
 
 
+def _inspect_chunk(samples: Sequence[Sample], hash_size: int) -> list[ImageFacts]:
+    """Worker-process entry point (module level, so it pickles under the spawn start method)."""
+    return [inspect_sample(s, hash_size) for s in samples]
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _hash_stream(samples: Sequence[Sample], hash_size: int, workers: int) -> Iterator[ImageFacts]:
+    """Facts in input order; in ``workers`` spawned processes when there are enough images to repay
+    their start-up (each imports covidscan), otherwise in this process."""
+    if workers <= 1 or len(samples) < PARALLEL_MIN_IMAGES:
+        yield from (inspect_sample(s, hash_size) for s in samples)
+        return
+    chunks = [samples[k : k + _WORKER_CHUNK] for k in range(0, len(samples), _WORKER_CHUNK)]
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded (torch, tqdm) parent
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for facts in pool.map(_inspect_chunk, chunks, [hash_size] * len(chunks)):
+            yield from facts
+
+
 def inspect_samples(
-    samples: Sequence[Sample], hash_size: int = DEFAULT_HASH_SIZE, progress: bool = True
+    samples: Sequence[Sample],
+    hash_size: int = DEFAULT_HASH_SIZE,
+    progress: bool | None = True,
+    *,
+    workers: int | None = None,
+    cache: bool = True,
 ) -> list[ImageFacts]:
+    """Hash and describe every sample, in input order.
+
+    Files seen before with the same size and modification time come from the hash cache
+    (:mod:`covidscan.data.hashcache`); the rest are hashed in ``workers`` processes (default: the
+    CPUs this process may use) and added to it. ``progress=None`` shows a bar for large inputs only.
+    """
     if hash_size < 8 or (hash_size * hash_size) % 64:
         raise UsageError(f"hash_size must be 8, 16, 24, ... (hash bits a multiple of 64), got {hash_size}")
-    return [
-        inspect_sample(s, hash_size)
-        for s in show_progress(samples, desc="hashing images", unit="img", disable=not progress)
-    ]
+    facts = [ImageFacts(s) for s in samples]
+    keys: list[FileKey | None] = []
+    for s in samples:
+        try:
+            keys.append(file_key(s.path))
+        except OSError:  # missing or unreadable: inspect_sample records the reason
+            keys.append(None)
+    store = HashCache(f"phash{hash_size}-v{HASH_VERSION}") if cache else None
+    known = [i for i, key in enumerate(keys) if key is not None]
+    hits = store.lookup([keys[i] for i in known]) if store else {}
+    for position, (sha256, phash, size, mode) in hits.items():
+        target = facts[known[position]]
+        target.sha256, target.size, target.mode = sha256, size, mode
+        target.phash = np.frombuffer(phash, dtype=np.uint64).copy()
+    hit_indices = {known[p] for p in hits}
+    todo = [i for i in range(len(samples)) if i not in hit_indices]
+    show = len(samples) >= PARALLEL_MIN_IMAGES if progress is None else progress
+    fresh: list[tuple[FileKey, tuple[str, bytes, str | None, str | None]]] = []
+    with show_progress(total=len(samples), desc="hashing images", unit="img", disable=not show) as bar:
+        bar.update(len(hits))
+        stream = _hash_stream([samples[i] for i in todo], hash_size, workers or _default_workers())
+        for index, result in zip(todo, stream):
+            facts[index] = result
+            key = keys[index]
+            if store and key is not None and result.error is None and result.phash is not None:
+                fresh.append((key, (result.sha256, result.phash.astype(np.uint64).tobytes(), result.size, result.mode)))
+                if len(fresh) >= _CACHE_WRITE_EVERY:  # an interrupted audit keeps what it hashed
+                    store.store(fresh)
+                    fresh = []
+            bar.update()
+    if store:
+        store.store(fresh)
+    return facts
 
 
 def _hash_matrix(facts: Sequence[ImageFacts]) -> np.ndarray:
@@ -188,14 +263,16 @@ def audit_samples(
     *,
     threshold: int = DEFAULT_NEAR_THRESHOLD,
     hash_size: int = DEFAULT_HASH_SIZE,
-    progress: bool = True,
+    progress: bool | None = True,
     plot_path: str | Path | None = None,
+    workers: int | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """The full audit as a JSON-ready dict (see the module docstring for what it covers); with splits
     and ``plot_path``, also the nearest-train-distance histogram (:func:`plot_nearest_train_distances`)."""
     if threshold < 0:
         raise UsageError(f"near-duplicate threshold must be >= 0 bits, got {threshold}")
-    facts = inspect_samples(sample_set.samples, hash_size, progress)
+    facts = inspect_samples(sample_set.samples, hash_size, progress, workers=workers, cache=cache)
     readable = [f for f in facts if f.error is None]
     has_splits = any(f.sample.split for f in facts)
     report: dict[str, Any] = {
@@ -265,7 +342,7 @@ def check_split_leakage(
     *,
     threshold: int = DEFAULT_NEAR_THRESHOLD,
     hash_size: int = DEFAULT_HASH_SIZE,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Warn (or raise ``DataError`` when ``strict``) if val/test share near-duplicates or patients with
     train; return the findings, also written to ``report_path`` as JSON when given."""

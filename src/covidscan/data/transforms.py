@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 
 from covidscan import compat  # noqa: F401
 from covidscan.config import DataConfig
+from covidscan.data.lung import LungFocus
 from covidscan.data.records import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,6 +132,8 @@ def build_transform(config: DataConfig, *, train: bool, stats: NormStats | None 
     """Map a (H, W) float32 [0, 1] grayscale array to a normalised (C, S, S) tensor."""
     size = config.image_size
     steps: list[torch.nn.Module] = [ArrayToTensor(), v2.Resize((size, size), antialias=True)]
+    if config.lung != "none":  # on the [0, 1] image, before anything else, at train and eval time alike
+        steps.insert(0, v2.Lambda(LungFocus(config.lung)))
     augmentation = None
     if train:
         from covidscan.data.augment import build_augmentation  # MONAI: imported for training only

@@ -43,6 +43,7 @@ from covidscan.data.io import (
     read_image,
     read_volume,
 )
+from covidscan.data.lung import LUNG_THRESHOLD_HU, lung_box, lung_mask
 from covidscan.data.records import DataError, Sample
 from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_intensity
 from covidscan.progress import progress
@@ -50,7 +51,6 @@ from covidscan.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
-LUNG_THRESHOLD_HU = -320.0  # air-filled lung parenchyma lies below, soft tissue above
 STACK_SEPARATOR = "#stack"
 
 
@@ -126,38 +126,6 @@ def stack_starts(num_slices: int, depth: int, stride: int) -> list[int]:
     return starts
 
 
-def lung_mask(hu: np.ndarray, threshold: float = LUNG_THRESHOLD_HU) -> np.ndarray:
-    """Boolean (D, H, W) lung mask: air below ``threshold`` HU not connected to the image border
-    (outside air, the table), its two largest 3D components, holes (vessels) filled per slice."""
-    from scipy import ndimage
-
-    air = hu < threshold
-    labels, count = ndimage.label(air)
-    if count == 0:
-        return np.zeros_like(air)
-    sizes = np.asarray(ndimage.sum_labels(air, labels, index=np.arange(1, count + 1)))
-    border = np.unique(
-        np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel()])
-    )
-    sizes[border[border > 0] - 1] = 0
-    order = np.argsort(sizes)[::-1][:2]
-    keep = [i + 1 for i in order if sizes[i] > 0 and sizes[i] >= 0.1 * sizes[order[0]]]
-    mask = np.isin(labels, keep)
-    return np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
-
-
-def _lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[slice, slice]:
-    """Square in-plane box around the mask (all slices), with a margin, clipped to the image."""
-    rows, cols = np.nonzero(mask.any(axis=0))
-    height, width = mask.shape[1:]
-    side = int(min(max(np.ptp(rows), np.ptp(cols)) * (1 + 2 * margin) + 1, height, width))
-    boxes = []
-    for centre, size in (((rows.min() + rows.max()) / 2, height), ((cols.min() + cols.max()) / 2, width)):
-        start = int(np.clip(round(centre - side / 2), 0, size - side))
-        boxes.append(slice(start, start + side))
-    return boxes[0], boxes[1]
-
-
 def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch.Tensor:
     """Decode and preprocess one scan to a float32 (D', S, S) tensor in [0, 1]."""
     path = Path(path)
@@ -183,7 +151,7 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
     if lung == "mask":
         volume = np.where(mask, volume, 0.0)  # lung-segmented slices: black outside the lungs
     elif lung == "crop":
-        rows, cols = _lung_box(mask)
+        rows, cols = lung_box(mask)
         volume = volume[:, rows, cols]
     tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
     size = config.image_size

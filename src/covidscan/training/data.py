@@ -30,6 +30,7 @@ from covidscan.data import (
     uses_dataset_stats,
 )
 from covidscan.data.audit import check_split_leakage
+from covidscan.data.shortcuts import warn_cheap_shortcuts
 from covidscan.data.splits import assign_splits, save_splits
 from covidscan.runtime import write_json
 from covidscan.training.distributed import DistContext
@@ -73,7 +74,8 @@ def load_run_splits(config: RunConfig, splits_file: Path | None = None) -> Sampl
 
 def write_split_files(splits: SampleSet, run_dir: Path, strict_leakage: bool) -> str | None:
     """``splits.csv``, ``label_map.json``, ``skipped.json`` and the leakage report; the refusal
-    message when ``strict_leakage`` and val/test leak into train (None otherwise)."""
+    message when ``strict_leakage`` and val/test leak into train (None otherwise). Also warns once
+    when a header-only signal (size, file size, format) predicts the training labels."""
     save_splits(splits, run_dir / "splits.csv")
     write_json(run_dir / "label_map.json", splits.label_map)
     if splits.skipped:
@@ -82,6 +84,7 @@ def write_split_files(splits: SampleSet, run_dir: Path, strict_leakage: bool) ->
         check_split_leakage(splits, strict=strict_leakage, report_path=run_dir / "leakage.json")
     except DataError as exc:
         return str(exc)
+    warn_cheap_shortcuts(SampleSet([s for s in splits.samples if s.split == "train"], splits.class_names))
     return None
 
 

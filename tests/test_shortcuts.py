@@ -1,0 +1,140 @@
+"""Shortcut audit: planted non-pathology signals are found, clean data shows none, training warns."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidscan.cli import main
+from covidscan.data.records import Sample, SampleSet
+from covidscan.data.shortcuts import (
+    ShortcutWarning,
+    audit_shortcuts,
+    cam_outside_lung_share,
+    jpeg_quality,
+    verdict,
+    warn_cheap_shortcuts,
+)
+
+
+def _write(root, classes: dict[str, dict], per_class: int = 24, seed: int = 0) -> SampleSet:
+    """Random-texture images per class; ``classes`` gives each class's size, format and frame value."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for label, spec in classes.items():
+        (root / label).mkdir(parents=True)
+        width, height = spec.get("size", (48, 48))
+        for i in range(per_class):
+            pixels = rng.integers(40, 200, size=(height, width)).astype(np.uint8)
+            if "frame" in spec:
+                pixels[:3], pixels[-3:], pixels[:, :3], pixels[:, -3:] = (spec["frame"],) * 4
+            path = root / label / f"{i}.{spec.get('format', 'png')}"
+            options = {"quality": spec.get("quality", 90)} if spec.get("format") == "jpg" else {}
+            Image.fromarray(pixels).save(path, **options)
+            samples.append(Sample(str(path), label, patient_id=f"{label}-{i // 2}"))
+    return SampleSet(samples, sorted(classes))
+
+
+def _rows(report):
+    return {row["signal"]: row for row in report["signals"]}
+
+
+def test_planted_size_and_format_shortcuts_are_found_and_clean_signals_are_not(tmp_path):
+    data = _write(
+        tmp_path,
+        {"COVID": {"size": (56, 48), "format": "jpg", "quality": 70}, "normal": {"size": (48, 48)}},
+    )
+    report = audit_shortcuts(data, signals=["width", "aspect", "jpeg_quality", "mode", "height"], n_bootstrap=200)
+    rows = _rows(report)
+    for name in ("width", "aspect", "jpeg_quality", "mode"):
+        assert rows[name]["auc"] > 0.95 and rows[name]["verdict"] == "strong shortcut", name
+        assert rows[name]["ci_low"] <= rows[name]["auc"] <= rows[name]["ci_high"]
+    assert rows["height"]["auc"] == 0.5 and rows["height"]["verdict"] == "none"  # constant: exactly chance
+    assert report["cross_validation"].startswith("StratifiedGroupKFold") and report["n_patients"] == 24
+
+
+def test_a_bright_frame_is_a_border_shortcut_and_random_content_is_not(tmp_path):
+    data = _write(tmp_path, {"COVID": {"frame": 255}, "normal": {"frame": 0}})
+    rows = _rows(audit_shortcuts(data, signals=["border", "file_size"], n_bootstrap=100, workers=1))
+    assert rows["border"]["verdict"] == "strong shortcut"
+    clean = _write(tmp_path / "clean", {"COVID": {}, "normal": {}}, seed=1)
+    rows = _rows(audit_shortcuts(clean, signals=["thumbnail", "outside_lungs"], n_bootstrap=100, workers=1))
+    assert rows["thumbnail"]["auc"] < 0.8 and rows["outside_lungs"]["auc"] < 0.8
+
+
+def test_without_patient_ids_folds_are_stratified(tmp_path):
+    data = _write(tmp_path, {"COVID": {"size": (56, 48)}, "normal": {}})
+    plain = SampleSet([Sample(s.path, s.label) for s in data.samples], data.class_names)
+    report = audit_shortcuts(plain, signals=["width"], n_bootstrap=0)
+    assert report["cross_validation"].startswith("StratifiedKFold") and report["n_patients"] is None
+    assert _rows(report)["width"]["ci_low"] is None
+
+
+def test_three_classes_use_macro_one_vs_rest_auc(tmp_path):
+    data = _write(tmp_path, {"A": {"size": (40, 48)}, "B": {"size": (48, 48)}, "C": {"size": (56, 48)}}, per_class=12)
+    report = audit_shortcuts(data, signals=["width"], n_bootstrap=50)
+    assert report["auc"] == "macro one-vs-rest ROC AUC"
+    assert _rows(report)["width"]["auc"] > 0.95
+
+
+def test_jpeg_quality_is_recovered_from_the_quantisation_table():
+    pixels = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    for quality in (30, 50, 75, 90, 95):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+        assert abs(jpeg_quality(Image.open(buffer).quantization) - quality) <= 2
+    assert jpeg_quality(None) == -1
+
+
+def test_verdicts():
+    assert [verdict(a) for a in (0.9, 0.7, 0.6, 0.5, None)] == [
+        "strong shortcut",
+        "shortcut",
+        "weak",
+        "none",
+        "undefined",
+    ]
+
+
+def test_training_data_with_a_cheap_shortcut_warns_once_and_clean_data_stays_quiet(tmp_path):
+    data = _write(tmp_path, {"COVID": {"size": (56, 48)}, "normal": {}})
+    with pytest.warns(ShortcutWarning, match="width"):
+        found = warn_cheap_shortcuts(data)
+    assert "width" in dict(found)
+    clean = _write(tmp_path / "clean", {"COVID": {}, "normal": {}}, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShortcutWarning)
+        assert warn_cheap_shortcuts(clean) == []
+
+
+def test_cam_mass_outside_the_lungs():
+    yy, xx = np.mgrid[0:96, 0:96] / 96
+    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1
+    lungs = (((xx - 0.32) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1) | (
+        ((xx - 0.68) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1
+    )
+    image = np.where(lungs, 0.3, np.where(body, 0.85, 0.02)).astype(np.float32)
+    assert cam_outside_lung_share(lungs.astype(np.float32), image, lungs) == 0.0
+    assert cam_outside_lung_share((~lungs).astype(np.float32), image, lungs) == 1.0
+    uniform = cam_outside_lung_share(np.ones((24, 24), np.float32), image, lungs)  # resized to the image
+    assert uniform == pytest.approx(1 - lungs.mean(), abs=0.02)
+    assert np.isnan(cam_outside_lung_share(np.zeros((96, 96)), image, lungs))
+    assert 0.0 <= cam_outside_lung_share(lungs.astype(np.float32), image) < 0.1  # mask found by lung_mask_2d
+
+
+def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
+    _write(tmp_path / "data", {"COVID": {"size": (56, 48)}, "normal": {}}, per_class=10)
+    out = tmp_path / "audit"
+    argv = ["data", "shortcuts", str(tmp_path / "data"), "--signals", "width", "file_size", "--bootstrap", "50"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "| width (image width in pixels) |" in capsys.readouterr().out
+    report = json.loads((out / "shortcuts.json").read_text())
+    assert [row["signal"] for row in report["signals"]] == ["width", "file_size"]
+    assert (out / "shortcuts.md").read_text().startswith("## Shortcut audit")
+    assert (out / "shortcuts.png").stat().st_size > 0
+    assert main([*argv[:3], "--signals", "colour"]) == 2
