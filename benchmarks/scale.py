@@ -1,0 +1,270 @@
+"""Cost growth of the data path at CC-CCII scale and beyond (issue #17).
+
+Generates synthetic CT-like slice sets (128x128 PNG, ~125 slices per patient: adjacent slices of
+one patient are near-duplicates, as in a real scan; a manifest with patient ids) of each requested
+size, then runs every step as a separate process and records its wall time and peak RSS:
+
+* ``info``, ``split`` (patient-grouped), ``audit`` (cold hash cache), ``audit --splits`` (warm
+  cache: what a second audit costs), the trainer's pre-epoch leakage check (``check_split_leakage``
+  on the run's split, warm cache), one training epoch of a small model (cnn1, 64 px, grayscale)
+  with 0, 1 and 2 DataLoader workers, and ``predict`` over every slice;
+* optionally the near-duplicate index alone on ``--index-hashes`` hashes (the synthetic set's
+  hashes repeated with a few random bit flips each, so the pair structure stays realistic);
+* optionally one epoch over 50 synthetic NIfTI volumes (64x128x128, depth 4, resnet3d_18 at 64 px).
+
+Prints a Markdown table and the growth exponent of each step (least-squares slope of log time
+against log size). Run it under the shared lock; one size at a time is fine, results accumulate in
+``--results`` (JSON) and the table is printed from everything measured so far:
+
+    flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 10000 40000
+    flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 150000 --skip epoch predict
+    flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes --index-hashes 1000000 --volumes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SLICES_PER_PATIENT = 125
+STEPS = ("info", "split", "audit", "audit_warm", "check", "epoch0", "epoch1", "epoch2", "predict")
+
+
+def generate(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` slices in patients of ~125; reused when the manifest exists (written last)."""
+    from PIL import Image
+
+    from covidscan.data.sample import _anatomy, _slice
+
+    manifest = root / "manifest.csv"
+    if manifest.is_file():
+        return manifest
+    rng = np.random.default_rng(seed)
+    rows = []
+    patients = max(2, round(n / SLICES_PER_PATIENT))
+    for patient in range(patients):
+        label = "COVID" if patient % 2 else "normal"
+        count = n // patients + (1 if patient < n % patients else 0)
+        folder = root / label / f"p{patient:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        anatomy = _anatomy(rng)
+        for index in range(count):
+            path = folder / f"{index:03d}.png"
+            Image.fromarray(_slice(rng, 128, label == "COVID", anatomy, (index + 0.5) / count)).save(path)
+            rows.append((str(path.relative_to(root)), label, f"p{patient:05d}"))
+    tmp = manifest.with_suffix(".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("path", "label", "patient_id"))
+        writer.writerows(rows)
+    tmp.replace(manifest)
+    return manifest
+
+
+def measure(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB, the largest single process) of one command."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    return wall, usage.ru_maxrss / 1e6
+
+
+CHECK = """
+import sys
+from covidscan.config import SplitConfig
+from covidscan.data import load_samples, assign_splits
+from covidscan.data.audit import check_split_leakage
+data = assign_splits(load_samples(sys.argv[1]), SplitConfig(method="file", file=sys.argv[2]), 0)
+check_split_leakage(data, progress=False)
+"""
+
+EPOCH = """
+import sys, torch
+from covidscan.config import SplitConfig, config_from_dict
+from covidscan.data import assign_splits, build_dataset, load_samples
+from covidscan.models import create_model
+manifest, splits, workers, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+config = config_from_dict({"data": {"image_size": 64, "channels": 1, "normalize": "sample", "num_workers": workers}})
+data = assign_splits(load_samples(manifest), SplitConfig(method="file", file=splits), 0)
+train = [s for s in data.samples if s.split == "train"]
+dataset = build_dataset(config.data, train, data.class_names, train=True)
+loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=workers,
+                                     persistent_workers=False, multiprocessing_context="spawn" if workers else None)
+model = create_model("cnn1", len(data.class_names), in_channels=1)
+optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+model.train()
+for images, labels in loader:
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+if out != "-":
+    from covidscan.checkpoint import save_checkpoint
+    save_checkpoint(out, model=model, config=config, class_names=data.class_names, norm_stats=None, epoch=1,
+                    metrics={})
+"""
+
+INDEX = """
+import sys, time, numpy as np
+from covidscan.data.audit import inspect_samples
+from covidscan.data import load_samples
+from covidscan.data.hashindex import near_duplicate_pairs
+samples = load_samples(sys.argv[1]).samples
+base = np.stack([f.phash for f in inspect_samples(samples, progress=False)])
+n = int(sys.argv[2])
+rng = np.random.default_rng(0)
+hashes = base[rng.integers(0, len(base), n)]
+bits = np.unpackbits(hashes.view(np.uint8), axis=1)
+flips = rng.random(bits.shape) < 6 / bits.shape[1]  # ~6 random bits per copy: repeats become near-duplicates
+hashes = np.packbits(bits ^ flips, axis=1).view(np.uint64)
+start = time.perf_counter()
+pairs = near_duplicate_pairs(hashes, 24)
+print(len(pairs), time.perf_counter() - start)
+"""
+
+VOLUMES = """
+import sys, torch, numpy as np, nibabel as nib
+from pathlib import Path
+from covidscan.config import config_from_dict
+from covidscan.data import Sample, build_dataset
+from covidscan.models import create_model
+root = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+samples = []
+for k in range(50):
+    path = root / f"scan{k:02d}.nii.gz"
+    if not path.is_file():
+        hu = rng.normal(-700, 200, (128, 128, 64)).astype(np.float32)
+        nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 5.0, 1.0])), path)
+    samples.append(Sample(str(path), "COVID" if k % 2 else "normal", f"p{k}"))
+config = config_from_dict({"data": {"spatial_dims": 3, "depth": 4, "image_size": 64, "channels": 1,
+                                    "normalize": "sample", "volume": {"cache_dir": str(root / "cache")}},
+                           "model": {"name": "resnet3d_18"}})
+dataset = build_dataset(config.data, samples, ["COVID", "normal"], train=True)
+loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+model = create_model("resnet3d_18", 2, in_channels=1)
+optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+for stacks, labels in loader:
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(stacks), labels).backward()
+    optimizer.step()
+print(len(dataset))
+"""
+
+
+def run_size(n: int, work: Path, skip: set[str], env: dict[str, str]) -> dict[str, tuple[float, float]]:
+    python = [sys.executable]
+    cli = [*python, "-m", "covidscan"]
+    folder = work / f"set-{n}"
+    print(f"[{n}] generating (reused when present) ...", flush=True)
+    manifest = generate(folder, n)
+    splits, checkpoint = folder / "splits.csv", folder / "cnn1.pt"
+    cache = {**env, "COVIDSCAN_CACHE": str(folder / "cache")}
+    commands = {
+        "info": [*cli, "data", "info", str(manifest)],
+        "split": [*cli, "data", "split", str(manifest), "--out", str(splits)],
+        "audit": [*cli, "data", "audit", str(manifest)],
+        "audit_warm": [*cli, "data", "audit", str(manifest), "--splits", str(splits)],
+        "check": [*python, "-c", CHECK, str(manifest), str(splits)],
+        "epoch0": [*python, "-c", EPOCH, str(manifest), str(splits), "0", str(checkpoint)],
+        "epoch1": [*python, "-c", EPOCH, str(manifest), str(splits), "1", "-"],
+        "epoch2": [*python, "-c", EPOCH, str(manifest), str(splits), "2", "-"],
+        "predict": [
+            *cli,
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(folder),
+            "--out",
+            str(folder / "predictions.csv"),
+        ],
+    }
+    results = {}
+    for step, command in commands.items():
+        if step in skip or (step == "predict" and "epoch0" in skip and not checkpoint.is_file()):
+            continue
+        if step == "audit":
+            (folder / "cache" / "audit-hashes.sqlite").unlink(missing_ok=True)  # cold: every image hashed
+        if step == "predict":
+            (folder / "predictions.csv").unlink(missing_ok=True)  # predict resumes; measure a full run
+        results[step] = measure(command, cache)
+        print(f"[{n}] {step}: {results[step][0]:.1f} s, {results[step][1]:.2f} GB", flush=True)
+    return results
+
+
+def exponent(sizes: list[int], seconds: list[float]) -> float | None:
+    if len(sizes) < 2:
+        return None
+    return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
+
+
+def table(results: dict) -> str:
+    sizes = sorted(int(n) for n in results["sizes"])
+    head = "| step | " + " | ".join(f"{n:,} slices" for n in sizes) + " | growth exponent |"
+    lines = [head, "|---" * (len(sizes) + 2) + "|"]
+    for step in STEPS:
+        measured = [(n, results["sizes"][str(n)].get(step)) for n in sizes]
+        cells = [f"{v[0]:.1f} s, {v[1]:.2f} GB" if v else "—" for _, v in measured]
+        points = [(n, v[0]) for n, v in measured if v]
+        slope = exponent([n for n, _ in points], [t for _, t in points])
+        lines.append(f"| {step} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 40_000, 150_000])
+    parser.add_argument("--work", default="/tmp/covidscan-scale", help="where the synthetic sets live (reused)")
+    parser.add_argument("--results", default=None, help="JSON of accumulated results (default WORK/results.json)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out")
+    parser.add_argument("--index-hashes", type=int, default=0, help="also time the index alone on this many hashes")
+    parser.add_argument("--volumes", action="store_true", help="also time one epoch over 50 NIfTI volumes")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results) if args.results else work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"sizes": {}, "extra": {}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    for n in args.sizes:
+        results["sizes"].setdefault(str(n), {}).update(run_size(n, work, set(args.skip), env))
+        results_path.write_text(json.dumps(results, indent=1))
+    if args.index_hashes:
+        base = generate(work / "set-10000", 10_000)
+        cache = {**env, "COVIDSCAN_CACHE": str(work / "set-10000" / "cache")}
+        out = subprocess.run(
+            [sys.executable, "-c", INDEX, str(base), str(args.index_hashes)], env=cache, capture_output=True, text=True
+        )
+        if out.returncode:
+            raise RuntimeError(out.stderr[-3000:])
+        pairs, seconds = out.stdout.split()
+        results["extra"][f"index_{args.index_hashes}"] = {"seconds": float(seconds), "pairs": int(pairs)}
+        print(f"index alone, {args.index_hashes:,} hashes: {float(seconds):.1f} s, {int(pairs):,} pairs", flush=True)
+    if args.volumes:
+        folder = work / "volumes"
+        folder.mkdir(exist_ok=True)
+        wall, rss = measure([sys.executable, "-c", VOLUMES, str(folder)], env)
+        results["extra"]["volumes_epoch"] = {"seconds": wall, "peak_gb": rss}
+        print(f"one epoch, 50 NIfTI volumes (64x128x128, depth 4): {wall:.1f} s, {rss:.2f} GB", flush=True)
+    results["machine"] = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    results["date"] = str(date.today())
+    results_path.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    print(json.dumps(results["extra"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
