@@ -58,6 +58,14 @@ def test_hu_mask_ignores_air_outside_the_body():
     assert _iou(mask[1], truth) > 0.9
 
 
+def test_hu_mask_survives_one_slice_whose_lung_opens_to_the_outside_air():
+    image, truth = _phantom(64, noise=0)
+    hu = (image * 1500 - 1350)[None].repeat(5, axis=0)
+    hu[0, 30:34, :22] = -1000  # a channel from the left lung to the air outside, in the first slice
+    mask = lung_mask(hu)  # in 3D that channel joined both lungs to the outside air: the mask was empty
+    assert all(_iou(plane, truth) > 0.9 for plane in mask[1:])
+
+
 def test_lung_focus_crops_masks_or_leaves_the_image():
     image, _ = _phantom(128)
     assert LungFocus("none")(image) is image
@@ -135,6 +143,6 @@ def test_2d_mask_on_8bit_slices_agrees_with_the_hu_mask(shared_datasets):
         f"2D vs HU lung mask: {len(ious)} slices, mean IoU {np.mean(ious):.3f}, median {np.median(ious):.3f}, "
         f"min {np.min(ious):.3f}; lungs >= 10% of the image: {len(large)} slices, min {np.min(large):.3f}"
     )
-    assert len(ious) > 150
+    assert len(ious) >= 190  # every series has a reference (cap001's used to be empty: see the 3D test above)
     assert np.mean(ious) >= 0.88
     assert min(large) >= 0.75

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -138,3 +139,27 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
     assert (out / "shortcuts.md").read_text().startswith("## Shortcut audit")
     assert (out / "shortcuts.png").stat().st_size > 0
     assert main([*argv[:3], "--signals", "colour"]) == 2
+
+
+def test_cam_lung_check_runs_a_model_over_test_images(tmp_path):
+    from covidscan.checkpoint import load_model
+    from covidscan.data.shortcuts import cam_lung_check
+    from helpers import make_checkpoint
+
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1
+    lungs = (((xx - 0.32) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1) | (
+        ((xx - 0.68) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1
+    )
+    samples = []
+    for i in range(3):
+        path = tmp_path / f"slice{i}.png"
+        Image.fromarray((np.where(lungs, 0.3, np.where(body, 0.85, 0.02)) * 255).astype(np.uint8)).save(path)
+        samples.append(Sample(str(path), "COVID"))
+    loaded = load_model(make_checkpoint(tmp_path, size=32))
+    result = cam_lung_check(loaded, samples, max_images=2)  # a random-init model: its maps may be all zero
+    assert result["n_images"] == 2 and result["data_lung"] == "none"
+    uniform = SimpleNamespace(map=np.ones((32, 32), np.float32))
+    result = cam_lung_check(loaded, samples, explain=lambda *args: uniform)
+    assert result["n_images"] == result["n_measured"] == 3
+    assert result["mean_outside_share"] == pytest.approx(1 - lungs.mean(), abs=0.05)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from covidscan.data.io import DICOM_EXTENSIONS, read_image
-from covidscan.data.lung import lung_mask_2d
+from covidscan.data.lung import LungFocus, lung_mask_2d
 from covidscan.data.records import DataError, Sample, SampleSet
 
 logger = logging.getLogger(__name__)
@@ -433,7 +433,7 @@ def summarize_shares(shares: Sequence[float]) -> dict[str, Any]:
     values = np.asarray([s for s in shares if np.isfinite(s)], dtype=np.float64)
     return {
         "n_images": len(shares),
-        "n_with_lungs_found": int(values.size),
+        "n_measured": int(values.size),  # lungs found and a non-zero map
         "mean_outside_share": float(values.mean()) if values.size else None,
         "median_outside_share": float(np.median(values)) if values.size else None,
     }
@@ -458,8 +458,12 @@ def cam_lung_check(
     if len(chosen) > max_images:
         pick = np.random.default_rng(seed).choice(len(chosen), max_images, replace=False)
         chosen = [chosen[i] for i in np.sort(pick)]
+    lung_mode = getattr(loaded.config.data, "lung", "none")
     shares = []
     for sample in chosen:
-        image = read_image(sample.path)
-        shares.append(cam_outside_lung_share(explain(loaded, image, method).map, image))
-    return {"method": method, **summarize_shares(shares)}
+        image = read_image(sample.path, loaded.config.data.window)
+        cam = explain(loaded, image, method).map
+        # with data.lung: crop the map covers the crop, so the share is measured on the crop
+        seen = LungFocus("crop")(image) if lung_mode == "crop" else image
+        shares.append(cam_outside_lung_share(cam, seen))
+    return {"method": method, "data_lung": lung_mode, **summarize_shares(shares)}
