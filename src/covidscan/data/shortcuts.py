@@ -176,14 +176,14 @@ def extract_features(
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from tqdm.auto import tqdm
+    from covidscan.progress import progress as show_progress
 
     names = tuple(names)
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     chunk = 64
     expensive = any(not SIGNALS[n].cheap for n in names)
     results: list[dict[str, np.ndarray] | str] = []
-    with tqdm(total=len(samples), desc="shortcut signals", unit="img", disable=not progress) as bar:
+    with show_progress(total=len(samples), desc="shortcut signals", unit="img", disable=not progress) as bar:
         if workers > 1 and expensive and len(samples) >= 4 * chunk:
             chunks = [samples[k : k + chunk] for k in range(0, len(samples), chunk)]
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
