@@ -65,6 +65,7 @@ SIGNALS: dict[str, Signal] = {
         Signal("file_size", "file size in bytes", True),
         Signal("jpeg_quality", "JPEG quality estimated from the quantisation table (-1: not JPEG)", True),
         Signal("mode", "bit depth, channels and file format", True),
+        Signal("header", "all of the above together", True),
         Signal("thumbnail", f"the whole image shrunk to {_THUMBNAIL}x{_THUMBNAIL} pixels", False),
         Signal("border", f"a {_BORDER_WIDTH}-pixel frame around the image (at {_BORDER_SIDE}x{_BORDER_SIDE})", False),
         Signal("outside_lungs", f"the image with the lungs blacked out, at {_OUTSIDE_SIDE}x{_OUTSIDE_SIDE}", False),
@@ -109,7 +110,7 @@ def header_features(path: str | Path) -> dict[str, np.ndarray]:
         except OSError as exc:
             raise DataError(f"{path}: unreadable image ({exc}); remove it or pass --skip-bad") from exc
     fmt_code = float(_FORMATS.index(fmt)) if fmt in _FORMATS else float(len(_FORMATS))
-    return {
+    features = {
         "width": np.array([width]),
         "height": np.array([height]),
         "aspect": np.array([width / height if height else 0.0]),
@@ -117,6 +118,8 @@ def header_features(path: str | Path) -> dict[str, np.ndarray]:
         "jpeg_quality": np.array([quality], dtype=np.float64),
         "mode": np.array([bits, channels, fmt_code]),
     }
+    features["header"] = np.concatenate(list(features.values()))
+    return features
 
 
 def _shrink(image01: np.ndarray, side: int) -> np.ndarray:
@@ -299,9 +302,17 @@ def audit_shortcuts(
                 "note": "constant over the dataset" if scheme_used == "constant signal" else "",
             }
         )
+    caveat = (
+        ""
+        if has_patients
+        else "no patient ids: slices of one patient can fall on both sides of a fold, so the image signals "
+        "(thumbnail, border, outside_lungs) partly recognise the patient, not only the source; read their AUC "
+        "as an upper bound"
+    )
     return {
         "n_samples": len(samples),
         "n_patients": len(set(groups)) if groups is not None else None,
+        "caveat": caveat,
         "classes": {c: int((y == i).sum()) for i, c in enumerate(class_names)},
         "cross_validation": scheme or "none (every signal constant)",
         "model": "random forest (200 trees) on the signal alone, out-of-fold predictions",
@@ -321,6 +332,7 @@ def format_markdown(report: dict[str, Any], title: str = "Shortcut audit") -> st
         f"{report['cross_validation']}; {report['model']}; {report['auc']} with a "
         f"{report['bootstrap_resamples']}-resample bootstrap 95% CI.",
         "",
+        *([f"Caveat: {report['caveat']}.", ""] if report.get("caveat") else []),
         "| signal | AUC [95% CI] | verdict |",
         "|---|---|---|",
     ]
