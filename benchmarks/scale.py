@@ -41,28 +41,39 @@ SLICES_PER_PATIENT = 125
 STEPS = ("info", "split", "audit", "audit_warm", "check", "epoch0", "epoch1", "epoch2", "predict")
 
 
-def generate(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` slices in patients of ~125; reused when the manifest exists (written last)."""
+def _write_patient(task: tuple[Path, int, int, int]) -> list[tuple[str, str, str]]:
+    """All slices of one synthetic patient (a worker-process task)."""
     from PIL import Image
 
     from covidscan.data.sample import _anatomy, _slice
 
+    root, patient, count, seed = task
+    rng = np.random.default_rng([seed, patient])
+    label = "COVID" if patient % 2 else "normal"
+    folder = root / label / f"p{patient:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    anatomy = _anatomy(rng)
+    rows = []
+    for index in range(count):
+        path = folder / f"{index:03d}.png"
+        Image.fromarray(_slice(rng, 128, label == "COVID", anatomy, (index + 0.5) / count)).save(path)
+        rows.append((str(path.relative_to(root)), label, f"p{patient:05d}"))
+    return rows
+
+
+def generate(root: Path, n: int, seed: int = 0) -> Path:
+    """``n`` slices in patients of ~125, written by one process per CPU; reused when the manifest
+    exists (it is written last)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     manifest = root / "manifest.csv"
     if manifest.is_file():
         return manifest
-    rng = np.random.default_rng(seed)
-    rows = []
     patients = max(2, round(n / SLICES_PER_PATIENT))
-    for patient in range(patients):
-        label = "COVID" if patient % 2 else "normal"
-        count = n // patients + (1 if patient < n % patients else 0)
-        folder = root / label / f"p{patient:05d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        anatomy = _anatomy(rng)
-        for index in range(count):
-            path = folder / f"{index:03d}.png"
-            Image.fromarray(_slice(rng, 128, label == "COVID", anatomy, (index + 0.5) / count)).save(path)
-            rows.append((str(path.relative_to(root)), label, f"p{patient:05d}"))
+    tasks = [(root, p, n // patients + (1 if p < n % patients else 0), seed) for p in range(patients)]
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("spawn")) as pool:
+        rows = [row for rows in pool.map(_write_patient, tasks, chunksize=4) for row in rows]
     tmp = manifest.with_suffix(".tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
