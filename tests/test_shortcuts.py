@@ -163,3 +163,17 @@ def test_cam_lung_check_runs_a_model_over_test_images(tmp_path):
     result = cam_lung_check(loaded, samples, explain=lambda *args: uniform)
     assert result["n_images"] == result["n_measured"] == 3
     assert result["mean_outside_share"] == pytest.approx(1 - lungs.mean(), abs=0.05)
+
+
+def test_cli_adds_the_model_check_of_a_run(tmp_path, capsys):
+    from covidscan.data.splits import save_splits
+    from helpers import make_checkpoint
+
+    data = _write(tmp_path / "data", {"COVID": {}, "normal": {}}, per_class=6)
+    run = make_checkpoint(tmp_path, size=32)
+    save_splits(SampleSet([s.with_split("test") for s in data.samples], data.class_names), run / "splits.csv")
+    argv = ["data", "shortcuts", str(tmp_path / "data"), "--signals", "width", "--bootstrap", "0"]
+    assert main([*argv, "--cam-run", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert "Model check" in capsys.readouterr().out
+    check = json.loads((tmp_path / "out" / "shortcuts.json").read_text())["model_check"]
+    assert check["n_images"] == 12 and check["run"] == str(run)

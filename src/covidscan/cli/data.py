@@ -113,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shortcuts.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     shortcuts.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI (default 1000)")
     shortcuts.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    shortcuts.add_argument(
+        "--cam-run",
+        metavar="RUN",
+        help="also measure a trained 2D model: the share of its Grad-CAM mass outside the lungs on (up to 100 of) "
+        "the run's test images",
+    )
     shortcuts.set_defaults(handler=_shortcuts)
 
     sample = verbs.add_parser(
@@ -202,6 +208,8 @@ def _shortcuts(args: argparse.Namespace) -> int:
         _load(args), signals=args.signals, folds=args.folds, n_bootstrap=args.bootstrap, seed=args.seed
     )
     report = {"source": str(args.source), **report}
+    if args.cam_run:
+        report["model_check"] = _cam_check(args.cam_run)
     markdown = format_markdown(report, f"Shortcut audit of {args.source}")
     print(markdown)
     if report["unreadable"]:
@@ -214,6 +222,21 @@ def _shortcuts(args: argparse.Namespace) -> int:
         plot_shortcuts(report, out / "shortcuts.png")
         print(f"written: {out / 'shortcuts.json'}, {out / 'shortcuts.md'}, {out / 'shortcuts.png'}")
     return 0
+
+
+def _cam_check(run: str) -> dict:
+    from covidscan.checkpoint import load_model
+    from covidscan.data.records import DataError
+    from covidscan.data.shortcuts import cam_lung_check
+    from covidscan.data.splits import load_splits
+
+    loaded = load_model(run)
+    if loaded.model.spatial_dims != 2:
+        raise DataError(f"{run}: --cam-run measures 2D models; this one is 3D")
+    test = [s for s in load_splits(loaded.run_dir / "splits.csv").samples if s.split == "test"]
+    if not test:
+        raise DataError(f"{loaded.run_dir / 'splits.csv'}: no test split to explain")
+    return {"run": str(loaded.run_dir), **cam_lung_check(loaded, test)}
 
 
 def _sample(args: argparse.Namespace) -> int:

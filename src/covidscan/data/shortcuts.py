@@ -338,6 +338,20 @@ def format_markdown(report: dict[str, Any], title: str = "Shortcut audit") -> st
     ]
     for row in report["signals"]:
         lines.append(f"| {row['signal']} ({row['description']}) | {format_auc(row)} | {row['verdict']} |")
+    check = report.get("model_check")
+    if check:
+        share = check["mean_outside_share"]
+        lines += [
+            "",
+            f"Model check ({check['run']}, {check['method']}): "
+            + (
+                f"on average {share:.0%} of the map's mass lies outside the lungs (median "
+                f"{check['median_outside_share']:.0%}; {check['n_measured']} of {check['n_images']} test images "
+                "measured)."
+                if share is not None
+                else f"not measured: no lungs found or all-zero maps on the {check['n_images']} test images."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
