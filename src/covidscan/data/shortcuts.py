@@ -43,6 +43,7 @@ WEAK_SHORTCUT_AUC = 0.55
 _THUMBNAIL = 8
 _BORDER_SIDE, _BORDER_WIDTH, _BORDER_BINS = 64, 3, 16
 _OUTSIDE_SIDE = 16
+_FEW_PATIENTS = 20  # fewer patients than this: say that the figures are fragile
 # the IJG standard luminance table (JPEG Annex K), quality 50: libjpeg scales it for other qualities
 _IJG_LUMINANCE_SUM = 3605  # sum of the IJG standard luminance table (JPEG Annex K), i.e. quality 50
 _MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 16, "RGB": 24, "RGBA": 32, "CMYK": 32, "YCbCr": 24, "I;16": 16, "I": 32}
@@ -302,13 +303,19 @@ def audit_shortcuts(
                 "note": "constant over the dataset" if scheme_used == "constant signal" else "",
             }
         )
-    caveat = (
-        ""
-        if has_patients
-        else "no patient ids: slices of one patient can fall on both sides of a fold, so a signal that "
-        "identifies the patient (a crop size shared by one scan's slices, the thumbnail, the border) looks "
-        "predictive even when it says nothing about the source; read the AUCs as upper bounds"
-    )
+    if not has_patients:
+        caveat = (
+            "no patient ids: images of one patient can fall on both sides of a fold, so a signal that identifies "
+            "the patient (a crop size shared by one scan's slices, the thumbnail, the border) looks predictive "
+            "even when it says nothing about the source; read the AUCs as upper bounds"
+        )
+    elif len(set(groups)) < _FEW_PATIENTS:
+        caveat = (
+            f"only {len(set(groups))} patients: the CIs are wide, and an AUC below 0.5 is an artefact of holding "
+            "out a large share of each class's patients per fold, not a signal"
+        )
+    else:
+        caveat = ""
     return {
         "n_samples": len(samples),
         "n_patients": len(set(groups)) if groups is not None else None,
