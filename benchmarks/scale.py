@@ -207,7 +207,8 @@ def run_size(n: int, work: Path, skip: set[str], env: dict[str, str]) -> dict[st
         if step in skip or (step == "predict" and "epoch0" in skip and not checkpoint.is_file()):
             continue
         if step == "audit":
-            (folder / "cache" / "audit-hashes.sqlite").unlink(missing_ok=True)  # cold: every image hashed
+            for leftover in (folder / "cache").glob("audit-hashes.sqlite*"):  # cold: every image hashed
+                leftover.unlink()
         if step == "predict":
             (folder / "predictions.csv").unlink(missing_ok=True)  # predict resumes; measure a full run
         results[step] = measure(command, cache)
