@@ -17,11 +17,8 @@ audit, does not decode anything again, and near-duplicate pairs come from an exa
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from PIL import Image
 from covidscan.data.hashcache import FileKey, HashCache, file_key
 from covidscan.data.hashindex import near_duplicate_pairs, nearest_distances
 from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_middle_slice
+from covidscan.data.parallel import map_chunks, usable_cpus
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import SPLIT_NAMES, warn_leakage_once
 from covidscan.errors import UsageError
@@ -116,21 +114,14 @@ def _inspect_chunk(samples: Sequence[Sample], hash_size: int) -> list[ImageFacts
     return [inspect_sample(s, hash_size) for s in samples]
 
 
-def _default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _hash_stream(samples: Sequence[Sample], hash_size: int, workers: int) -> Iterator[ImageFacts]:
     """Facts in input order; in ``workers`` spawned processes when there are enough images to repay
     their start-up (each imports covidscan), otherwise in this process."""
     if workers <= 1 or len(samples) < PARALLEL_MIN_IMAGES:
         yield from (inspect_sample(s, hash_size) for s in samples)
         return
-    chunks = [samples[k : k + _WORKER_CHUNK] for k in range(0, len(samples), _WORKER_CHUNK)]
-    context = multiprocessing.get_context("spawn")  # no fork of a threaded (torch, tqdm) parent
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for facts in pool.map(_inspect_chunk, chunks, [hash_size] * len(chunks)):
-            yield from facts
+    for facts in map_chunks(_inspect_chunk, samples, _WORKER_CHUNK, workers, hash_size):
+        yield from facts
 
 
 def inspect_samples(
@@ -169,7 +160,7 @@ def inspect_samples(
     fresh: list[tuple[FileKey, tuple[str, bytes, str | None, str | None]]] = []
     with show_progress(total=len(samples), desc="hashing images", unit="img", disable=not show) as bar:
         bar.update(len(hits))
-        stream = _hash_stream([samples[i] for i in todo], hash_size, workers or _default_workers())
+        stream = _hash_stream([samples[i] for i in todo], hash_size, workers or usable_cpus())
         for index, result in zip(todo, stream):
             facts[index] = result
             key = keys[index]

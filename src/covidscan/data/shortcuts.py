@@ -22,7 +22,6 @@ model's Grad-CAM mass falls outside the lungs.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL import Image
 
 from covidscan.data.io import DICOM_EXTENSIONS, read_image
 from covidscan.data.lung import LungFocus, lung_mask_2d
+from covidscan.data.parallel import map_chunks, usable_cpus
 from covidscan.data.records import DataError, Sample, SampleSet
 
 logger = logging.getLogger(__name__)
@@ -177,23 +177,18 @@ def extract_features(
     samples: Sequence[Sample], names: Sequence[str], *, workers: int | None = None, progress: bool = True
 ) -> tuple[dict[str, np.ndarray], list[int], list[tuple[str, str]]]:
     """Feature matrices per signal for the readable samples, their indices, and the unreadable ones."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     from covidscan.progress import progress as show_progress
 
     names = tuple(names)
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    workers = workers or usable_cpus()
     chunk = 64
     expensive = any(not SIGNALS[n].cheap for n in names)
     results: list[dict[str, np.ndarray] | str] = []
     with show_progress(total=len(samples), desc="shortcut signals", unit="img", disable=not progress) as bar:
         if workers > 1 and expensive and len(samples) >= 4 * chunk:
-            chunks = [samples[k : k + chunk] for k in range(0, len(samples), chunk)]
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for part in pool.map(_feature_chunk, chunks, [names] * len(chunks)):
-                    results += part
-                    bar.update(len(part))
+            for part in map_chunks(_feature_chunk, samples, chunk, workers, names):
+                results += part
+                bar.update(len(part))
         else:
             for s in samples:
                 results.append(_features_of(s, names))
