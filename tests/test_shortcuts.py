@@ -142,8 +142,8 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
 
 
 def test_cam_lung_check_runs_a_model_over_test_images(tmp_path):
-    from covidscan.checkpoint import load_model
     from covidscan.data.shortcuts import cam_lung_check
+    from covidscan.inference import load_predictor
     from helpers import make_checkpoint
 
     yy, xx = np.mgrid[0:64, 0:64] / 64
@@ -156,7 +156,7 @@ def test_cam_lung_check_runs_a_model_over_test_images(tmp_path):
         path = tmp_path / f"slice{i}.png"
         Image.fromarray((np.where(lungs, 0.3, np.where(body, 0.85, 0.02)) * 255).astype(np.uint8)).save(path)
         samples.append(Sample(str(path), "COVID"))
-    loaded = load_model(make_checkpoint(tmp_path, size=32))
+    loaded = load_predictor(make_checkpoint(tmp_path, size=32))
     result = cam_lung_check(loaded, samples, max_images=2)  # a random-init model: its maps may be all zero
     assert result["n_images"] == 2 and result["data_lung"] == "none"
     uniform = SimpleNamespace(map=np.ones((32, 32), np.float32))

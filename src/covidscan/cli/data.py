@@ -225,18 +225,18 @@ def _shortcuts(args: argparse.Namespace) -> int:
 
 
 def _cam_check(run: str) -> dict:
-    from covidscan.checkpoint import load_model
     from covidscan.data.records import DataError
     from covidscan.data.shortcuts import cam_lung_check
     from covidscan.data.splits import load_splits
+    from covidscan.inference import load_predictor
 
-    loaded = load_model(run)
-    if loaded.model.spatial_dims != 2:
-        raise DataError(f"{run}: --cam-run measures 2D models; this one is 3D")
-    test = [s for s in load_splits(loaded.run_dir / "splits.csv").samples if s.split == "test"]
+    predictor = load_predictor(run)
+    if predictor.spatial_dims != 2 or predictor.run_dir is None:
+        raise DataError(f"{run}: --cam-run measures a 2D model's run directory (with its splits.csv)")
+    test = [s for s in load_splits(predictor.run_dir / "splits.csv").samples if s.split == "test"]
     if not test:
-        raise DataError(f"{loaded.run_dir / 'splits.csv'}: no test split to explain")
-    return {"run": str(loaded.run_dir), **cam_lung_check(loaded, test)}
+        raise DataError(f"{predictor.run_dir / 'splits.csv'}: no test split to explain")
+    return {"run": str(predictor.run_dir), **cam_lung_check(predictor, test)}
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -149,7 +149,7 @@ def inspect_samples(
             keys.append(None)
     store = HashCache(f"phash{hash_size}-v{HASH_VERSION}") if cache else None
     known = [i for i, key in enumerate(keys) if key is not None]
-    hits = store.lookup([keys[i] for i in known]) if store else {}
+    hits = store.lookup([key for key in keys if key is not None]) if store else {}
     for position, (sha256, phash, size, mode) in hits.items():
         target = facts[known[position]]
         target.sha256, target.size, target.mode = sha256, size, mode
@@ -164,7 +164,7 @@ def inspect_samples(
         for index, result in zip(todo, stream):
             facts[index] = result
             key = keys[index]
-            if store and key is not None and result.error is None and result.phash is not None:
+            if store and key is not None and result.sha256 is not None and result.phash is not None:
                 fresh.append((key, (result.sha256, result.phash.astype(np.uint64).tobytes(), result.size, result.mode)))
                 if len(fresh) >= _CACHE_WRITE_EVERY:  # an interrupted audit keeps what it hashed
                     store.store(fresh)
@@ -201,7 +201,7 @@ def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, p
     for name in ("val", "test"):
         if name in by_split and "train" in by_split:
             queries = by_split[name]
-            label = name
+            label: str = name
             if len(queries) > _MAX_PLOTTED_QUERIES:
                 pick = np.random.default_rng(0).choice(len(queries), _MAX_PLOTTED_QUERIES, replace=False)
                 queries, label = queries[np.sort(pick)], f"{name} (random {_MAX_PLOTTED_QUERIES} of {len(queries)})"

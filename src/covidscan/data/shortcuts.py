@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,9 @@ from covidscan.data.io import DICOM_EXTENSIONS, read_image
 from covidscan.data.lung import LungFocus, lung_mask_2d
 from covidscan.data.parallel import map_chunks, usable_cpus
 from covidscan.data.records import DataError, Sample, SampleSet
+
+if TYPE_CHECKING:
+    from covidscan.explain.cam import CamMethod
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +98,18 @@ def header_features(path: str | Path) -> dict[str, np.ndarray]:
     """The cheap signals of one file, read from its header (PIL opens lazily; DICOM without pixels)."""
     path = Path(path)
     file_size = float(path.stat().st_size)
+    quality: float
     if path.suffix.lower() in DICOM_EXTENSIONS:
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         width, height = float(ds.get("Columns", 0)), float(ds.get("Rows", 0))
-        bits, channels, fmt, quality = float(ds.get("BitsStored", 16)), float(ds.get("SamplesPerPixel", 1)), "DICOM", -1
+        bits, channels, fmt, quality = (
+            float(ds.get("BitsStored", 16)),
+            float(ds.get("SamplesPerPixel", 1)),
+            "DICOM",
+            -1.0,
+        )
     else:
         try:
             with Image.open(path) as image:
@@ -193,9 +202,10 @@ def extract_features(
             for s in samples:
                 results.append(_features_of(s, names))
                 bar.update()
-    kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    features = {i: r for i, r in enumerate(results) if not isinstance(r, str)}
+    kept = list(features)
     failed = [(samples[i].path, r) for i, r in enumerate(results) if isinstance(r, str)]
-    matrices = {n: np.stack([results[i][n] for i in kept]) if kept else np.zeros((0, 1)) for n in names}
+    matrices = {n: np.stack([features[i][n] for i in kept]) if kept else np.zeros((0, 1)) for n in names}
     return matrices, kept, failed
 
 
@@ -278,7 +288,7 @@ def audit_shortcuts(
     matrices, kept, failed = extract_features(labelled, names, workers=workers, progress=progress)
     samples = [labelled[i] for i in kept]
     class_names = [c for c in data.class_names if any(s.label == c for s in samples)]
-    y = np.array([class_names.index(s.label) for s in samples])
+    y = np.array([class_names.index(str(s.label)) for s in samples])
     has_patients = all(s.patient_id for s in samples)
     groups = np.array([s.patient_id for s in samples]) if has_patients else None
     rows = []
@@ -304,16 +314,16 @@ def audit_shortcuts(
             "the patient (a crop size shared by one scan's slices, the thumbnail, the border) looks predictive "
             "even when it says nothing about the source; read the AUCs as upper bounds"
         )
-    elif len(set(groups)) < _FEW_PATIENTS:
+    elif groups is not None and len(set(groups)) < _FEW_PATIENTS:
         caveat = (
-            f"only {len(set(groups))} patients: the CIs are wide, and an AUC below 0.5 is an artefact of holding "
-            "out a large share of each class's patients per fold, not a signal"
+            f"only {len(set(groups.tolist()))} patients: the CIs are wide, and an AUC below 0.5 is an artefact of "
+            "holding out a large share of each class's patients per fold, not a signal"
         )
     else:
         caveat = ""
     return {
         "n_samples": len(samples),
-        "n_patients": len(set(groups)) if groups is not None else None,
+        "n_patients": len(set(groups.tolist())) if groups is not None else None,
         "caveat": caveat,
         "classes": {c: int((y == i).sum()) for i, c in enumerate(class_names)},
         "cross_validation": scheme or "none (every signal constant)",
@@ -403,8 +413,8 @@ def cheap_shortcut_findings(
     names = tuple(n for n, s in SIGNALS.items() if s.cheap)
     matrices, kept, _ = extract_features(samples, names, workers=1, progress=False)
     samples = [samples[i] for i in kept]
-    classes = sorted({s.label for s in samples})
-    y = np.array([classes.index(s.label) for s in samples])
+    classes = sorted({str(s.label) for s in samples})
+    y = np.array([classes.index(str(s.label)) for s in samples])
     if len(classes) < 2 or np.bincount(y).min() < 2:
         return []
     groups = np.array([s.patient_id for s in samples]) if all(s.patient_id for s in samples) else None
@@ -471,13 +481,14 @@ def cam_lung_check(
     loaded: Any,
     samples: Sequence[Sample],
     *,
-    method: str = "gradcam",
+    method: CamMethod = "gradcam",
     max_images: int = 100,
     seed: int = 0,
     explain: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Grad-CAM mass outside the lungs over (a seeded sample of up to ``max_images``) 2D test images
-    of a loaded model: near 0 means the model looks at the lungs; a large share means it looks
+    of a model (a :class:`covidscan.inference.Predictor`, as ``load_predictor(run)`` gives):
+    near 0 means the model looks at the lungs; a large share means it looks
     elsewhere (borders, text, the body outline) — a shortcut."""
     from covidscan.explain.explanation import explain_image
 
@@ -486,10 +497,11 @@ def cam_lung_check(
     if len(chosen) > max_images:
         pick = np.random.default_rng(seed).choice(len(chosen), max_images, replace=False)
         chosen = [chosen[i] for i in np.sort(pick)]
-    lung_mode = getattr(loaded.config.data, "lung", "none")
+    data_config = loaded.members[0].config.data
+    lung_mode = data_config.lung
     shares = []
     for sample in chosen:
-        image = read_image(sample.path, loaded.config.data.window)
+        image = read_image(sample.path, data_config.window)
         cam = explain(loaded, image, method).map
         # with data.lung: crop the map covers the crop, so the share is measured on the crop
         seen = LungFocus("crop")(image) if lung_mode == "crop" else image
