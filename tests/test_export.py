@@ -14,6 +14,7 @@ from covidscan.cli import main
 from covidscan.data import read_image
 from covidscan.inference import metadata_path
 from covidscan.serving import create_app, export_model, load_predictor, predict_files
+from covidscan.serving.export import SUFFIXES
 from helpers import CLASSES, make_checkpoint, png_bytes
 
 pytest.importorskip("onnxruntime")
@@ -102,3 +103,59 @@ def test_resnet18_onnx_matches_pytorch(tmp_path):
 def test_export_rejects_unknown_format(exported):
     with pytest.raises(ValueError, match="format"):
         export_model(exported[0], "tflite")
+
+
+def stacks_3d(config, scan) -> torch.Tensor:
+    from covidscan.data import Sample
+    from covidscan.data.volumes import VolumeStackDataset
+
+    dataset = VolumeStackDataset([Sample(str(scan), None)], [], config, train=False)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_3d_model_exports_and_matches_pytorch_on_its_stacks(tmp_path, fmt):
+    """A 3D model's export takes (N, C, D, S, S) stacks; ONNX evaluates a whole scan like PyTorch."""
+    from covidscan.data import Sample
+    from covidscan.evaluation import predict
+    from helpers import registered_model, tiny3d, write_nifti
+
+    data = {"spatial_dims": 3, "depth": 4, "normalize": "sample", "volume": {"stride": 2}}
+    scan = write_nifti(tmp_path / "scan.nii.gz", slices=9)
+    with registered_model("tiny3d_export", tiny3d, spatial_dims=3):
+        run = make_checkpoint(tmp_path, model="tiny3d_export", size=16, data=data)
+        torch_model = load_predictor(run)
+        stacks = stacks_3d(torch_model.config.data, scan)
+        result = export_model(run, fmt, tmp_path / f"model{SUFFIXES[fmt]}", check_batch=stacks)
+        assert result.max_abs_diff < 1e-4
+        metadata = json.loads(metadata_path(result.path).read_text())
+        assert metadata["input"]["shape"] == ["batch", 1, 4, 16, 16] and metadata["card"]["spatial_dims"] == 3
+        if fmt == "onnx":
+            onnx_model = load_predictor(onnx=result.path)
+            np.testing.assert_allclose(onnx_model.predict_batch(stacks), torch_model.predict_batch(stacks), atol=1e-4)
+            scans = [Sample(str(scan), "COVID")]
+            from_onnx, from_torch = predict(onnx_model, scans), predict(torch_model, scans)
+            np.testing.assert_allclose(from_onnx.proba, from_torch.proba, atol=1e-4)
+            assert from_onnx.paths == from_torch.paths and len(from_onnx.paths) == 4  # stacks at 0, 2, 4 and 5
+
+
+@pytest.mark.integration
+def test_resnet3d_exports_match_pytorch_on_real_dicom_stacks(shared_datasets, tmp_path):
+    """Study C's model, exported to a single self-contained ONNX file and to TorchScript, checked on the
+    slice stacks of a real covid-ct-md-sample series."""
+    data = {"spatial_dims": 3, "depth": 4, "normalize": "sample", "window": {"level": -600, "width": 1500}}
+    run = make_checkpoint(tmp_path, model="resnet3d_18", size=32, data=data)
+    predictor = load_predictor(run)
+    stacks = stacks_3d(predictor.config.data, shared_datasets / "covid-ct-md-sample" / "COVID-19" / "P001")[:6]
+    out = tmp_path / "export"
+    for fmt in ("onnx", "torchscript"):
+        result = export_model(run, fmt, out / f"model{SUFFIXES[fmt]}", check_batch=stacks)
+        assert result.max_abs_diff < 1e-4
+    onnx_probabilities = load_predictor(onnx=out / "model.onnx").predict_batch(stacks)
+    np.testing.assert_allclose(onnx_probabilities, predictor.predict_batch(stacks), atol=1e-4)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.onnx",
+        "model.onnx.json",
+        "model.torchscript.pt",
+        "model.torchscript.pt.json",
+    ]  # the weights are inside the .onnx, no .onnx.data beside it

@@ -137,7 +137,8 @@ def export_model(
 
 
 def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.export-based exporter first (the maintained path); the TorchScript-based one as fallback."""
+    """torch.export-based exporter first (the maintained path); the TorchScript-based one as fallback.
+    Weights stay inside the file (no ``.onnx.data`` beside it), so copying the file copies the model."""
     batch = torch.export.Dim("batch", min=1)
     try:
         torch.onnx.export(
@@ -148,6 +149,7 @@ def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
             input_names=["image"],
             output_names=["probabilities"],
             dynamic_shapes={"image": {0: batch}},
+            external_data=False,  # one self-contained file (weights inside), whatever the model's size
             verbose=False,
         )
         return
