@@ -1,13 +1,13 @@
 """Trainer overhead: images/s of covidscan's training loop vs a minimal hand-written PyTorch loop.
 
 Both train the same registry model on the same pre-generated tensors with the same batch size,
-optimizer and threads; runs alternate (trainer, loop, trainer, loop, ...) so machine load hits both
-alike, and each run's first epoch is a discarded warm-up. The tensors go into
+optimizer and threads; runs alternate (trainer, loop, loop, trainer, trainer, loop, ...) so machine load
+hits both alike, and each run's first epoch is a discarded warm-up. The tensors go into
 ``covidscan.training.TrainingLoop`` through its ordinary API (a ``DataLoader`` argument), with the
 per-epoch callbacks ``train()`` uses (best + last checkpoint, history), so image decoding is not
 measured, only the training engine.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trainer_overhead.py [--images 64 --batch-size 16 --rounds 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/trainer_overhead.py [--images 64 --batch-size 16 --rounds 4]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2, help="measured epochs per run (after one warm-up)")
-    parser.add_argument("--rounds", type=int, default=3, help="trainer/loop alternations")
+    parser.add_argument("--rounds", type=int, default=4, help="trainer/loop alternations")
     args = parser.parse_args()
 
     generator = torch.Generator().manual_seed(0)
@@ -125,8 +125,12 @@ def main() -> None:
     rates: dict[str, list[float]] = {name: [] for name in ROWS}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
+            # the order alternates, so a load that builds up or fades during a round hits both alike
+            if round_index % 2:
+                plain_wall, plain_cpu = run_plain_loop(tensors, args)
             loop, wall, cpu = run_trainer(tensors, args, Path(tmp) / f"run{round_index}")
-            plain_wall, plain_cpu = run_plain_loop(tensors, args)
+            if not round_index % 2:
+                plain_wall, plain_cpu = run_plain_loop(tensors, args)
             for name, value in zip(ROWS, (plain_wall, loop, wall, plain_cpu, cpu)):
                 rates[name].append(value)
 
