@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from covidscan.checkpoint import load_checkpoint
 from covidscan.config import PhaseConfig, RunConfig, config_from_dict
 from covidscan.inference import load_predictor
 from covidscan.models import ClassifierModel
@@ -29,14 +30,16 @@ def tiny_net(num_classes: int = 2, in_channels: int = 1, pretrained: bool = Fals
     return ClassifierModel(backbone, head)
 
 
-def in_memory_loop(tmp_path, callbacks, phases=None, images: int = 12) -> TrainingLoop:
+def in_memory_loop(
+    tmp_path, callbacks, phases=None, images: int = 12, model: nn.Module | None = None, shuffle: bool = False
+) -> TrainingLoop:
     """A loop over 12 random 8x8 images in batches of 4 (3 steps per epoch), no validation; 3 epochs
-    in one phase unless ``phases`` say otherwise."""
+    in one phase unless ``phases`` say otherwise; a fresh ``tiny_net`` unless ``model`` is given."""
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(images, 1, 8, 8, generator=generator), torch.arange(images) % 2)
     return TrainingLoop(
-        tiny_net(),
-        DataLoader(data, batch_size=4),
+        model if model is not None else tiny_net(),
+        DataLoader(data, batch_size=4, shuffle=shuffle),
         None,
         phases=phases or [PhaseConfig(epochs=3, lr=0.01)],
         criterion=ClassificationLoss("softmax", 2),
@@ -172,6 +175,48 @@ class Interrupt(Callback):
     def on_epoch_end(self, loop, metrics):
         if loop.epoch == 1:
             raise KeyboardInterrupt
+
+
+class InterruptAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, loop, metrics):
+        if loop.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_a_loop_resumed_from_its_state_dict_restores_callback_state_and_ends_bit_exact(tmp_path):
+    """The loop's own resume contract, without ``train()``: a fresh loop given the weights and the
+    ``training_state`` that ``LastCheckpoint`` wrote continues the callbacks' state and ends with the
+    same weights as an uninterrupted loop (shuffled batches, Adam state and a phase change included)."""
+    phases = [PhaseConfig(epochs=2, lr=0.01), PhaseConfig(epochs=2, lr=0.005, optimizer="sgd")]
+
+    def start(run_dir, callbacks):
+        torch.manual_seed(0)  # the same initial weights and shuffling stream for every loop
+        return in_memory_loop(run_dir, callbacks, phases, model=tiny_net(), shuffle=True)
+
+    uninterrupted_counter = StepCounter()
+    uninterrupted = start(tmp_path / "whole", [uninterrupted_counter])
+    uninterrupted.fit()
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 1, mid-phase
+        start(tmp_path / "run", [LastCheckpoint(), StepCounter(), InterruptAt(1)]).fit()
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # as train(resume=True) reads it
+    counter = StepCounter()
+    torch.manual_seed(123)  # whatever the global RNG holds now, the resume restores the saved one
+    resumed = in_memory_loop(tmp_path / "run", [LastCheckpoint(), counter], phases, model=tiny_net(), shuffle=True)
+    resumed.model.load_state_dict(checkpoint["state_dict"])
+    resumed.load_state_dict(checkpoint["training_state"])
+    assert counter.steps == 3  # restored before fit: one epoch of 3 steps
+    resumed.fit()
+
+    assert counter.steps == uninterrupted_counter.steps == 4 * 3
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4]
+    assert [row["loss"] for row in resumed.history] == [row["loss"] for row in uninterrupted.history]
+    expected = uninterrupted.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 def _config(source, tmp_path):
