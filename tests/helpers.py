@@ -107,3 +107,52 @@ def write_nifti(path: Path, slices: int = 10, size: tuple[int, int] = (20, 18), 
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(hu, np.eye(4)), path)
     return path
+
+
+# ---- a corpus of bad inputs (data layer and API tests) ------------------------------------------
+def bomb_png_bytes(side: int = 30000) -> bytes:
+    """A tiny PNG whose header declares ``side`` x ``side`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def truncated_jpeg_bytes(size: tuple[int, int] = (64, 64)) -> bytes:
+    """A JPEG cut in the middle of its pixel data: the header reads, the decode fails."""
+    data = png_bytes(size, fmt="JPEG")
+    return data[: len(data) // 2]
+
+
+def write_nan_tiff(path: Path) -> Path:
+    """A 32-bit float TIFF with NaN pixels."""
+    pixels = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    pixels[3:6, 3:6] = np.nan
+    Image.fromarray(pixels).save(path)  # float32 -> mode F
+    return path
+
+
+def write_dicom_with_slope(path: Path, slope_text: bytes) -> Path:
+    """A CT slice whose RescaleSlope is the (8-byte, space-padded) text given, e.g. b"NaN" or b"abc"."""
+    write_dicom_slice(path, np.zeros((8, 8)) - 1000.0, 0.0, slope=1.23456)
+    data = path.read_bytes()
+    assert data.count(b"1.23456 ") == 1
+    path.write_bytes(data.replace(b"1.23456 ", slope_text.ljust(8)))
+    return path
+
+
+def write_exif_rotated_jpeg(path: Path) -> np.ndarray:
+    """A 48x24 (W x H) JPEG, bright in its left half, tagged EXIF orientation 6 (display rotated 90 degrees
+    clockwise); returns the upright picture a viewer shows, (48, 24) as (H, W), in [0, 1]."""
+    stored = np.zeros((24, 48), np.uint8)
+    stored[:, :24] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    return np.rot90(stored, k=-1).astype(np.float32) / 255.0

@@ -121,8 +121,8 @@ def test_dicom_series_sorted_by_position_with_hu_rescale(tmp_path):
 
 
 def test_dicom_series_with_mixed_slice_sizes_is_an_error(tmp_path):
-    write_dicom_slice(tmp_path / "a.dcm", np.zeros((8, 8)), 0.0)
-    write_dicom_slice(tmp_path / "b.dcm", np.zeros((8, 6)), 1.0)
+    write_dicom_slice(tmp_path / "a.dcm", np.zeros((8, 8)), 0.0, series_uid="1.2.3")
+    write_dicom_slice(tmp_path / "b.dcm", np.zeros((8, 6)), 1.0, series_uid="1.2.3")
     with pytest.raises(DataError, match=r"b\.dcm: slice size"):
         read_dicom_series(tmp_path)
     assert read_dicom_series(tmp_path, pixels=False).hu.shape == (2, 0, 0)

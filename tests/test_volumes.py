@@ -97,7 +97,7 @@ def test_stacks_are_decoded_lazily_and_cached(tmp_path: Path, monkeypatch) -> No
     scans = [Sample(str(write_dicom_series(tmp_path / name, ramp(8))), "COVID", name) for name in ("a", "b")]
     calls = []
     real = volumes.read_volume
-    monkeypatch.setattr(volumes, "read_volume", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(volumes, "read_volume", lambda path, **kw: calls.append(path) or real(path, **kw))
     dataset = VolumeStackDataset(scans, ["COVID"], data_config(volume={"cache_scans": 1}), train=False)
     assert calls == []  # indexing reads headers only
     for index in range(len(dataset)):
@@ -221,7 +221,7 @@ def test_disk_cache_is_reused_across_datasets(tmp_path: Path, monkeypatch) -> No
     scan = [Sample(str(write_dicom_series(tmp_path / "p", ramp(8))), "COVID", "p")]
     calls = []
     real = volumes.read_volume
-    monkeypatch.setattr(volumes, "read_volume", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(volumes, "read_volume", lambda path, **kw: calls.append(path) or real(path, **kw))
     config = data_config(volume={"cache_dir": str(tmp_path / "cache")})
     first = VolumeStackDataset(scan, ["COVID"], config, train=False)[1][0]
     again = VolumeStackDataset(scan, ["COVID"], config, train=False)[1][0]

@@ -128,6 +128,7 @@ class SplitConfig:
     folds: int = 5
     fold: int = 0
     file: str | None = None  # a splits.csv saved by an earlier run, for method "file"
+    stratify_by_source: bool = False  # multi-source data: keep every source's class mix in every split
 
     def __post_init__(self) -> None:
         _check(len(self.ratios) == 3, f"data.split.ratios needs 3 numbers (train, val, test), got {self.ratios}")
@@ -161,11 +162,77 @@ class VolumeConfig:
 
 
 @dataclass
+class ReadLimits:
+    """What any reader accepts, checked on the header before a pixel is decoded (``data.limits``).
+
+    The same limits hold in training, evaluation, prediction, explanation and the HTTP API, so a
+    decompression bomb or a runaway series is a clear error naming the file everywhere.
+    """
+
+    max_file_bytes: int = 2**30  # one file on disk (an image, a DICOM slice, a NIfTI volume)
+    max_side: int = 16384  # pixels along either side of an image or slice
+    max_pixels: int = 2**26  # pixels of one image or slice (67 M: an 8192 x 8192 image)
+    max_slices: int = 4096  # slices (files) of one DICOM series or NIfTI volume
+    max_decoded_bytes: int = 2**32  # decompressed float32 size of one read (4 GiB)
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_side", "max_pixels", "max_slices", "max_decoded_bytes"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"data.limits.{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class SourceConfig:
+    """One dataset among several (``data.source`` as a list): its own name and label map.
+
+    ``name`` tags every sample (``Sample.source``) so splits, metrics and cross-source validation
+    can tell the sources apart; it defaults to the folder name (the CSV's folder for a manifest).
+    ``label_map`` renames this source's raw labels before ``data.label_map`` applies to all.
+    """
+
+    path: str
+    name: str | None = None
+    label_map: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(str(self.path).strip()), "data.source: a source needs a path (folder, manifest or 'sample')")
+        if not self.name:
+            self.name = default_source_name(self.path)
+
+
+def default_source_name(path: str | Path) -> str:
+    """A source's default name: ``covid-ct/metadata.csv`` -> ``covid-ct``, ``datasets/sarscov2-ct`` ->
+    ``sarscov2-ct``, ``sample`` -> ``sample``."""
+    candidate = Path(str(path))
+    if candidate.suffix.lower() == ".csv":
+        candidate = candidate.parent
+    return candidate.name or str(path)
+
+
+SourceSpec = str | list[SourceConfig | str]
+
+
+def _as_sources(spec: SourceSpec | None, key: str) -> list[SourceConfig]:
+    """The list form of ``data.source`` / ``data.test_source``; names must be unique."""
+    if spec is None:
+        return []
+    items = [spec] if isinstance(spec, str) else spec
+    sources = [item if isinstance(item, SourceConfig) else SourceConfig(path=item) for item in items]
+    _check(bool(sources), f"{key} is an empty list; give at least one source")
+    names = [s.name for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _check(not repeated, f"{key}: several sources are named {repeated}; give each a distinct name")
+    return sources
+
+
+@dataclass
 class DataConfig:
     """Where images come from and how they become tensors."""
 
-    source: str = "sample"  # folder-per-class root, CSV manifest, or "sample" (generated demo set)
-    test_source: str | None = None  # optional separate labelled test set (folder or manifest)
+    # folder-per-class root, CSV manifest, "sample" (generated demo set), or a list of sources
+    # ({path, name, label_map} mappings or plain paths) trained on together
+    source: SourceSpec = "sample"
+    test_source: SourceSpec | None = None  # optional separate labelled test set(s), same forms
     classes: list[str] | None = None  # class order; discovered (sorted) when omitted
     label_map: dict[str, str] = field(default_factory=dict)  # raw folder/label name -> class name
     positive_class: str | None = None  # binary metrics' positive class; default: a class named like COVID
@@ -186,8 +253,12 @@ class DataConfig:
     depth: int = 16  # slices per stack for 3D models
     volume: VolumeConfig = field(default_factory=VolumeConfig)  # 3D stacking, resampling, lung crop
     lung: Literal["none", "crop", "mask"] = "none"  # 2D: crop to the lungs or black outside them (data/lung.py)
+    limits: ReadLimits = field(default_factory=ReadLimits)  # what a readable input may declare
 
     def __post_init__(self) -> None:
+        self.source = self.source if isinstance(self.source, str) else _as_sources(self.source, "data.source")
+        if self.test_source is not None and not isinstance(self.test_source, str):
+            self.test_source = _as_sources(self.test_source, "data.test_source")
         _check(16 <= self.image_size <= 2048, f"data.image_size must be in [16, 2048], got {self.image_size}")
         _check(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
         _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class must be > 0")
@@ -202,6 +273,15 @@ class DataConfig:
             self.spatial_dims == 2 or self.lung == "none",
             f"data.lung applies to 2D images only; for 3D volumes use data.volume.lung: {self.lung}",
         )
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """``data.source`` as a list of named sources (one for the single-string form)."""
+        return _as_sources(self.source, "data.source")
+
+    @property
+    def test_sources(self) -> list[SourceConfig]:
+        return _as_sources(self.test_source, "data.test_source")
 
 
 @dataclass
@@ -342,15 +422,26 @@ def _build_union(options: tuple[Any, ...], value: Any, key: str) -> Any:
     """The first option that accepts ``value``; the first option's complaint when none does."""
     if value is None and type(None) in options:
         return None
-    errors = []
+    fitting, others = [], []
     for option in options:
         if option is type(None):
             continue
         try:
             return _build(option, value, key)
         except ConfigError as exc:
-            errors.append(str(exc))
+            (fitting if _same_shape(option, value) else others).append(str(exc))
+    errors = fitting + others  # the complaint of the option shaped like the value says what is wrong inside it
     raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+
+
+def _same_shape(option: Any, value: Any) -> bool:
+    """Whether ``value`` is a list / mapping / scalar as ``option`` expects."""
+    origin = typing.get_origin(option)
+    if isinstance(value, list):
+        return origin is list
+    if isinstance(value, dict):
+        return origin is dict or dataclasses.is_dataclass(option)
+    return origin not in (list, dict) and not dataclasses.is_dataclass(option)
 
 
 def _build_dataclass(cls: Any, value: Any, key: str) -> Any:
@@ -470,12 +561,27 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         return raw
     for key in ("source", "test_source"):
         value = data.get(key)
-        if (
-            isinstance(value, str)
-            and value != "sample"
-            and not Path(value).is_absolute()
-            and not Path(value).exists()
-            and (base / value).exists()
-        ):
-            data[key] = str(base / value)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            data[key] = [
+                {**item, "path": _resolved(item["path"], base)}
+                if isinstance(item, dict) and isinstance(item.get("path"), str)
+                else _resolved(item, base)
+                for item in value
+            ]
+        else:
+            data[key] = _resolved(value, base)
     return raw
+
+
+def _resolved(value: Any, base: Path) -> Any:
+    if (
+        isinstance(value, str)
+        and value != "sample"
+        and not Path(value).is_absolute()
+        and not Path(value).exists()
+        and (base / value).exists()
+    ):
+        return str(base / value)
+    return value

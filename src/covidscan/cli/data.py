@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
+        nargs="*",
         help="folder of class sub-folders (optionally under train/ val/ test/), "
-        "a CSV manifest path,label[,patient_id][,split], or 'sample' (the demo set)",
+        "a CSV manifest path,label[,patient_id][,split], or 'sample' (the demo set); several are "
+        "loaded together as named sources (named after their folders)",
+    )
+    parser.add_argument(
+        "--config",
+        help="take the sources (with their names and label maps), data.label_map and data.limits from a run config",
     )
     parser.add_argument(
         "--label-map", nargs="+", default=[], metavar="RAW=CLASS", help="rename raw labels, e.g. CT_NonCOVID=non-COVID"
@@ -65,6 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument("--folds", type=int, default=5, help="k for --method kfold (default 5)")
     split.add_argument("--fold", type=int, default=0, help="which fold is the test split (default 0)")
     split.add_argument("--seed", type=int, default=42, help="random seed; same seed, same split (default 42)")
+    split.add_argument(
+        "--stratify-by-source",
+        action="store_true",
+        help="several sources: stratify by label x source, so every split keeps each source's class mix",
+    )
     split.set_defaults(handler=_split)
 
     audit = verbs.add_parser(
@@ -134,25 +146,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.set_defaults(handler=_sample)
 
 
-def _load(args: argparse.Namespace):
-    from covidscan.data.sources import load_samples, parse_label_map
+def _source_spec(args: argparse.Namespace):
+    """The sources to load (paths, or a config's named sources), their label map and read limits."""
+    from covidscan.config import ConfigError, load_config
+    from covidscan.data.sources import parse_label_map
 
-    return load_samples(args.source, label_map=parse_label_map(args.label_map), skip_bad=args.skip_bad)
+    label_map = parse_label_map(args.label_map)
+    if args.config:
+        if args.source:
+            raise ConfigError("give either SOURCE ... or --config, not both")
+        data = load_config(args.config).data
+        return data.source, {**data.label_map, **label_map}, data.limits
+    if not args.source:
+        raise ConfigError("give a data source (folder, manifest or 'sample') or --config FILE")
+    return (args.source[0] if len(args.source) == 1 else args.source), label_map, None
+
+
+def _load(args: argparse.Namespace, check_files: str | None = None):
+    """Load the sources; the data verbs print the manifest issues themselves, once, after their output."""
+    from covidscan.data.records import DataWarning
+    from covidscan.data.sources import load_samples
+
+    source, label_map, limits = _source_spec(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        return load_samples(source, label_map=label_map, skip_bad=args.skip_bad, limits=limits, check_files=check_files)
+
+
+def _print_problems(data) -> None:
+    if data.skipped:
+        print(f"skipped:  {len(data.skipped)} (first: {data.skipped[0][0]}: {data.skipped[0][1]})")
+    for issue in data.issues:
+        print(f"warning:  {issue.message}")
+
+
+def _source_text(args: argparse.Namespace) -> str:
+    from covidscan.data.sources import source_label
+
+    return source_label(_source_spec(args)[0])
 
 
 def _info(args: argparse.Namespace) -> int:
     from covidscan.data.splits import split_counts
 
     data = _load(args)
-    print(f"source:   {args.source}")
+    print(f"source:   {_source_text(args)}")
     print(f"samples:  {len(data.samples)}")
     for name, count in data.class_counts().items():
         print(f"  {name}: {count}")
-    print(f"patients: {len({s.patient_id for s in data.samples if s.patient_id}) or 'none (no patient ids)'}")
+    patients = {(s.source, s.patient_id) for s in data.samples if s.patient_id}
+    print(f"patients: {len(patients) or 'none (no patient ids)'}")
+    sources = data.source_class_counts()
+    if len(sources) > 1:
+        width = max(len(name) for name in sources)
+        print("per source:")
+        for source, counts in sources.items():
+            cells = ", ".join(f"{name}: {count}" for name, count in counts.items())
+            print(f"  {source:<{width}}  {sum(counts.values()):>6}  ({cells})")
     if any(s.split for s in data.samples):
         print(f"predefined splits: {split_counts(data)}")
-    if data.skipped:
-        print(f"skipped:  {len(data.skipped)} (first: {data.skipped[0][0]}: {data.skipped[0][1]})")
+    _print_problems(data)
     return 0
 
 
@@ -161,12 +214,20 @@ def _split(args: argparse.Namespace) -> int:
     from covidscan.data.splits import assign_splits, save_splits, split_counts
 
     try:
-        config = SplitConfig(method=args.method, ratios=list(args.ratios), folds=args.folds, fold=args.fold)
+        config = SplitConfig(
+            method=args.method,
+            ratios=list(args.ratios),
+            folds=args.folds,
+            fold=args.fold,
+            stratify_by_source=args.stratify_by_source,
+        )
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("data.split.", "--")) from None
-    result = assign_splits(_load(args), config, args.seed)
+    data = _load(args)
+    result = assign_splits(data, config, args.seed)
     path = save_splits(result, args.out)
     print(f"wrote {path}: {split_counts(result)}")
+    _print_problems(data)
     return 0
 
 
@@ -177,17 +238,24 @@ def _audit(args: argparse.Namespace) -> int:
     from covidscan.data.splits import assign_splits
     from covidscan.runtime import write_json
 
-    data = _load(args)
+    data = _load(args, check_files="none")  # the audit reads every file itself and lists the unreadable ones
     if args.splits:
         data = assign_splits(data, SplitConfig(method="file", file=args.splits), seed=0)
     plot = Path(args.out).with_suffix(".png") if args.out else None
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = audit_samples(data, threshold=args.threshold, hash_size=args.hash_size, plot_path=plot)
-    report = {"source": str(args.source), "splits_file": args.splits, **report}
+    report = {
+        "source": _source_text(args),
+        "splits_file": args.splits,
+        **report,
+        "manifest_issues": [issue.to_dict() for issue in data.issues],
+    }
     if args.out:
         write_json(args.out, report)
     print(format_report(report))
+    for issue in data.issues:
+        print(f"warning:  {issue.message}")
     if args.out:
         print(f"full report: {args.out}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
     leakage = report.get("leakage") or {}

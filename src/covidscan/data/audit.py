@@ -6,7 +6,9 @@ Hamming distance) inside the dataset and across train/val/test, plus patients th
 ``check_split_leakage`` is the trainer's guard: it warns, or raises with ``strict``, when val/test
 share near-duplicates or patients with train.
 
-Volumes (DICOM series folders, NIfTI files) are hashed on their middle slice, lung-windowed.
+Every format is read through its registered reader (``Reader.preview``): volumes (DICOM series
+folders, NIfTI files) are hashed on their middle slice, lung-windowed; JPEGs are decoded at a
+reduced scale, all a perceptual hash needs.
 
 At scale (hundreds of thousands of slices): images are hashed in worker processes, hashes are
 cached per file (:mod:`covidscan.data.hashcache`) so the trainer's check after an audit, or a second
@@ -26,10 +28,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from covidscan.config import ReadLimits
 from covidscan.data.hashcache import FileKey, HashCache, file_key
 from covidscan.data.hashindex import near_duplicate_pairs, nearest_distances
-from covidscan.data.io import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, apply_window, read_image, read_middle_slice
 from covidscan.data.parallel import map_chunks, usable_cpus
+from covidscan.data.readers import get_reader
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import SPLIT_NAMES, warn_leakage_once
 from covidscan.errors import UsageError
@@ -42,7 +45,7 @@ DEFAULT_NEAR_THRESHOLD = 24
 _HASH_DECODE_SIZE = 128  # JPEG draft size: phash looks at 4 * hash_size pixels, so skip full decodes
 _MAX_LISTED_PAIRS = 2000
 _MAX_PLOTTED_QUERIES = 2000
-HASH_VERSION = 1  # bump when hashing changes, so the cache does not serve hashes of the old kind
+HASH_VERSION = 2  # bump when hashing changes, so the cache does not serve hashes of the old kind
 PARALLEL_MIN_IMAGES = 2000  # fewer images to hash than this: worker start-up would cost more than it saves
 _WORKER_CHUNK = 256
 _CACHE_WRITE_EVERY = 5000
@@ -78,7 +81,8 @@ def _hash_words(image: Image.Image, hash_size: int) -> np.ndarray:
 
 
 def _gray_to_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+    """8-bit grayscale; rounding makes an 8-bit image's round trip through [0, 1] exact."""
+    return Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8))
 
 
 def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageFacts:
@@ -86,22 +90,16 @@ def inspect_sample(sample: Sample, hash_size: int = DEFAULT_HASH_SIZE) -> ImageF
     facts = ImageFacts(sample)
     path = Path(sample.path)
     try:
+        reader = get_reader(path)
+        header = reader.header(path)
         facts.sha256 = _file_digest(path)
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
-            with Image.open(path) as image:
-                facts.size, facts.mode = f"{image.width}x{image.height}", image.mode
-                image.draft("L", (_HASH_DECODE_SIZE, _HASH_DECODE_SIZE))
-                image.load()
-                facts.phash = _hash_words(image, hash_size)
-        elif suffix in DICOM_EXTENSIONS:
-            array = read_image(path)
-            facts.size, facts.mode = f"{array.shape[1]}x{array.shape[0]}", "DICOM"
-            facts.phash = _hash_words(_gray_to_pil(array), hash_size)
+        depth, height, width = header.shape
+        if reader.volumetric:
+            facts.size, facts.mode = f"{depth}x{height}x{width}", "volume"
         else:
-            middle, shape = read_middle_slice(path)
-            facts.size, facts.mode = "x".join(map(str, shape)), "volume"
-            facts.phash = _hash_words(_gray_to_pil(apply_window(middle)), hash_size)
+            facts.size, facts.mode = f"{width}x{height}", header.mode
+        preview = reader.preview(path, header, limits=ReadLimits(), size=_HASH_DECODE_SIZE)
+        facts.phash = _hash_words(_gray_to_pil(preview), hash_size)
     except DataError as exc:
         facts.error = str(exc)
     except Exception as exc:  # PIL/pydicom raise many types for corrupt files; the audit reports them all

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from covidscan.config import DataConfig, WindowConfig
+from covidscan.config import DataConfig, ReadLimits, WindowConfig
 from covidscan.data.io import read_image
 from covidscan.data.records import Sample
 from covidscan.data.transforms import NormStats, build_transform
@@ -38,11 +38,13 @@ class ImageDataset(SampleDataset):
         class_names: Sequence[str],
         transform: Callable[[np.ndarray], torch.Tensor],
         window: WindowConfig | None = None,
+        limits: ReadLimits | None = None,
     ) -> None:
         self.samples = list(samples)
         self.class_index = {name: i for i, name in enumerate(class_names)}
         self.transform = transform
         self.window = window
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -53,7 +55,7 @@ class ImageDataset(SampleDataset):
         return self.samples
 
     def read(self, index: int) -> np.ndarray:
-        return read_image(self.samples[index].path, self.window)
+        return read_image(self.samples[index].path, self.window, limits=self.limits)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
@@ -74,4 +76,6 @@ def build_dataset(
         from covidscan.data.volumes import build_volume_dataset
 
         return build_volume_dataset(config, samples, class_names, train=train)
-    return ImageDataset(samples, class_names, build_transform(config, train=train, stats=stats), config.window)
+    return ImageDataset(
+        samples, class_names, build_transform(config, train=train, stats=stats), config.window, config.limits
+    )

@@ -1,4 +1,4 @@
-"""The unit every loader produces: one labelled file (or series) with its patient and split."""
+"""The unit every loader produces: one labelled file (or series) with its patient, split and source."""
 
 from __future__ import annotations
 
@@ -12,15 +12,32 @@ class DataError(UserError, ValueError):
     """Bad input data. The message names the offending file and how to fix or skip it."""
 
 
+class DataWarning(UserWarning):
+    """Suspicious input data that is used anyway (duplicate manifest rows, missing patient ids)."""
+
+
 @dataclass(frozen=True)
 class Sample:
     path: str  # an image file, a DICOM file, a DICOM series folder or a NIfTI file
     label: str | None  # class name; None for unlabeled images (prediction only)
     patient_id: str | None = None
     split: str | None = None  # "train" / "val" / "test" once assigned
+    source: str | None = None  # the dataset it came from (data.source's name), for per-source splits and metrics
 
     def with_split(self, split: str) -> Sample:
         return replace(self, split=split)
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """A problem found in a dataset's description (a manifest, usually), with where it is."""
+
+    kind: str  # duplicate | conflicting_labels | missing_label | missing_patient_id
+    message: str  # one line: what, where (rows or files), and what was done about it
+    where: tuple[str, ...] = ()  # e.g. "metadata.csv line 7", or file paths
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "message": self.message, "where": list(self.where)}
 
 
 @dataclass
@@ -30,6 +47,7 @@ class SampleSet:
     samples: list[Sample]
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) under --skip-bad
+    issues: list[DataIssue] = field(default_factory=list)  # duplicates, missing patient ids... (warned)
 
     @property
     def label_map(self) -> dict[str, int]:
@@ -38,6 +56,15 @@ class SampleSet:
     def class_counts(self) -> dict[str, int]:
         counts = Counter(s.label for s in self.samples)
         return {name: counts.get(name, 0) for name in self.class_names}
+
+    def sources(self) -> list[str]:
+        """Source names in first-seen order (samples without one are left out)."""
+        return list(dict.fromkeys(s.source for s in self.samples if s.source))
+
+    def source_class_counts(self) -> dict[str, dict[str, int]]:
+        """``{source: {class: count}}`` for every source and class (zeros included)."""
+        counts = Counter((s.source, s.label) for s in self.samples)
+        return {src: {name: counts.get((src, name), 0) for name in self.class_names} for src in self.sources()}
 
     def has_patients(self) -> bool:
         return any(s.patient_id for s in self.samples)

@@ -1,14 +1,28 @@
-"""Discover samples from a folder-per-class tree, a CSV manifest, or the embedded demo sample."""
+"""Discover samples from folder-per-class trees, CSV manifests, the embedded demo sample, or several
+such sources at once (``data.source`` as a list), each sample tagged with its source's name.
+
+Which files count as inputs is the reader registry's decision (:mod:`covidscan.data.readers`), so
+a newly registered format is found here without changes. Manifests are checked as they are read
+(:mod:`covidscan.data.checks`): duplicate paths, one path with two labels, NaN/empty labels and
+missing patient ids are errors or loud warnings naming the rows.
+"""
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from covidscan.data.io import DICOM_EXTENSIONS, is_supported_file
+from covidscan.config import ConfigError, ReadLimits, SourceConfig
+from covidscan.data.checks import Entry, check_entries, is_missing, verify_readable
+from covidscan.data.readers import find_reader, is_supported_file
 from covidscan.data.records import DataError, Sample, SampleSet
+
+if TYPE_CHECKING:
+    from covidscan.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +37,8 @@ COLUMN_ALIASES = {
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 
+SourceLike = str | Path | SourceConfig
+
 
 def canonical_split(name: str) -> str:
     """``Validation`` -> ``val`` etc.; unknown names are returned lower-cased for the caller to reject."""
@@ -33,9 +49,9 @@ def canonical_split(name: str) -> str:
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
-def _is_series_folder(folder: Path) -> bool:
-    """A folder whose files are DICOM slices is one series (one scan, one patient)."""
-    return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in folder.iterdir())
+def _is_scan_folder(folder: Path) -> bool:
+    """A folder some scan reader takes (a DICOM series) is one sample: one scan, one patient."""
+    return find_reader(folder, volumetric=True) is not None
 
 
 def _split_dirs(root: Path) -> list[Path]:
@@ -74,12 +90,12 @@ def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[S
             if entry.name in _IGNORED_NAMES or entry.name.startswith("."):
                 continue
             if entry.is_dir():
-                if _is_series_folder(entry):
+                if _is_scan_folder(entry):
                     samples.append(Sample(str(entry), class_dir.name, patient_id=entry.name))
                     found += 1
                 continue
             if not is_supported_file(entry):
-                reason = f"unknown file type {entry.suffix!r}"
+                reason = f"unknown file type {entry.suffix!r}" if entry.exists() else "broken link or unreadable entry"
                 if not skip_bad:
                     raise DataError(f"{entry}: {reason}; remove it, convert it, or pass --skip-bad")
                 skipped.append((str(entry), reason))
@@ -95,14 +111,22 @@ def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[S
 
 
 def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """CSV with columns ``path,label[,patient_id][,split]``; relative paths are relative to the CSV."""
-    path = Path(path)
+    """CSV with columns ``path,label[,patient_id][,split]``; relative paths are relative to the CSV.
+
+    NaN-like labels and patient ids (``""``, ``NaN``, ``NA``, ``null``...: what pandas writes for a
+    missing value) are read as missing, never as a class called "NaN".
+    """
+    entries, skipped = _manifest_entries(Path(path), skip_bad=skip_bad)
+    return [entry.sample for entry in entries], skipped
+
+
+def _manifest_entries(path: Path, *, skip_bad: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         rename = _manifest_columns(path, reader.fieldnames or [])
-        samples, skipped = [], []
+        entries, skipped = [], []
         for line, row in enumerate(reader, start=2):
             row = {rename.get((k or "").strip(), ""): (v or "").strip() for k, v in row.items()}
             file = Path(row["path"])
@@ -113,7 +137,7 @@ def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sam
             if not row["path"]:
                 problem = "empty path"
             elif not file.exists():
-                problem = f"file not found: {file}"
+                problem = f"file not found: {file}" if not file.is_symlink() else f"broken link or symlink loop: {file}"
             elif split is not None and split not in SPLIT_NAMES:
                 problem = f"split {split!r} is not one of {list(SPLIT_NAMES)}"
             if problem:
@@ -121,8 +145,10 @@ def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sam
                     raise DataError(f"{path}, line {line}: {problem}; fix the row or pass --skip-bad")
                 skipped.append((str(file), problem))
                 continue
-            samples.append(Sample(str(file), row["label"] or None, row.get("patient_id") or None, split))
-    return samples, skipped
+            label = None if is_missing(row["label"]) else row["label"]
+            patient = None if is_missing(row.get("patient_id") or "") else row["patient_id"]
+            entries.append(Entry(Sample(str(file), label, patient, split), f"{path.name} line {line}"))
+    return entries, skipped
 
 
 def _manifest_columns(path: Path, header: Sequence[str]) -> dict[str, str]:
@@ -158,62 +184,114 @@ def parse_label_map(items: list[str] | dict[str, str] | None) -> dict[str, str]:
     return mapping
 
 
+def as_sources(source: SourceLike | Sequence[SourceLike]) -> list[SourceConfig]:
+    """Any source spec (a path, ``"sample"``, a :class:`SourceConfig`, or a list of those) as named sources."""
+    items = [source] if isinstance(source, str | Path | SourceConfig) else list(source)
+    if not items:
+        raise DataError("no data source given; pass a folder, a manifest or 'sample'")
+    sources = [item if isinstance(item, SourceConfig) else SourceConfig(path=str(item)) for item in items]
+    names = [s.name for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"several sources are named {repeated}; give each a distinct name")
+    return sources
+
+
+def source_label(source: SourceLike | Sequence[SourceLike]) -> str:
+    """A one-line description of a source spec for reports: the path, or ``name + name`` for several."""
+    if isinstance(source, str | Path):
+        return str(source)
+    return " + ".join(s.name for s in as_sources(source))
+
+
+def _source_entries(source: SourceConfig, *, skip_bad: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
+    """One source's samples, tagged with its name and relabelled by its own label map."""
+    path = source.path
+    if str(path) == "sample":
+        from covidscan.data.sample import ensure_sample_dataset
+
+        path = ensure_sample_dataset()
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        entries, skipped = _manifest_entries(path, skip_bad=skip_bad)
+    elif path.is_dir():
+        samples, skipped = discover_folder(path, skip_bad=skip_bad)
+        entries = [Entry(s, s.path) for s in samples]
+    else:
+        raise DataError(
+            f"{path}: data source must be a folder of class sub-folders or a .csv manifest "
+            "(path,label[,patient_id][,split]); not found or not one of those"
+        )
+    mapping = source.label_map
+    tagged = [
+        Entry(
+            Sample(
+                e.sample.path,
+                mapping.get(e.sample.label, e.sample.label) if e.sample.label else None,
+                e.sample.patient_id,
+                e.sample.split,
+                source.name,
+            ),
+            e.where,
+        )
+        for e in entries
+    ]
+    return tagged, skipped
+
+
 def load_samples(
-    source: str | Path,
+    source: SourceLike | Sequence[SourceLike],
     *,
     classes: list[str] | None = None,
     label_map: dict[str, str] | None = None,
     skip_bad: bool = False,
     max_per_class: int | None = None,
     require_labels: bool = True,
+    limits: ReadLimits | None = None,
+    check_files: Literal["none", "header", "decode"] | None = None,
 ) -> SampleSet:
-    """Load a dataset description: folder tree, CSV manifest, or ``"sample"`` (embedded demo).
+    """Load a dataset: a folder tree, a CSV manifest, ``"sample"`` (embedded demo), or a list of
+    sources (:class:`~covidscan.config.SourceConfig` or paths) loaded together.
 
-    ``label_map`` renames raw labels (e.g. ``CT_NonCOVID -> non-COVID``) so external datasets line
-    up with a model's classes; ``classes`` fixes the class order (else sorted discovery order).
+    Every sample's ``source`` is its source's name (the folder name, or the manifest's folder, by
+    default). A source's own ``label_map`` applies first, then ``label_map`` (e.g. ``CT_NonCOVID ->
+    non-COVID``) so datasets line up with a model's classes; ``classes`` fixes the class order (else
+    sorted). Manifest problems are errors or :class:`~covidscan.data.records.DataWarning` naming the
+    rows, and are kept in ``SampleSet.issues``.
+
+    Files are checked through their readers within ``limits`` (``check_files``): by default every
+    header (cheap: a decompression bomb or an unreadable file is found before anything runs), and
+    with ``skip_bad`` every file is decoded once, so a truncated or hostile file is skipped here
+    rather than stopping a run later. Bad rows and files are refused naming them all, or with
+    ``skip_bad`` skipped and listed in ``SampleSet.skipped``.
     """
-    if str(source) == "sample":
-        from covidscan.data.sample import ensure_sample_dataset
-
-        source = ensure_sample_dataset()
-    source = Path(source)
-    if source.is_file() and source.suffix.lower() == ".csv":
-        samples, skipped = read_manifest(source, skip_bad=skip_bad)
-    elif source.is_dir():
-        samples, skipped = discover_folder(source, skip_bad=skip_bad)
-    else:
-        raise DataError(
-            f"{source}: data source must be a folder of class sub-folders or a .csv manifest "
-            "(path,label[,patient_id][,split]); not found or not one of those"
-        )
-    if label_map:
-        samples = [
-            Sample(s.path, label_map.get(s.label, s.label) if s.label else None, s.patient_id, s.split) for s in samples
-        ]
+    sources = as_sources(source)
+    label_map = label_map or {}
+    entries: list[Entry] = []
+    skipped: list[tuple[str, str]] = []
+    for spec in sources:
+        found, bad = _source_entries(spec, skip_bad=skip_bad)
+        entries += [e.relabelled(label_map) for e in found]
+        skipped += bad
+    where = source_label(source)
+    entries, bad, issues = check_entries(entries, skip_bad=skip_bad, require_labels=require_labels)
+    skipped += bad
+    samples = [e.sample for e in entries]
     if not samples:
-        raise DataError(f"{source}: no usable samples found")
+        raise DataError(f"{where}: no usable samples found")
     present = sorted({s.label for s in samples if s.label is not None})
-    if require_labels:
-        unlabeled = [s.path for s in samples if s.label is None]
-        if unlabeled:
-            raise DataError(
-                f"{unlabeled[0]}: no label ({len(unlabeled)} unlabeled rows); training and "
-                "evaluation need a label for every sample"
-            )
     if classes is not None:
         unknown = sorted(set(present) - set(classes))
         if unknown:
             raise DataError(
-                f"{source}: labels {unknown} are not among the classes {classes}; map them with "
+                f"{where}: labels {unknown} are not among the classes {classes}; map them with "
                 "data.label_map (e.g. --label-map CT_NonCOVID=non-COVID) or drop them"
             )
         class_names = list(classes)
     else:
         class_names = present
-    if require_labels and len(present) < 2:
-        raise DataError(f"{source}: only one class ({present}) present; a classifier needs at least two")
     if max_per_class is not None:
-        kept: dict[str, int] = {}
+        kept: dict[str | None, int] = {}
         capped = []
         for s in samples:
             label = s.label or ""
@@ -221,9 +299,44 @@ def load_samples(
             if kept[label] <= max_per_class:
                 capped.append(s)
         samples = capped
+    check_files = check_files or ("decode" if skip_bad else "header")
+    if check_files != "none":
+        samples, unreadable = verify_readable(samples, decode=check_files == "decode", limits=limits)
+        if unreadable and not skip_bad:
+            listed = "; ".join(f"{path}: {reason}" for path, reason in unreadable[:3])
+            more = f" (+{len(unreadable) - 3} more)" if len(unreadable) > 3 else ""
+            raise DataError(
+                f"{len(unreadable)} unreadable file(s) in {where}: {listed}{more}; fix or remove them, or pass "
+                "--skip-bad (data.skip_bad: true) to skip and list them"
+            )
+        skipped += unreadable
+        present = sorted({s.label for s in samples if s.label is not None})
+    if require_labels and len(present) < 2:
+        raise DataError(f"{where}: only one class ({present}) present; a classifier needs at least two")
     if skipped:
         logger.warning("skipped %d bad input(s); first: %s (%s)", len(skipped), *skipped[0])
-    return SampleSet(samples, class_names, skipped)
+    return SampleSet(samples, class_names, skipped, issues)
+
+
+def select_sources(config: RunConfig, names: Sequence[str], *, test: Sequence[str] | None = None) -> RunConfig:
+    """A copy of ``config`` that trains on the named sources only, and (``test``) tests on others.
+
+    For leave-one-source-out validation: ``select_sources(cfg, ["covid-ct"], test=["sarscov2-ct"])``
+    trains on covid-ct and evaluates on sarscov2-ct as ``data.test_source``. Names are those of
+    ``data.source`` (see :attr:`~covidscan.config.DataConfig.sources`).
+    """
+    available = {s.name: s for s in config.data.sources}
+    wanted = list(names) + list(test or [])
+    unknown = [n for n in wanted if n not in available]
+    if unknown:
+        raise ConfigError(f"unknown source(s) {unknown}; data.source names are {list(available)}")
+    if not names:
+        raise ConfigError("select_sources needs at least one training source")
+    selected = copy.deepcopy(config)
+    selected.data.source = [copy.deepcopy(available[n]) for n in names]
+    if test is not None:
+        selected.data.test_source = [copy.deepcopy(available[n]) for n in test] or None
+    return selected
 
 
 def list_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -235,6 +348,8 @@ def list_inputs(inputs: list[str | Path]) -> list[Path]:
             files.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_supported_file(p)))
         elif item.is_file():
             files.append(item)
+        elif item.is_symlink():
+            raise DataError(f"{item}: broken symbolic link or symlink loop; point it at a real file or folder")
         else:
             raise DataError(f"{item}: input not found")
     if not files:

@@ -15,6 +15,10 @@ Methods (``data.split.method``):
 - ``file``: reload a ``splits.csv`` written by :func:`save_splits` (e.g. an earlier run's).
 - ``auto``: ``predefined`` when every sample has a split, else ``grouped`` when patient ids are
   known, else ``stratified`` with a once-only warning that patients may leak.
+
+With several sources (``Sample.source``), patients are grouped *within* their source (patient
+``7`` of two hospitals are two people), and ``stratify_by_source`` stratifies by label x source,
+so every split keeps each source's class mix. One source splits exactly as before.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import csv
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,7 @@ from covidscan.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
-SPLITS_COLUMNS = ("path", "label", "patient_id", "split")
+SPLITS_COLUMNS = ("path", "label", "patient_id", "split", "source")
 
 
 class LeakageWarning(UserWarning):
@@ -64,6 +69,7 @@ def assign_splits(sample_set: SampleSet, split_config: SplitConfig, seed: int) -
     method = resolve_method(sample_set, split_config.method)
     samples = sample_set.samples
     ratios = tuple(split_config.ratios)
+    by_source = split_config.stratify_by_source
     if method in ("stratified", "kfold") and not sample_set.has_patients():
         warn_leakage_once(
             "no-patients",
@@ -72,24 +78,24 @@ def assign_splits(sample_set: SampleSet, split_config: SplitConfig, seed: int) -
             "patient-grouped split, and run `covidscan data audit` to check near-duplicates",
         )
     if method == "stratified":
-        names = _ratio_split(_labels(samples), ratios, seed)
+        names = _ratio_split(_labels(samples, by_source), ratios, seed)
     elif method == "grouped":
         if not sample_set.has_patients():
             raise DataError(
                 "split method 'grouped' needs patient ids (a manifest with a patient_id column); "
                 "use 'stratified' for data without patients"
             )
-        names = _ratio_split(_labels(samples), ratios, seed, groups=_groups(samples))
+        names = _ratio_split(_labels(samples, by_source), ratios, seed, groups=_groups(samples))
     elif method == "kfold":
         names = _kfold_split(samples, split_config, seed)
     elif method == "predefined":
-        names = _predefined_split(samples, ratios, seed)
+        names = _predefined_split(samples, ratios, seed, by_source)
     elif method == "file":
         assert split_config.file is not None  # SplitConfig requires it for method "file"
         return _apply_file(sample_set, Path(split_config.file))
     else:
         raise DataError(f"unknown split method {method!r}")
-    split_set = SampleSet([s.with_split(n) for s, n in zip(samples, names)], sample_set.class_names, sample_set.skipped)
+    split_set = replace(sample_set, samples=[s.with_split(n) for s, n in zip(samples, names)])
     logger.info("split (%s, seed %d): %s", method, seed, split_counts(split_set))
     return split_set
 
@@ -99,13 +105,18 @@ def split_counts(sample_set: SampleSet) -> dict[str, int]:
     return {name: counts.get(name, 0) for name in SPLIT_NAMES}
 
 
-def _labels(samples: Sequence[Sample]) -> np.ndarray:
+def _labels(samples: Sequence[Sample], by_source: bool = False) -> np.ndarray:
+    """What a split is stratified by: the label, or label x source."""
+    if by_source:
+        return np.array([f"{s.label or ''}\x1f{s.source or ''}" for s in samples])
     return np.array([s.label or "" for s in samples])
 
 
 def _groups(samples: Sequence[Sample]) -> np.ndarray:
-    """Patient id per sample; a sample without one is its own group (keyed by path)."""
-    return np.array([s.patient_id or f"path:{s.path}" for s in samples])
+    """Patient id per sample, within its source when there are several (the same id in two sources is
+    two people); a sample without one is its own group (keyed by path)."""
+    several = len({s.source for s in samples}) > 1
+    return np.array([(f"{s.source}\x1f" if several else "") + (s.patient_id or f"path:{s.path}") for s in samples])
 
 
 def _two_way(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -156,7 +167,7 @@ def _ratio_split(labels: np.ndarray, ratios: Sequence[float], seed: int, groups:
 
 
 def _kfold_split(samples: Sequence[Sample], config: SplitConfig, seed: int) -> list[str]:
-    labels = _labels(samples)
+    labels = _labels(samples, config.stratify_by_source)
     has_groups = any(s.patient_id for s in samples)
     groups = _groups(samples) if has_groups else None
     splitter = (StratifiedGroupKFold if has_groups else StratifiedKFold)(
@@ -178,7 +189,7 @@ def _kfold_split(samples: Sequence[Sample], config: SplitConfig, seed: int) -> l
     return list(names)
 
 
-def _predefined_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int) -> list[str]:
+def _predefined_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int, by_source: bool) -> list[str]:
     missing = [s.path for s in samples if not s.split]
     if missing:
         raise DataError(
@@ -191,7 +202,7 @@ def _predefined_split(samples: Sequence[Sample], ratios: Sequence[float], seed: 
         rest = np.flatnonzero(names == "train")
         train_samples = [samples[int(i)] for i in rest]
         groups = _groups(train_samples) if any(s.patient_id for s in train_samples) else None
-        names[rest] = _ratio_split(_labels(train_samples), (train_r, val_r, 0.0), seed, groups=groups)
+        names[rest] = _ratio_split(_labels(train_samples, by_source), (train_r, val_r, 0.0), seed, groups=groups)
         logger.info("predefined split has no val part: carved %d val samples from train", int((names == "val").sum()))
     return list(names)
 
@@ -221,21 +232,22 @@ def _apply_file(sample_set: SampleSet, path: Path) -> SampleSet:
             f"{path}: {len(missing)} sample(s) of the data are not in this splits file (first: "
             f"{missing[0]}); re-split with another method or regenerate the file"
         )
-    return SampleSet(assigned, sample_set.class_names, sample_set.skipped)
+    return replace(sample_set, samples=assigned)
 
 
 def save_splits(sample_set: SampleSet, path: str | Path) -> Path:
-    """Write ``path,label,patient_id,split`` atomically (temp file + rename)."""
+    """Write ``path,label,patient_id,split,source`` atomically (temp file + rename)."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SPLITS_COLUMNS)
         for s in sample_set.samples:
-            writer.writerow((s.path, s.label or "", s.patient_id or "", s.split or ""))
+            writer.writerow((s.path, s.label or "", s.patient_id or "", s.split or "", s.source or ""))
     return Path(path)
 
 
 def load_splits(path: str | Path) -> SampleSet:
-    """Read a ``splits.csv``; class names are the sorted labels found in it."""
+    """Read a ``splits.csv``; class names are the sorted labels found in it. Files written before the
+    ``source`` column existed load too (their samples have no source)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
@@ -258,6 +270,7 @@ def load_splits(path: str | Path) -> SampleSet:
                     (row.get("label") or "").strip() or None,
                     (row.get("patient_id") or "").strip() or None,
                     split,
+                    (row.get("source") or "").strip() or None,
                 )
             )
     if not samples:

@@ -23,27 +23,18 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidscan.config import ConfigError, DataConfig
+from covidscan.config import ConfigError, DataConfig, ReadLimits
 from covidscan.data.datasets import SampleDataset
-from covidscan.data.io import (
-    DICOM_EXTENSIONS,
-    IMAGE_EXTENSIONS,
-    LUNG_WINDOW,
-    apply_window,
-    is_nifti,
-    nifti_image,
-    read_dicom_series,
-    read_image,
-    read_volume,
-)
+from covidscan.data.io import LUNG_WINDOW, apply_window, read_image, read_volume
 from covidscan.data.lung import LUNG_THRESHOLD_HU, lung_box, lung_mask
+from covidscan.data.readers import find_reader, list_readers
 from covidscan.data.records import DataError, Sample
 from covidscan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_intensity
 from covidscan.progress import progress
@@ -64,40 +55,32 @@ class ScanHeader:
 
 
 def slice_image_files(folder: str | Path) -> list[Path]:
-    """The slice images of a folder in natural name order (``2.png`` before ``10.png``)."""
-    files = [p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    """The slice images of a folder (files a 2D reader takes) in natural name order (``2.png`` before ``10.png``)."""
+    files = [p for p in Path(folder).iterdir() if p.is_file() and find_reader(p, volumetric=False) is not None]
     return sorted(files, key=lambda p: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)])
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    return any(p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS for p in folder.iterdir())
-
-
-def read_scan_header(path: str | Path) -> ScanHeader:
-    """Slice count and spacing of a scan from headers only; validates DICOM series on the way
-    (modality CT, one orientation, known and distinct slice positions)."""
+def is_scan(path: str | Path) -> bool:
+    """A scan for 3D models: what a scan reader takes (DICOM series folder, NIfTI), or a folder of slice images."""
     path = Path(path)
+    return find_reader(path, volumetric=True) is not None or (path.is_dir() and bool(slice_image_files(path)))
+
+
+def read_scan_header(path: str | Path, limits: ReadLimits | None = None) -> ScanHeader:
+    """Slice count and spacing of a scan from headers only, within ``limits``; validates DICOM series
+    on the way (one series, modality CT, one orientation, known and distinct slice positions)."""
+    path = Path(path)
+    reader = find_reader(path, volumetric=True)
+    if reader is not None:
+        header = reader.header(path, limits)
+        return ScanHeader(header.shape[0], header.spacing[0] if header.spacing else None, header.is_hu)
     if path.is_dir():
-        if _is_dicom_folder(path):
-            series = read_dicom_series(path, pixels=False)
-            return ScanHeader(series.hu.shape[0], series.spacing[0] if series.spacing else None, True)
         files = slice_image_files(path)
         if not files:
             raise DataError(
-                f"{path}: neither DICOM files nor slice images ({sorted(IMAGE_EXTENSIONS)}) in this scan folder"
+                f"{path}: neither DICOM files nor slice images (readers: {list_readers()}) in this scan folder"
             )
         return ScanHeader(len(files), None, False)
-    if is_nifti(path):
-        try:
-            header = nifti_image(path).header
-        except FileNotFoundError:
-            raise DataError(f"{path}: file not found") from None
-        except Exception as exc:  # nibabel raises ImageFileError, EOFError, zlib errors...
-            raise DataError(f"{path}: not a readable NIfTI file ({exc})") from exc
-        shape, zooms = header.get_data_shape(), header.get_zooms()
-        if len(shape) not in (2, 3):
-            raise DataError(f"{path}: expected a 3D NIfTI volume, got shape {shape}")
-        return ScanHeader(shape[2] if len(shape) == 3 else 1, float(zooms[2]) if len(zooms) > 2 else None, True)
     raise DataError(
         f"{path}: a 3D scan must be a DICOM series folder, a .nii/.nii.gz file or a folder of slice "
         "images; for single 2D images use data.spatial_dims: 2"
@@ -130,9 +113,9 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
     """Decode and preprocess one scan to a float32 (D', S, S) tensor in [0, 1]."""
     path = Path(path)
     if header.is_hu:
-        volume = read_volume(path).hu
+        volume = read_volume(path, limits=config.limits).hu
     else:
-        volume = np.stack([read_image(f) for f in slice_image_files(path)])
+        volume = np.stack([read_image(f, limits=config.limits) for f in slice_image_files(path)])
     lung = config.volume.lung
     if lung != "none":
         if not header.is_hu:
@@ -225,7 +208,7 @@ class VolumeStackDataset(SampleDataset):
         for scan_index, scan in enumerate(
             progress(self.scans, desc="indexing scans", unit="scan", disable=len(self.scans) < 50)
         ):
-            header = read_scan_header(scan.path)
+            header = read_scan_header(scan.path, config.limits)
             slices = resampled_slice_count(header, config.volume.z_spacing, scan.path)
             if slices == 1 and depth > 1:
                 raise DataError(
@@ -243,7 +226,7 @@ class VolumeStackDataset(SampleDataset):
             for k, start in enumerate(stack_starts(slices, depth, stride)):
                 self.stacks.append((scan_index, start))
                 self._item_samples.append(
-                    Sample(f"{scan.path}{STACK_SEPARATOR}{k}", scan.label, scan.patient_id or scan.path, scan.split)
+                    replace(scan, path=f"{scan.path}{STACK_SEPARATOR}{k}", patient_id=scan.patient_id or scan.path)
                 )
         if short:
             logger.warning(

@@ -12,7 +12,7 @@ import csv
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from covidscan.data import load_samples
+from covidscan.data.checks import verify_readable
 from covidscan.data.records import DataError, Sample
+from covidscan.data.sources import source_label
 from covidscan.data.splits import load_splits
 from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
 from covidscan.evaluation.bootstrap import attach_intervals, bootstrap_metrics
@@ -66,6 +68,7 @@ class EvaluationSet:
     name: str  # the output folder name under <run>/evaluation/
     external: bool
     label_map: dict[str, str] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable, left out
 
 
 @dataclass
@@ -104,19 +107,19 @@ def select_samples(
 ) -> EvaluationSet:
     """The run's own split (``data`` None) or a dataset spec, checked against the model's classes."""
     mapping = {**predictor.config.data.label_map, **(label_map or {})}
+    limits = predictor.config.data.limits
     if data is None:
         if external:
             raise DataError("--external needs --data: the dataset the model never saw")
         sample_set = load_splits(_run_splits(predictor.run_dir, predictor.source))
         samples = [s for s in sample_set.samples if s.split == split]
         if mapping:
-            samples = [
-                Sample(s.path, None if s.label is None else mapping.get(s.label, s.label), s.patient_id, s.split)
-                for s in samples
-            ]
-        dataset, used_split, name = predictor.config.data.source, split, split
+            samples = [replace(s, label=None if s.label is None else mapping.get(s.label, s.label)) for s in samples]
+        samples, skipped = verify_readable(samples, decode=True, limits=limits)  # one bad file never ends the run
+        dataset, used_split, name = source_label(predictor.config.data.source), split, split
     else:
-        sample_set = load_samples(data, label_map=mapping, require_labels=False)
+        sample_set = load_samples(data, label_map=mapping, require_labels=False, skip_bad=True, limits=limits)
+        skipped = sample_set.skipped
         has_splits = all(s.split for s in sample_set.samples)
         samples = [s for s in sample_set.samples if s.split == split] if has_splits else sample_set.samples
         used_split = split if has_splits else "all"
@@ -140,7 +143,7 @@ def select_samples(
             f"{dataset}: labels {unknown} are not among the model's classes {predictor.class_names}; map "
             f"them with --label-map {unknown[0]}=CLASS (CLASS one of {predictor.class_names})"
         )
-    return EvaluationSet(samples, dataset, used_split, name, external, mapping)
+    return EvaluationSet(samples, dataset, used_split, name, external, mapping, skipped)
 
 
 def predict(
@@ -246,6 +249,11 @@ def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
             "trained on it, this includes training images. Omit --data to evaluate the run's test "
             "split, or pass --external for a dataset the model never saw"
         )
+    if chosen.skipped:
+        warnings.append(
+            f"{len(chosen.skipped)} file(s) could not be read and were left out (listed under 'skipped'), "
+            f"first: {chosen.skipped[0][0]}: {chosen.skipped[0][1]}"
+        )
     absent = [c for i, c in enumerate(predictions.class_names) if not np.any(predictions.y_true == i)]
     if absent:
         warnings.append(f"class(es) {absent} do not occur in this set; metrics needing them are undefined")
@@ -329,6 +337,7 @@ def evaluate(
         "per_class": per_class_report(predictions, positive),
         "calibration": calibration,
         "warnings": _warnings(chosen, predictions),
+        "skipped": [{"path": path, "reason": reason} for path, reason in chosen.skipped],
     }
 
     at_threshold = None

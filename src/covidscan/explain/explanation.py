@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidscan.data import DataError, Sample, list_inputs, read_image
-from covidscan.data.io import IMAGE_EXTENSIONS, is_nifti
+from covidscan.data import DataError, Sample, find_reader, list_inputs, read_image
 from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
 from covidscan.explain.overlay import render_montage, render_overlay, write_bytes
@@ -186,24 +185,21 @@ def class_index(predictor: Predictor, target_class: str | int | None) -> int | N
 
 def list_volume_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """NIfTI files and scan folders (DICOM series or slice images); a folder of scans is searched."""
+    from covidscan.data.volumes import is_scan
+
     scans: list[Path] = []
     for item in map(Path, inputs):
         if not item.is_dir():
             scans.append(item)
             continue
         candidates = [item, *sorted(p for p in item.rglob("*") if p.is_dir())]
-        scans.extend(
-            folder
-            for folder in candidates
-            if any(f.suffix.lower() in _SCAN_SLICE_SUFFIXES for f in folder.iterdir() if f.is_file())
-        )
-        scans.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_nifti(p)))
+        scans.extend(folder for folder in candidates if is_scan(folder))
+        scans.extend(sorted(p for p in item.rglob("*") if p.is_file() and find_reader(p, volumetric=True)))
     if not scans:
         raise DataError(f"no NIfTI files or DICOM series among {[str(i) for i in inputs]}")
     return scans
 
 
-_SCAN_SLICE_SUFFIXES = IMAGE_EXTENSIONS | {".dcm", ".dicom"}
 _METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "smoothgradcampp": "Smooth Grad-CAM++"}
 
 

@@ -1,25 +1,25 @@
 """Turn untrusted uploaded bytes into a (H, W) [0, 1] image, or a precise 4xx error.
 
-Checks run cheapest first: size, declared content type, magic bytes, then the *declared* pixel
-dimensions read from the header, so a decompression bomb is refused before any pixel is decoded.
-Decoding itself goes through :func:`covidscan.data.read_image`, the same code (and CT window) as
-training.
+Checks run cheapest first: size, declared content type, magic bytes; then the file goes through
+:func:`covidscan.data.read_image`, the same readers, read limits and CT window as training and
+batch prediction: the reader checks the *declared* pixel dimensions on the header before any pixel
+is decoded (a decompression bomb is refused cheaply) and refuses non-finite pixels.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from covidscan.config import WindowConfig
+from covidscan.config import ReadLimits, WindowConfig
 from covidscan.data import DataError, read_image
+from covidscan.data.readers import LimitError, NoPixelDataError
+from covidscan.data.readers.base import SKIP_HINT
 from covidscan.errors import UsageError
 
 ACCEPTED_CONTENT_TYPES = frozenset(
@@ -53,6 +53,24 @@ class UploadLimits:
             raise UsageError(f"max upload size must be >= 1 byte, got {self.max_bytes}")
         if self.max_pixels < 16:
             raise UsageError(f"max image side must be >= 16 px, got {self.max_pixels}")
+
+    def read_limits(self) -> ReadLimits:
+        """The reader limits an upload is decoded under (the defaults, tightened to these)."""
+        defaults = ReadLimits()
+        return ReadLimits(
+            max_file_bytes=min(self.max_bytes, defaults.max_file_bytes),
+            max_side=min(self.max_pixels, defaults.max_side),
+            max_pixels=min(self.max_pixels**2, defaults.max_pixels),
+        )
+
+
+# reader errors -> (HTTP status, error code); the first matching class wins. Non-finite pixels or
+# rescale values are a corrupt image (422) like any other DataError.
+_READ_ERRORS: tuple[tuple[type[DataError], int, str], ...] = (
+    (LimitError, 413, "image_too_large"),
+    (NoPixelDataError, 422, "dicom_without_pixels"),
+    (DataError, 422, "corrupt_image"),
+)
 
 
 @dataclass(frozen=True)
@@ -99,67 +117,18 @@ def decode_upload(
     fmt = sniff_format(data)
     if fmt is None:
         raise UploadError(415, "not_an_image", f"{filename}: not a PNG, JPEG or DICOM file (unrecognised bytes)")
-    width, height = _declared_size(data, fmt, filename)
-    if max(width, height) > limits.max_pixels:
-        raise UploadError(
-            413, "image_too_large", f"{filename}: {width}x{height} px exceeds the {limits.max_pixels} px limit per side"
-        )
     with tempfile.TemporaryDirectory(prefix="covidscan-upload-") as folder:
         path = Path(folder) / f"upload{SUFFIXES[fmt]}"
         path.write_bytes(data)
         try:
-            pixels = read_image(path, window)
+            pixels = read_image(path, window, limits=limits.read_limits())
         except DataError as exc:
-            raise UploadError(422, "corrupt_image", str(exc).replace(str(path), filename)) from None
+            status, code = next((s, c) for kind, s, c in _READ_ERRORS if isinstance(exc, kind))
+            detail = str(exc).replace(str(path), filename).replace(f"; {SKIP_HINT}", "; upload a valid image")
+            if code == "dicom_without_pixels":
+                detail = f"{filename}: DICOM has no pixel data (a report or structured object?); upload an image slice"
+            raise UploadError(status, code, detail) from None
     return DecodedImage(pixels, fmt)
-
-
-def _declared_size(data: bytes, fmt: str, filename: str) -> tuple[int, int]:
-    """(width, height) from the header only; a header that cannot be parsed is a corrupt upload."""
-    if fmt == "dicom":
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), defer_size=1024)  # large elements (pixels) stay unread
-        except Exception as exc:  # pydicom raises many types on broken headers
-            raise UploadError(422, "corrupt_image", f"{filename}: unreadable DICOM header ({exc})") from None
-        if "PixelData" not in ds:
-            raise UploadError(
-                422,
-                "dicom_without_pixels",
-                f"{filename}: DICOM has no pixel data (a report or structured object?); upload an image slice",
-            )
-        _check_rescale(ds, filename)
-        return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # lazy: parses the header, decodes nothing
-                return image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(413, "image_too_large", f"{filename}: declared image size is too large") from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... on broken headers
-        raise UploadError(422, "corrupt_image", f"{filename}: unreadable image header ({exc})") from None
-
-
-def _check_rescale(ds, filename: str) -> None:
-    """RescaleSlope / RescaleIntercept turn stored values into HU: a non-numeric or non-finite one
-    would make every pixel NaN or the decoder fail, so it is refused from the header."""
-    for keyword in ("RescaleSlope", "RescaleIntercept"):
-        value = ds.get(keyword)
-        if value is None or str(value).strip() == "":
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number):
-            raise UploadError(
-                422,
-                "corrupt_image",
-                f"{filename}: DICOM {keyword} {str(value)!r} is not a finite number, so pixels cannot be "
-                "converted to HU; fix the header (e.g. RescaleSlope 1) or export the slice again",
-            )
 
 
 def to_png(pixels: np.ndarray) -> bytes:

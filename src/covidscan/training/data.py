@@ -57,17 +57,23 @@ def load_run_splits(config: RunConfig, splits_file: Path | None = None) -> Sampl
         label_map=data.label_map,
         skip_bad=data.skip_bad,
         max_per_class=data.max_per_class,
+        limits=data.limits,
     )
     split_config = SplitConfig(method="file", file=str(splits_file)) if splits_file is not None else data.split
     splits = assign_splits(samples, split_config, config.seed)
     if data.test_source:
         external = load_samples(
-            data.test_source, classes=splits.class_names, label_map=data.label_map, skip_bad=data.skip_bad
+            data.test_source,
+            classes=splits.class_names,
+            label_map=data.label_map,
+            skip_bad=data.skip_bad,
+            limits=data.limits,
         )
         splits = SampleSet(
             splits.samples + [s.with_split("test") for s in external.samples],
             splits.class_names,
             splits.skipped + external.skipped,
+            splits.issues + external.issues,
         )
     return splits
 
@@ -101,7 +107,9 @@ def norm_stats_for(config: RunConfig, splits: SampleSet, saved: dict | None = No
             f"data.normalize '{data.normalize}' is fitted on 2D training images; for 3D volumes use 'sample' or 'none'"
         )
     train_paths = [s.path for s in splits.subset("train").samples]
-    return fit_norm_stats((read_image(path, data.window) for path in train_paths), data.image_size, data.intensity)
+    return fit_norm_stats(
+        (read_image(path, data.window, limits=data.limits) for path in train_paths), data.image_size, data.intensity
+    )
 
 
 def build_loaders(
