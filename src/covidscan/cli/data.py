@@ -148,17 +148,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _source_spec(args: argparse.Namespace):
     """The sources to load (paths, or a config's named sources), their label map and read limits."""
-    from covidscan.config import ConfigError, load_config
+    from covidscan.config import load_config
     from covidscan.data.sources import parse_label_map
+    from covidscan.errors import UsageError
 
     label_map = parse_label_map(args.label_map)
     if args.config:
         if args.source:
-            raise ConfigError("give either SOURCE ... or --config, not both")
+            raise UsageError("give either SOURCE ... or --config, not both")
         data = load_config(args.config).data
         return data.source, {**data.label_map, **label_map}, data.limits
     if not args.source:
-        raise ConfigError("give a data source (folder, manifest or 'sample') or --config FILE")
+        raise UsageError("give a data source (folder, manifest or 'sample') or --config FILE")
     return (args.source[0] if len(args.source) == 1 else args.source), label_map, None
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from covidscan.config import ReadLimits
 from covidscan.data.readers import find_reader, get_reader
 from covidscan.data.records import DataError, DataIssue, DataWarning, Sample
+from covidscan.progress import progress as show_progress
 
 # pandas' default missing-value strings (``read_csv(na_values=...)``), compared case-insensitively
 NA_VALUES = frozenset({"", "nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
@@ -177,11 +178,9 @@ def verify_readable(
     samples: Sequence[Sample], *, decode: bool, limits: ReadLimits | None = None, progress: bool = True
 ) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Split samples into readable ones and ``(path, reason)`` for the others."""
-    from tqdm.auto import tqdm
-
     good, bad = [], []
-    for sample in tqdm(
-        samples, desc="checking files", unit="file", leave=False, disable=not progress or len(samples) < 200
+    for sample in show_progress(
+        samples, desc="checking files", unit="file", disable=not progress or len(samples) < 200
     ):
         try:
             check_readable(sample.path, decode=decode, limits=limits)
