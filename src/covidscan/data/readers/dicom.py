@@ -128,9 +128,7 @@ def _dcmread(path: Path, *, pixels: bool):
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings.catch_warnings():  # pydicom warns on each invalid value; _parse names the ones that matter
-            warnings.simplefilter("ignore", UserWarning)
-            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
@@ -176,40 +174,40 @@ def _numbers(path: Path, ds, keyword: str, count: int, *, strict: bool = True) -
 
 
 def _parse(path: Path, ds) -> DicomHeader:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        orientation = _numbers(path, ds, "ImageOrientationPatient", 6)
-        position = None
-        ipp = _numbers(path, ds, "ImagePositionPatient", 3)
-        if ipp is not None and orientation is not None:  # robust to tilted series, unlike the raw z
-            normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
-            position = float(np.dot(normal, np.asarray(ipp)))
-        else:
-            position = _number(path, ds, "SliceLocation", None)
-        slope = _number(path, ds, "RescaleSlope", 1.0)
-        if slope == 0:
-            raise DataError(f"{path}: RescaleSlope is 0 (every pixel would be the intercept); fix the DICOM header")
-        image_type = ds.get("ImageType") or ()
-        series_number = _number(path, ds, "SeriesNumber", None, strict=False)
-        return DicomHeader(
-            path=path,
-            rows=int(ds.get("Rows") or 0),
-            columns=int(ds.get("Columns") or 0),
-            frames=int(_number(path, ds, "NumberOfFrames", 1) or 1),
-            position=position,
-            orientation=orientation,
-            spacing=_numbers(path, ds, "PixelSpacing", 2, strict=False),
-            thickness=_number(path, ds, "SliceThickness", None, strict=False),
-            modality=ds.get("Modality") or None,
-            slope=slope,
-            intercept=_number(path, ds, "RescaleIntercept", 0.0),
-            series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
-            study_uid=str(ds.get("StudyInstanceUID") or "") or None,
-            series_number=int(series_number) if series_number is not None else None,
-            image_type=tuple(str(v) for v in ([image_type] if isinstance(image_type, str) else image_type)),
-            description=str(ds.get("SeriesDescription") or ""),
-            patient_id=str(ds.get("PatientID") or "") or None,
-        )
+    """The header fields, validated. (pydicom may warn about an invalid value on its own; the
+    warnings filters are not touched here: they are process-wide, and the server reads in threads.)"""
+    orientation = _numbers(path, ds, "ImageOrientationPatient", 6)
+    position = None
+    ipp = _numbers(path, ds, "ImagePositionPatient", 3)
+    if ipp is not None and orientation is not None:  # robust to tilted series, unlike the raw z
+        normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+        position = float(np.dot(normal, np.asarray(ipp)))
+    else:
+        position = _number(path, ds, "SliceLocation", None)
+    slope = _number(path, ds, "RescaleSlope", 1.0)
+    if slope == 0:
+        raise DataError(f"{path}: RescaleSlope is 0 (every pixel would be the intercept); fix the DICOM header")
+    image_type = ds.get("ImageType") or ()
+    series_number = _number(path, ds, "SeriesNumber", None, strict=False)
+    return DicomHeader(
+        path=path,
+        rows=int(ds.get("Rows") or 0),
+        columns=int(ds.get("Columns") or 0),
+        frames=int(_number(path, ds, "NumberOfFrames", 1) or 1),
+        position=position,
+        orientation=orientation,
+        spacing=_numbers(path, ds, "PixelSpacing", 2, strict=False),
+        thickness=_number(path, ds, "SliceThickness", None, strict=False),
+        modality=ds.get("Modality") or None,
+        slope=slope,
+        intercept=_number(path, ds, "RescaleIntercept", 0.0),
+        series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
+        study_uid=str(ds.get("StudyInstanceUID") or "") or None,
+        series_number=int(series_number) if series_number is not None else None,
+        image_type=tuple(str(v) for v in ([image_type] if isinstance(image_type, str) else image_type)),
+        description=str(ds.get("SeriesDescription") or ""),
+        patient_id=str(ds.get("PatientID") or "") or None,
+    )
 
 
 class DicomFileReader(Reader):

@@ -7,7 +7,6 @@ the picture the way a browser or viewer shows it.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +48,11 @@ class PILReader(Reader):
 
 
 def _open(path: Path, limits: ReadLimits) -> Image.Image:
-    """Open lazily (header only). Pillow's own decompression-bomb guard becomes a LimitError."""
+    """Open lazily (header only). Pillow's own decompression-bomb guard (an error above twice
+    ``Image.MAX_IMAGE_PIXELS``) becomes a LimitError; its warning below that is left alone (the
+    warnings filters are process-wide and the server reads in threads), ``data.limits`` refuses next."""
     try:
-        with warnings.catch_warnings():
-            if limits.max_pixels <= Image.MAX_IMAGE_PIXELS:  # our limit is the tighter one and is checked next
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+        return Image.open(path)
     except Image.DecompressionBombError as exc:
         raise LimitError(
             f"{path}: declared image size is too large ({exc}); a decompression bomb or an unusually large image"
