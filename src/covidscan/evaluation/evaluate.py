@@ -126,6 +126,11 @@ def select_samples(
         dataset = str(data)
         base = _dataset_name(dataset)
         name = f"external-{base}" if external else f"{base}-{used_split}"
+    if not samples and skipped:
+        raise DataError(
+            f"{dataset}: none of the {len(skipped)} file(s) to evaluate could be read (first: {skipped[0][0]}: "
+            f"{skipped[0][1]}); check that the data is where the run's splits.csv says"
+        )
     if not samples:
         raise DataError(
             f"{dataset}: split {split!r} holds no samples; nothing to evaluate. Choose another "
