@@ -177,10 +177,11 @@ def test_unreadable_paths_are_named_clearly(tmp_path):
 
 def two_series_folder(folder: Path) -> Path:
     folder.mkdir()
+    study = {"study_uid": "1.2.3"}
     for k in range(3):
-        write_dicom_slice(folder / f"a{k}.dcm", np.zeros((8, 8)) - 1000.0, 2.0 * k, series_uid="1.2.3.1")
+        write_dicom_slice(folder / f"a{k}.dcm", np.zeros((8, 8)) - 1000.0, 2.0 * k, series_uid="1.2.3.1", **study)
     for k in range(2):
-        write_dicom_slice(folder / f"b{k}.dcm", np.zeros((8, 8)) - 500.0, 2.0 * k + 1, series_uid="1.2.3.2")
+        write_dicom_slice(folder / f"b{k}.dcm", np.zeros((8, 8)) - 500.0, 2.0 * k + 1, series_uid="1.2.3.2", **study)
     return folder
 
 
@@ -194,7 +195,7 @@ def test_a_folder_mixing_two_series_is_refused_naming_the_uids(tmp_path):
 
 def test_group_dicom_series_describes_each_series(tmp_path):
     folder = two_series_folder(tmp_path / "study")
-    write_dicom_slice(folder / "report.dcm", None, 0.0, series_uid="1.2.3.9")  # no image
+    write_dicom_slice(folder / "report.dcm", None, 0.0, series_uid="1.2.3.9", study_uid="1.2.3")  # no image
     series = group_dicom_series(folder)
     assert [(s.series_uid, s.num_slices, s.modality, s.plane) for s in series] == [
         ("1.2.3.1", 3, "CT", "axial"),
@@ -202,6 +203,7 @@ def test_group_dicom_series_describes_each_series(tmp_path):
         ("1.2.3.9", 0, "CT", "unknown"),
     ]
     first = series[0]
+    assert first.study_uid == "1.2.3" and first.patient_id == "SYNTHETIC-001"
     assert first.is_axial_ct and [f.name for f in first.files] == ["a0.dcm", "a1.dcm", "a2.dcm"]
     assert first.to_dict()["num_slices"] == 3
     volume = read_dicom_series(first.files)  # the chosen series is read from its files
