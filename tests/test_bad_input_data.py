@@ -236,3 +236,21 @@ def test_train_and_evaluate_surface_manifest_warnings(tmp_path):
     assert (run / "splits.csv").read_text().count("COVID (0).png") == 1  # the duplicate cannot reach two splits
     with pytest.warns(DataWarning, match="duplicate"):
         assert main(["evaluate", "--checkpoint", str(run), "--data", str(manifest), "--bootstrap", "0"]) == 0
+
+
+def test_a_bad_file_met_in_a_dataloader_worker_is_still_one_line(tmp_path):
+    """torch re-raises a worker's DataError with the worker's traceback as its text; the message stays one line."""
+    from torch.utils.data import DataLoader
+
+    from covidscan.config import config_from_dict
+    from covidscan.data import DataError, Sample, build_dataset
+
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(truncated_jpeg_bytes())
+    config = config_from_dict({"data": {"image_size": 16, "channels": 1}}).data
+    dataset = build_dataset(config, [Sample(str(path), "COVID")], ["COVID", "normal"], train=False)
+    with pytest.raises(DataError) as caught:
+        next(iter(DataLoader(dataset, num_workers=1)))
+    message = str(caught.value)
+    assert message.startswith(f"{path}: unreadable or corrupt image") and "\n" not in message
+    assert "Traceback" in caught.value.worker_traceback

@@ -11,6 +11,26 @@ from covidscan.errors import UserError
 class DataError(UserError, ValueError):
     """Bad input data. The message names the offending file and how to fix or skip it."""
 
+    def __init__(self, *args: object) -> None:
+        if args and isinstance(args[0], str) and args[0].startswith(_WORKER_PREFIX) and _WORKER_MARK in args[0]:
+            self.worker_traceback = args[0]
+            args = (_original_message(args[0]), *args[1:])
+        super().__init__(*args)
+
+
+# torch re-raises an exception from a DataLoader worker as ``type(exc)(text)``, the text being "Caught
+# DataError in DataLoader worker process 0." plus the worker's whole traceback; the user gets the
+# original one-line message back (the traceback stays in ``DataError.worker_traceback``).
+_WORKER_PREFIX = "Caught "
+_WORKER_MARK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def _original_message(text: str) -> str:
+    """``pkg.module.LimitError: x.png: too large`` (the traceback's last line) -> ``x.png: too large``."""
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    kind, sep, message = last.partition(": ")
+    return message if sep and kind.rsplit(".", 1)[-1].endswith("Error") else text
+
 
 class DataWarning(UserWarning):
     """Suspicious input data that is used anyway (duplicate manifest rows, missing patient ids)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,13 @@ class Reader(ABC):
     def decode(self, path: Path, header: Header, limits: ReadLimits) -> np.ndarray:
         """The pixels, float32 ``(D, H, W)``, HU or [0, 1] as the header says."""
 
+    def read_checked(self, path: Path, limits: ReadLimits) -> tuple[Header, np.ndarray]:
+        """Header, limit check (:func:`check_header`), then decoding. A format that can do all three
+        from one opening of the file overrides this (Pillow does), keeping the check before decoding."""
+        header = self.read_header(path, limits)
+        check_header(path, header, limits)
+        return header, self.decode(path, header, limits)
+
     def decode_slice(self, path: Path, header: Header, index: int, limits: ReadLimits) -> np.ndarray:
         """One ``(H, W)`` slice; formats that can read a slice alone override this."""
         return self.decode(path, header, limits)[index]
@@ -113,8 +121,8 @@ class Reader(ABC):
     def read(self, path: str | Path, limits: ReadLimits | None = None) -> Pixels:
         """Header checks, then decoding, then a finite check of the result."""
         path, limits = Path(path), limits or ReadLimits()
-        header = self.header(path, limits)
-        array = self._guarded(path, lambda: self.decode(path, header, limits))
+        check_path(path, limits)
+        header, array = self._guarded(path, lambda: self.read_checked(path, limits))
         if array.shape != header.shape:
             raise DataError(
                 f"{path}: decoded shape {array.shape} differs from the declared {header.shape}; {SKIP_HINT}"
@@ -129,7 +137,8 @@ class Reader(ABC):
         path, limits = Path(path), limits or ReadLimits()
         header = self.header(path, limits)
         index = header.shape[0] // 2 if index is None else index
-        return check_finite(path, self._guarded(path, lambda: self.decode_slice(path, header, index, limits))), header
+        pixels = self._guarded(path, lambda: self.decode_slice(path, header, index, limits))
+        return check_finite(path, pixels), header
 
     def _guarded(self, path: Path, step):
         """Run a library call on untrusted bytes: whatever it raises becomes a DataError naming the file."""
@@ -149,7 +158,7 @@ class Reader(ABC):
 def check_path(path: Path, limits: ReadLimits) -> None:
     """A clear message for what ``open`` would report badly: loops, dangling links, permissions, size."""
     try:
-        stat = path.stat()
+        info = path.stat()
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise DataError(f"{path}: symbolic link loop; point the link at a real file or remove it") from None
@@ -160,12 +169,14 @@ def check_path(path: Path, limits: ReadLimits) -> None:
         raise DataError(f"{path}: file not found; fix the path or remove it from the manifest") from None
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: permission denied; make it readable (chmod) or remove it")
-    if path.is_file() and stat.st_size > limits.max_file_bytes:
+    if not stat.S_ISREG(info.st_mode):
+        return
+    if info.st_size > limits.max_file_bytes:
         raise LimitError(
-            f"{path}: {stat.st_size / 2**20:.1f} MB exceeds the {limits.max_file_bytes / 2**20:.1f} MB file limit "
+            f"{path}: {info.st_size / 2**20:.1f} MB exceeds the {limits.max_file_bytes / 2**20:.1f} MB file limit "
             "(data.limits.max_file_bytes); raise the limit if the file is genuine"
         )
-    if path.is_file() and stat.st_size == 0:
+    if info.st_size == 0:
         raise DataError(f"{path}: empty file; {SKIP_HINT}")
 
 

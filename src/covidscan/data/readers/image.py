@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from covidscan.config import ReadLimits
-from covidscan.data.readers.base import SKIP_HINT, Header, LimitError, NonFiniteError, Reader
+from covidscan.data.readers.base import SKIP_HINT, Header, LimitError, NonFiniteError, Reader, check_header
 from covidscan.data.records import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -27,18 +27,22 @@ class PILReader(Reader):
     suffixes = IMAGE_EXTENSIONS
 
     def verify_suffix(self, path: Path) -> bool:
-        return path.suffix.lower() in self.suffixes and not path.is_dir()
+        return path.suffix.lower() in self.suffixes
 
     def read_header(self, path: Path, limits: ReadLimits) -> Header:
         with _open(path, limits) as image:
-            width, height = image.size
-            if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
-            return Header((1, height, width), is_hu=False, mode=image.mode)
+            return _header(image)
 
     def decode(self, path: Path, header: Header, limits: ReadLimits) -> np.ndarray:
         with _open(path, limits) as image:
             return _to_gray(path, _loaded(path, image))[None]
+
+    def read_checked(self, path: Path, limits: ReadLimits) -> tuple[Header, np.ndarray]:
+        """One opening of the file: header, limits, then the pixels (opening twice is measurably slower)."""
+        with _open(path, limits) as image:
+            header = _header(image)
+            check_header(path, header, limits)
+            return header, _to_gray(path, _loaded(path, image))[None]
 
     def preview(self, path: Path, header: Header, limits: ReadLimits, size: int) -> np.ndarray:
         """JPEGs are decoded at a reduced scale (DCT scaling), which is all a perceptual hash needs."""
@@ -59,6 +63,13 @@ def _open(path: Path, limits: ReadLimits) -> Image.Image:
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: unreadable or corrupt image ({exc}); {SKIP_HINT}") from exc
+
+
+def _header(image: Image.Image) -> Header:
+    width, height = image.size
+    if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return Header((1, height, width), is_hu=False, mode=image.mode)
 
 
 def _orientation(image: Image.Image) -> int:
