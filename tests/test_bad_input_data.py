@@ -141,6 +141,13 @@ def test_train_skip_bad_skips_a_truncated_jpeg_and_lists_it(tmp_path, capsys):
     assert "cut.jpg" not in (run / "splits.csv").read_text()
 
 
+def test_train_refuses_a_bomb_before_writing_anything(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "data", {"COVID": 6, "normal": 6}, size=16)
+    (root / "normal" / "bomb.png").write_bytes(bomb_png_bytes(30000))
+    refused(capsys, ["train", "--config", str(tiny_train_config(tmp_path, root, False))], "bomb.png", "--skip-bad")
+    assert not (tmp_path / "runs").exists()  # the data is checked before the run directory is made
+
+
 def test_data_audit_reports_bad_files_and_goes_on(mixed_folder, tmp_path, capsys):
     out = tmp_path / "audit.json"
     assert main(["data", "audit", str(mixed_folder), "--out", str(out)]) == 0
