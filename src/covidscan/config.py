@@ -191,7 +191,7 @@ class SourceConfig:
     """
 
     path: str
-    name: str | None = None
+    name: str = ""  # empty: derived from the path
     label_map: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -256,9 +256,10 @@ class DataConfig:
     limits: ReadLimits = field(default_factory=ReadLimits)  # what a readable input may declare
 
     def __post_init__(self) -> None:
-        self.source = self.source if isinstance(self.source, str) else _as_sources(self.source, "data.source")
+        if not isinstance(self.source, str):
+            self.source = list[SourceConfig | str](_as_sources(self.source, "data.source"))
         if self.test_source is not None and not isinstance(self.test_source, str):
-            self.test_source = _as_sources(self.test_source, "data.test_source")
+            self.test_source = list[SourceConfig | str](_as_sources(self.test_source, "data.test_source"))
         _check(16 <= self.image_size <= 2048, f"data.image_size must be in [16, 2048], got {self.image_size}")
         _check(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
         _check(self.max_per_class is None or self.max_per_class > 0, "data.max_per_class must be > 0")
@@ -422,7 +423,8 @@ def _build_union(options: tuple[Any, ...], value: Any, key: str) -> Any:
     """The first option that accepts ``value``; the first option's complaint when none does."""
     if value is None and type(None) in options:
         return None
-    fitting, others = [], []
+    fitting: list[str] = []
+    others: list[str] = []
     for option in options:
         if option is type(None):
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import Literal
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +164,7 @@ def _source_spec(args: argparse.Namespace):
     return (args.source[0] if len(args.source) == 1 else args.source), label_map, None
 
 
-def _load(args: argparse.Namespace, check_files: str | None = None):
+def _load(args: argparse.Namespace, check_files: Literal["none", "header", "decode"] | None = None):
     """Load the sources; the data verbs print the manifest issues themselves, once, after their output."""
     from covidscan.data.records import DataWarning
     from covidscan.data.sources import load_samples

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from covidscan.data.io import DICOM_EXTENSIONS, read_image
+from covidscan.data.io import read_image
 from covidscan.data.lung import LungFocus, lung_mask_2d
 from covidscan.data.parallel import map_chunks, usable_cpus
+from covidscan.data.readers.dicom import dicom_files, is_dicom_file
 from covidscan.data.records import DataError, Sample, SampleSet
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def header_features(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     file_size = float(path.stat().st_size)
     quality: float
-    if path.suffix.lower() in DICOM_EXTENSIONS:
+    if is_dicom_file(path):
         import pydicom
 
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -175,11 +176,10 @@ def expand_series(sample_set: SampleSet) -> SampleSet:
     for s in sample_set.samples:
         path = Path(s.path)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DICOM_EXTENSIONS)
-            out += [Sample(str(f), s.label, s.patient_id or str(path), s.split) for f in files]
+            out += [replace(s, path=str(f), patient_id=s.patient_id or str(path)) for f in dicom_files(path)]
         else:
             out.append(s)
-    return SampleSet(out, sample_set.class_names, sample_set.skipped)
+    return SampleSet(out, sample_set.class_names, sample_set.skipped, sample_set.issues)
 
 
 def extract_features(

@@ -206,12 +206,12 @@ def source_label(source: SourceLike | Sequence[SourceLike]) -> str:
 
 def _source_entries(source: SourceConfig, *, skip_bad: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
     """One source's samples, tagged with its name and relabelled by its own label map."""
-    path = source.path
-    if str(path) == "sample":
+    if source.path == "sample":
         from covidscan.data.sample import ensure_sample_dataset
 
         path = ensure_sample_dataset()
-    path = Path(path)
+    else:
+        path = Path(source.path)
     if path.is_file() and path.suffix.lower() == ".csv":
         entries, skipped = _manifest_entries(path, skip_bad=skip_bad)
     elif path.is_dir():

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -156,6 +157,11 @@ def _number(path: Path, ds, keyword: str, default: float | None, *, strict: bool
     return number
 
 
+def _required(path: Path, ds, keyword: str, default: float) -> float:
+    value = _number(path, ds, keyword, default)
+    return default if value is None else value
+
+
 def _numbers(path: Path, ds, keyword: str, count: int, *, strict: bool = True) -> tuple[float, ...] | None:
     values = ds.get(keyword)
     if values is None or values == "":
@@ -184,11 +190,12 @@ def _parse(path: Path, ds) -> DicomHeader:
         position = float(np.dot(normal, np.asarray(ipp)))
     else:
         position = _number(path, ds, "SliceLocation", None)
-    slope = _number(path, ds, "RescaleSlope", 1.0)
+    slope = _required(path, ds, "RescaleSlope", 1.0)
     if slope == 0:
         raise DataError(f"{path}: RescaleSlope is 0 (every pixel would be the intercept); fix the DICOM header")
     image_type = ds.get("ImageType") or ()
     series_number = _number(path, ds, "SeriesNumber", None, strict=False)
+    spacing = _numbers(path, ds, "PixelSpacing", 2, strict=False)
     return DicomHeader(
         path=path,
         rows=int(ds.get("Rows") or 0),
@@ -196,11 +203,11 @@ def _parse(path: Path, ds) -> DicomHeader:
         frames=int(_number(path, ds, "NumberOfFrames", 1) or 1),
         position=position,
         orientation=orientation,
-        spacing=_numbers(path, ds, "PixelSpacing", 2, strict=False),
+        spacing=(spacing[0], spacing[1]) if spacing else None,
         thickness=_number(path, ds, "SliceThickness", None, strict=False),
         modality=ds.get("Modality") or None,
         slope=slope,
-        intercept=_number(path, ds, "RescaleIntercept", 0.0),
+        intercept=_required(path, ds, "RescaleIntercept", 0.0),
         series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
         study_uid=str(ds.get("StudyInstanceUID") or "") or None,
         series_number=int(series_number) if series_number is not None else None,
@@ -316,7 +323,7 @@ def series_header(
     missing = next((h for h in images if h.position is None), None)
     if missing is not None:
         raise DataError(f"{missing.path}: no ImagePositionPatient or SliceLocation; cannot order the series")
-    images.sort(key=lambda h: h.position)
+    images.sort(key=lambda h: cast(float, h.position))  # None was refused above
     gaps = np.diff([h.position for h in images])
     if len(gaps) and np.any(np.isclose(gaps, 0)):
         raise DataError(f"{label}: two slices share one position; duplicated files or two series in one folder")
@@ -436,7 +443,7 @@ def group_dicom_series(
     for uid, headers in groups.items():
         images = [h for h in headers if h.is_image]
         ordered = (
-            sorted(images, key=lambda h: h.position)
+            sorted(images, key=lambda h: cast(float, h.position))
             if images and all(h.position is not None for h in images)
             else sorted(images, key=lambda h: h.path.name)
         )
