@@ -29,6 +29,15 @@ def b_source(manifest) -> SourceConfig:
     return SourceConfig(path=str(manifest), name="b", label_map={"CT_COVID": "COVID", "CT_NonCOVID": "non-COVID"})
 
 
+def test_max_per_class_caps_each_source_so_every_source_stays(two_sources):
+    a, manifest = two_sources
+    data = load_samples([str(a), b_source(manifest)], max_per_class=3)
+    assert data.source_class_counts() == {
+        "hospital-a": {"COVID": 3, "non-COVID": 3},
+        "b": {"COVID": 3, "non-COVID": 3},
+    }
+
+
 def test_config_accepts_a_list_of_sources_and_keeps_the_string_form():
     single = config_from_dict({"data": {"source": "data/x.csv"}}).data
     assert single.source == "data/x.csv" and [(s.name, s.path) for s in single.sources] == [("data", "data/x.csv")]

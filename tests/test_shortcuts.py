@@ -76,6 +76,15 @@ def test_without_patient_ids_folds_are_stratified(tmp_path):
     assert _rows(report)["width"]["ci_low"] is None
 
 
+def test_too_few_patients_fall_back_to_stratified_folds_without_sklearn_warnings(tmp_path):
+    data = _write(tmp_path, {"COVID": {"size": (56, 48)}, "normal": {}}, per_class=6)
+    one_patient = SampleSet([Sample(s.path, s.label, patient_id=s.label) for s in data.samples], data.class_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The groups parameter is ignored by StratifiedKFold"
+        report = audit_shortcuts(one_patient, signals=["width"], n_bootstrap=0, workers=1)
+    assert report["cross_validation"].startswith("StratifiedKFold")
+
+
 def test_three_classes_use_macro_one_vs_rest_auc(tmp_path):
     data = _write(tmp_path, {"A": {"size": (40, 48)}, "B": {"size": (48, 48)}, "C": {"size": (56, 48)}}, per_class=12)
     report = audit_shortcuts(data, signals=["width"], n_bootstrap=50)

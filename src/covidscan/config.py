@@ -245,7 +245,7 @@ class DataConfig:
     intensity: Literal["none", "equalize", "clahe"] = "none"  # per-image histogram equalisation, train and eval
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
-    max_per_class: int | None = None  # cap for quick runs on a subset
+    max_per_class: int | None = None  # cap for quick runs on a subset (per class in each source)
     skip_bad: bool = False  # skip unreadable files (listed in the run dir) instead of failing
     num_workers: int = 0
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead (num_workers > 0 only)

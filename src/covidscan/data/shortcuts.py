@@ -229,14 +229,16 @@ def out_of_fold_proba(
 ) -> tuple[np.ndarray, str]:
     """Out-of-fold class probabilities of a random forest that sees only ``features``."""
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.model_selection import cross_val_predict
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
     k = int(y.max()) + 1
     if np.ptp(features, axis=0).max(initial=0) == 0:  # a constant signal carries nothing: chance, exactly
         return np.full((len(y), k), 1.0 / k), "constant signal"
     cv, scheme = _folds(y, groups, folds, seed)
     forest = RandomForestClassifier(n_estimators=trees, min_samples_leaf=2, random_state=seed, n_jobs=1)
-    proba = cross_val_predict(forest, features, y, groups=groups, cv=cv, method="predict_proba")
+    # groups only for a patient-grouped splitter (StratifiedKFold warns that it ignores them)
+    grouped = groups if isinstance(cv, StratifiedGroupKFold) else None
+    proba = cross_val_predict(forest, features, y, groups=grouped, cv=cv, method="predict_proba")
     return proba, scheme
 
 

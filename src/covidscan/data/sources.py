@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -259,6 +260,9 @@ def load_samples(
     sorted). Manifest problems are errors or :class:`~covidscan.data.records.DataWarning` naming the
     rows, and are kept in ``SampleSet.issues``.
 
+    ``max_per_class`` keeps the first that many samples of each class *in each source* (a quick
+    subset that still holds every source).
+
     Files are checked through their readers within ``limits`` (``check_files``): by default every
     header (cheap: a decompression bomb or an unreadable file is found before anything runs), and
     with ``skip_bad`` every file is decoded once, so a truncated or hostile file is skipped here
@@ -291,12 +295,13 @@ def load_samples(
     else:
         class_names = present
     if max_per_class is not None:
-        kept: dict[str | None, int] = {}
+        # per class within each source: capping across sources would keep only the first source's files
+        kept: Counter[tuple[str | None, str]] = Counter()
         capped = []
         for s in samples:
-            label = s.label or ""
-            kept[label] = kept.get(label, 0) + 1
-            if kept[label] <= max_per_class:
+            key = (s.source, s.label or "")
+            kept[key] += 1
+            if kept[key] <= max_per_class:
                 capped.append(s)
         samples = capped
     check_files = check_files or ("decode" if skip_bad else "header")
