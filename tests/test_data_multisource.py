@@ -146,8 +146,8 @@ def test_data_info_prints_per_source_counts(two_sources, tmp_path, capsys):
     assert main(["data", "info", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "source:   hospital-a + b" in out
-    assert "hospital-a      20  (COVID: 12, non-COVID: 8)" in out
-    assert "b               20  (COVID: 10, non-COVID: 10)" in out
+    assert "hospital-a      20  (COVID: 12, non-COVID: 8; no patient ids)" in out
+    assert "b               20  (COVID: 10, non-COVID: 10; 5 patients)" in out
 
 
 @pytest.mark.integration
@@ -167,3 +167,34 @@ def test_real_datasets_as_two_sources(shared_datasets, tmp_path):
     tests = Counter((s.source, s.label) for s in split.samples if s.split == "test")
     for (source, label), count in tests.items():
         assert count == pytest.approx(0.1 * data.source_class_counts()[source][label], abs=1)
+
+
+@pytest.mark.integration
+def test_real_manifest_and_folder_split_grouped_by_patient_and_source(shared_datasets):
+    config = config_from_dict(
+        {
+            "data": {
+                "source": [
+                    {
+                        "name": "covid-ct",
+                        "path": str(shared_datasets / "covid-ct" / "metadata.csv"),
+                        "label_map": {"NonCOVID": "non-COVID"},
+                    },
+                    {"name": "sarscov2-ct", "path": str(shared_datasets / "sarscov2-ct")},
+                ],
+                "split": {"method": "grouped", "stratify_by_source": True},
+            }
+        }
+    ).data
+    data = load_samples(config.sources, check_files="none")
+    assert data.class_names == ["COVID", "non-COVID"]
+    split = assign_splits(data, config.split, seed=0)
+    where: dict[tuple, set] = {}
+    for s in split.samples:
+        if s.patient_id:
+            where.setdefault((s.source, s.patient_id), set()).add(s.split)
+    assert where and all(len(splits) == 1 for splits in where.values())  # no covid-ct patient in two splits
+    present = Counter((s.split, s.source, s.label) for s in split.samples)
+    for part in ("train", "val", "test"):
+        for source in ("covid-ct", "sarscov2-ct"):
+            assert all(present[(part, source, label)] > 0 for label in data.class_names), (part, source)

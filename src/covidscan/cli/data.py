@@ -204,7 +204,9 @@ def _info(args: argparse.Namespace) -> int:
         print("per source:")
         for source, counts in sources.items():
             cells = ", ".join(f"{name}: {count}" for name, count in counts.items())
-            print(f"  {source:<{width}}  {sum(counts.values()):>6}  ({cells})")
+            ids = sum(1 for src, _ in patients if src == source)
+            who = f"{ids} patients" if ids else "no patient ids"  # a source without ids leaks in a random split
+            print(f"  {source:<{width}}  {sum(counts.values()):>6}  ({cells}; {who})")
     if any(s.split for s in data.samples):
         print(f"predefined splits: {split_counts(data)}")
     _print_problems(data)
