@@ -2,14 +2,17 @@
 
 Generates synthetic CT-like slice sets (128x128 PNG, ~125 slices per patient: adjacent slices of
 one patient are near-duplicates, as in a real scan; a manifest with patient ids) of each requested
-size, then runs every step as a separate process and records its wall time and peak RSS:
+size, then runs every step as a separate process and records its wall time, CPU time and peak RSS:
 
 * ``info``, ``split`` (patient-grouped), ``audit`` (cold hash cache), ``audit --splits`` (warm
   cache: what a second audit costs), the trainer's pre-epoch leakage check (``check_split_leakage``
   on the run's split, warm cache), one training epoch of a small model (cnn1, 64 px, grayscale)
   with 0, 1 and 2 DataLoader workers, and ``predict`` over every slice;
-* optionally the near-duplicate index alone on ``--index-hashes`` random 256-bit hashes, 1% of
-  them planted near-duplicates 0-24 bits from another (what a million-slice archive would ask);
+* optionally the near-duplicate search alone (``near_duplicate_pairs``, 256-bit hashes, 24 bits) on
+  ``--index-hashes`` sizes of two kinds: ``random`` (uniform hashes, 1% of them planted copies 0-24
+  bits from another) and ``ct-like`` (patients of 100 slices, each 0-12 random bits from the
+  patient's base hash: ~50 near-duplicate pairs per hash, the clustering real CT series show), up
+  to what a million-slice archive would ask;
 * optionally one epoch over 50 synthetic NIfTI volumes (64x128x128, depth 4, resnet3d_18 at 64 px).
 
 Prints a Markdown table and the growth exponent of each step (least-squares slope of log time
@@ -18,7 +21,8 @@ against log size). Run it under the shared lock; one size at a time is fine, res
 
     flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 10000 40000
     flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes 150000 --skip epoch predict
-    flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes --index-hashes 1000000 --volumes
+    flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes --index-hashes 250000 1000000
+    flock /tmp/covidscan-heavy.lock .venv/bin/python benchmarks/scale.py --sizes --volumes
 """
 
 from __future__ import annotations
@@ -83,15 +87,17 @@ def generate(root: Path, n: int, seed: int = 0) -> Path:
     return manifest
 
 
-def measure(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB, the largest single process) of one command."""
+def measure(command: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GB, the largest single process) and CPU seconds (user + system, the
+    process and the worker processes it waited for) of one command: on a shared machine the CPU
+    time shows what the step itself cost when the wall time is inflated by other jobs."""
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
-    return wall, usage.ru_maxrss / 1e6
+    return wall, usage.ru_maxrss / 1e6, usage.ru_utime + usage.ru_stime
 
 
 CHECK = """
@@ -129,19 +135,31 @@ if out != "-":
 """
 
 INDEX = """
-import sys, time, numpy as np
-from covidscan.data.hashindex import near_duplicate_pairs
-n = int(sys.argv[1])
+import json, resource, sys, time, numpy as np
+from covidscan.data.hashindex import near_duplicate_pairs, plan_join
+n, kind = int(sys.argv[1]), sys.argv[2]
 rng = np.random.default_rng(0)
-hashes = rng.integers(0, 2**63, size=(n, 4), dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, (n, 4), np.uint64)
-copies = rng.permutation(n)[: 2 * (n // 100)].reshape(2, -1)  # 1% planted near-duplicates, 0-24 bits apart
-bits = np.unpackbits(hashes[copies[0]].view(np.uint8), axis=1)
-for row, distance in zip(bits, rng.integers(0, 25, len(bits))):
-    row[rng.choice(256, distance, replace=False)] ^= 1
-hashes[copies[1]] = np.packbits(bits, axis=1).view(np.uint64)
-start = time.perf_counter()
+
+def flip(codes, distances):  # XOR each row with up to `distances` random bits (a position may repeat)
+    rows = np.arange(len(codes))
+    for step in range(int(distances.max(initial=0))):
+        bit = rng.integers(0, 256, len(codes))
+        codes[rows, bit // 64] ^= (np.uint64(1) << (bit % 64).astype(np.uint64)) * (step < distances)
+    return codes
+
+if kind == "random":  # uniform 256-bit hashes, 1% of them planted copies 0-24 bits from another
+    hashes = rng.integers(0, 2**64, size=(n, 4), dtype=np.uint64, endpoint=False)
+    copies = rng.permutation(n)[: 2 * (n // 100)].reshape(2, -1)
+    hashes[copies[1]] = flip(hashes[copies[0]].copy(), rng.integers(0, 25, copies.shape[1]))
+else:  # CT-like: patients of 100 slices, each 0-12 random bits from the patient's base hash, shuffled
+    bases = rng.integers(0, 2**64, size=(-(-n // 100), 4), dtype=np.uint64, endpoint=False)
+    hashes = flip(bases[np.arange(n) // 100], rng.integers(0, 13, n))[rng.permutation(n)]
+start, cpu = time.perf_counter(), time.process_time()
 pairs = near_duplicate_pairs(hashes, 24)
-print(len(pairs), time.perf_counter() - start)
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+plan = " + ".join(f"{t.bits}b/r{t.radius}" for t in plan_join(n, 256, 24).tables)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+print(json.dumps({"seconds": wall, "cpu_seconds": cpu, "peak_gb": peak, "pairs": len(pairs), "plan": plan}))
 """
 
 VOLUMES = """
@@ -174,7 +192,7 @@ print(len(dataset))
 """
 
 
-def run_size(n: int, work: Path, skip: set[str], env: dict[str, str]) -> dict[str, tuple[float, float]]:
+def run_size(n: int, work: Path, skip: set[str], env: dict[str, str]) -> dict[str, tuple[float, float, float]]:
     python = [sys.executable]
     cli = [*python, "-m", "covidscan"]
     folder = work / f"set-{n}"
@@ -212,7 +230,8 @@ def run_size(n: int, work: Path, skip: set[str], env: dict[str, str]) -> dict[st
         if step == "predict":
             (folder / "predictions.csv").unlink(missing_ok=True)  # predict resumes; measure a full run
         results[step] = measure(command, cache)
-        print(f"[{n}] {step}: {results[step][0]:.1f} s, {results[step][1]:.2f} GB", flush=True)
+        wall, rss, cpu = results[step]
+        print(f"[{n}] {step}: {wall:.1f} s (CPU {cpu:.1f} s), {rss:.2f} GB", flush=True)
     return results
 
 
@@ -222,17 +241,55 @@ def exponent(sizes: list[int], seconds: list[float]) -> float | None:
     return float(np.polyfit(np.log(sizes), np.log(seconds), 1)[0])
 
 
+def _cell(wall: float, rss: float, cpu: float | None = None) -> str:
+    return f"{wall:.1f} s" + (f" (CPU {cpu:.1f} s)" if cpu is not None else "") + f", {rss:.2f} GB"
+
+
 def table(results: dict) -> str:
     sizes = sorted(int(n) for n in results["sizes"])
     head = "| step | " + " | ".join(f"{n:,} slices" for n in sizes) + " | growth exponent |"
     lines = [head, "|---" * (len(sizes) + 2) + "|"]
     for step in STEPS:
         measured = [(n, results["sizes"][str(n)].get(step)) for n in sizes]
-        cells = [f"{v[0]:.1f} s, {v[1]:.2f} GB" if v else "—" for _, v in measured]
+        cells = [_cell(*v) if v else "—" for _, v in measured]  # older results have no CPU time
         points = [(n, v[0]) for n, v in measured if v]
         slope = exponent([n for n, _ in points], [t for _, t in points])
         lines.append(f"| {step} | " + " | ".join(cells) + f" | {'—' if slope is None else f'{slope:.2f}'} |")
     return "\n".join(lines)
+
+
+def index_table(results: dict) -> str:
+    """One row per kind of hashes: search time (CPU), peak RSS and pairs per size, and the growth
+    exponent of the wall time and of the CPU time."""
+    lines = []
+    for kind, by_size in sorted(results.get("index", {}).items()):
+        sizes = sorted(int(n) for n in by_size)
+        if not lines:
+            lines += ["| hashes | size | search wall (CPU) | peak RSS | pairs | plan |", "|---|---|---|---|---|---|"]
+        for n in sizes:
+            r = by_size[str(n)]
+            lines.append(
+                f"| {kind} | {n:,} | {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s) | {r['peak_gb']:.2f} GB | "
+                f"{r['pairs']:,} | {r['plan']} |"
+            )
+        for a, b in zip(sizes, sizes[1:]):
+            wall = exponent([a, b], [by_size[str(a)]["seconds"], by_size[str(b)]["seconds"]])
+            cpu = exponent([a, b], [by_size[str(a)]["cpu_seconds"], by_size[str(b)]["cpu_seconds"]])
+            lines.append(f"| {kind} | {a:,} → {b:,} | growth exponent {wall:.2f} (CPU {cpu:.2f}) | | | |")
+    return "\n".join(lines)
+
+
+def run_index(n: int, kind: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", INDEX, str(n), kind], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    result = json.loads(out.stdout)
+    print(
+        f"index alone, {n:,} {kind} hashes: {result['seconds']:.1f} s (CPU {result['cpu_seconds']:.1f} s), "
+        f"{result['peak_gb']:.2f} GB, {result['pairs']:,} pairs",
+        flush=True,
+    )
+    return result
 
 
 def main() -> None:
@@ -241,7 +298,12 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/covidscan-scale", help="where the synthetic sets live (reused)")
     parser.add_argument("--results", default=None, help="JSON of accumulated results (default WORK/results.json)")
     parser.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out")
-    parser.add_argument("--index-hashes", type=int, default=0, help="also time the index alone on this many hashes")
+    parser.add_argument(
+        "--index-hashes", type=int, nargs="*", default=[], help="also time the near-duplicate search alone on these sizes"
+    )
+    parser.add_argument(
+        "--index-kinds", nargs="+", default=["random", "ct-like"], choices=["random", "ct-like"], help="hashes to time"
+    )
     parser.add_argument("--volumes", action="store_true", help="also time one epoch over 50 NIfTI volumes")
     args = parser.parse_args()
     work = Path(args.work)
@@ -252,25 +314,21 @@ def main() -> None:
     for n in args.sizes:
         results["sizes"].setdefault(str(n), {}).update(run_size(n, work, set(args.skip), env))
         results_path.write_text(json.dumps(results, indent=1))
-    if args.index_hashes:
-        out = subprocess.run(
-            [sys.executable, "-c", INDEX, str(args.index_hashes)], env=env, capture_output=True, text=True
-        )
-        if out.returncode:
-            raise RuntimeError(out.stderr[-3000:])
-        pairs, seconds = out.stdout.split()
-        results["extra"][f"index_{args.index_hashes}"] = {"seconds": float(seconds), "pairs": int(pairs)}
-        print(f"index alone, {args.index_hashes:,} hashes: {float(seconds):.1f} s, {int(pairs):,} pairs", flush=True)
+    for n in args.index_hashes:
+        for kind in args.index_kinds:
+            results.setdefault("index", {}).setdefault(kind, {})[str(n)] = run_index(n, kind, env)
+            results_path.write_text(json.dumps(results, indent=1))
     if args.volumes:
         folder = work / "volumes"
         folder.mkdir(exist_ok=True)
-        wall, rss = measure([sys.executable, "-c", VOLUMES, str(folder)], env)
-        results["extra"]["volumes_epoch"] = {"seconds": wall, "peak_gb": rss}
-        print(f"one epoch, 50 NIfTI volumes (64x128x128, depth 4): {wall:.1f} s, {rss:.2f} GB", flush=True)
+        wall, rss, cpu = measure([sys.executable, "-c", VOLUMES, str(folder)], env)
+        results["extra"]["volumes_epoch"] = {"seconds": wall, "peak_gb": rss, "cpu_seconds": cpu}
+        print(f"one epoch, 50 NIfTI volumes (64x128x128, depth 4): {_cell(wall, rss, cpu)}", flush=True)
     results["machine"] = f"{platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     results["date"] = str(date.today())
     results_path.write_text(json.dumps(results, indent=1))
     print(table(results))
+    print(index_table(results))
     print(json.dumps(results["extra"], indent=1))
 
 

@@ -212,10 +212,17 @@ def plot_nearest_train_distances(hashed: Sequence[ImageFacts], threshold: int, p
     return save_figure(figure, path, dpi=120)
 
 
-def _split_pair(a: Sample, b: Sample) -> str:
+def _split_pair(first: str, second: str) -> str:
     order = {name: k for k, name in enumerate(SPLIT_NAMES)}
-    first, second = sorted((a.split or "none", b.split or "none"), key=lambda n: order.get(n, 9))
-    return f"{first}-{second}"
+    return "-".join(sorted((first, second), key=lambda n: order.get(n, 9)))
+
+
+def _codes(values: Sequence[str | None]) -> tuple[list[str], np.ndarray]:
+    """Distinct values (``None`` as ``"none"``) and each item's index into them, so per-pair
+    comparisons over millions of pairs are array operations instead of Python loops."""
+    names: dict[str, int] = {}
+    codes = np.array([names.setdefault(v or "none", len(names)) for v in values], dtype=np.int64)
+    return list(names), codes
 
 
 def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndarray) -> dict[str, Any]:
@@ -223,12 +230,18 @@ def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndar
 
     ``pairs`` index into ``hashed`` (the readable samples); split sizes and patients use ``samples``.
     """
-    cross = Counter(_split_pair(hashed[i], hashed[j]) for i, j, _ in pairs if hashed[i].split != hashed[j].split)
-    with_train_twin: set[str] = set()
-    for i, j, _ in pairs:
-        for a, b in ((hashed[i], hashed[j]), (hashed[j], hashed[i])):
-            if a.split in ("val", "test") and b.split == "train":
-                with_train_twin.add(a.path)
+    split_names, split = _codes([s.split for s in hashed])
+    first, second = split[pairs[:, 0]], split[pairs[:, 1]]
+    kinds, counts = np.unique(np.stack([first, second])[:, first != second], axis=1, return_counts=True)
+    cross: Counter[str] = Counter()
+    for (a, b), count in zip(kinds.T.tolist(), counts.tolist()):
+        cross[_split_pair(split_names[a], split_names[b])] += count
+    held_out = np.isin(split, [k for k, name in enumerate(split_names) if name in ("val", "test")])
+    train = split == (split_names.index("train") if "train" in split_names else -1)
+    twins = np.concatenate(
+        [pairs[held_out[pairs[:, 0]] & train[pairs[:, 1]], 0], pairs[held_out[pairs[:, 1]] & train[pairs[:, 0]], 1]]
+    )
+    with_train_twin = {hashed[k].path for k in np.unique(twins).tolist()}
     splits_of: dict[str, set[str]] = defaultdict(set)
     for s in samples:
         if s.patient_id:
@@ -292,17 +305,16 @@ def audit_samples(
     hashed = [f for f in readable if f.phash is not None]
     pairs = near_duplicate_pairs(_hash_matrix(hashed), threshold) if hashed else np.zeros((0, 3), int)
     involved = np.unique(pairs[:, :2])
+    label = _codes([f.sample.label for f in hashed])[1]
     report["near_duplicates"] = {
         "hash": f"phash {hash_size}x{hash_size} ({hash_size * hash_size} bits)",
         "threshold_bits": threshold,
         "n_pairs": len(pairs),
         "n_images_involved": len(involved),
-        "n_pairs_with_conflicting_labels": int(
-            sum(hashed[i].sample.label != hashed[j].sample.label for i, j, _ in pairs)
-        ),
-        "pairs": [
+        "n_pairs_with_conflicting_labels": int(np.count_nonzero(label[pairs[:, 0]] != label[pairs[:, 1]])),
+        "pairs": [  # the closest first; ties in (i, j) order
             {"a": hashed[i].sample.path, "b": hashed[j].sample.path, "distance": int(d)}
-            for i, j, d in sorted(pairs.tolist(), key=lambda p: p[2])[:_MAX_LISTED_PAIRS]
+            for i, j, d in pairs[np.argsort(pairs[:, 2], kind="stable")[:_MAX_LISTED_PAIRS]].tolist()
         ],
     }
     if has_splits:
