@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import platform
@@ -272,7 +273,7 @@ def index_table(results: dict) -> str:
                 f"| {kind} | {n:,} | {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s) | {r['peak_gb']:.2f} GB | "
                 f"{r['pairs']:,} | {r['plan']} |"
             )
-        for a, b in zip(sizes, sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             wall = exponent([a, b], [by_size[str(a)]["seconds"], by_size[str(b)]["seconds"]])
             cpu = exponent([a, b], [by_size[str(a)]["cpu_seconds"], by_size[str(b)]["cpu_seconds"]])
             lines.append(f"| {kind} | {a:,} → {b:,} | growth exponent {wall:.2f} (CPU {cpu:.2f}) | | | |")
@@ -299,7 +300,11 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="JSON of accumulated results (default WORK/results.json)")
     parser.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out")
     parser.add_argument(
-        "--index-hashes", type=int, nargs="*", default=[], help="also time the near-duplicate search alone on these sizes"
+        "--index-hashes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the near-duplicate search alone on these sizes",
     )
     parser.add_argument(
         "--index-kinds", nargs="+", default=["random", "ct-like"], choices=["random", "ct-like"], help="hashes to time"

@@ -110,9 +110,12 @@ def test_pairs_just_outside_the_threshold_are_left_out():
 
 
 def test_identical_hashes_give_every_pair_once():
-    hashes = np.repeat(_random(np.random.default_rng(5), 3, 4), [50, 1, 30], axis=0)
+    rng = np.random.default_rng(5)
+    codes = _random(rng, 3, 4)
+    codes = np.concatenate([codes, _flip(rng, codes[0], 3)[None]])  # a near-duplicate of the first code
+    hashes = np.repeat(codes, [50, 1, 30, 4], axis=0)[rng.permutation(85)]
     pairs = join_pairs(hashes, 24)
-    assert len(pairs) == 50 * 49 // 2 + 30 * 29 // 2
+    assert len(pairs) == 50 * 49 // 2 + 30 * 29 // 2 + 4 * 3 // 2 + 50 * 4
     assert np.array_equal(pairs, brute_force_pairs(hashes, 24))
 
 

@@ -25,6 +25,9 @@ query at a time), hence the hand-written NumPy.
 
 Details that keep it exact and bounded:
 
+* identical codes (blank slices, a file listed twice) are joined once and expanded to every pair of
+  their rows at the end, so a code repeated ``g`` times costs its ``g²/2`` output pairs, not that
+  many candidates in every table;
 * identical keys are collapsed first (a series of near-identical slices shares its keys), and every
   candidate pair is kept only by the *first* table whose radius it meets, so pairs found by several
   tables are neither repeated nor collected and de-duplicated later;
@@ -287,20 +290,46 @@ class _Join:
             yield (first[keep] & id_mask).astype(np.int64), (second[keep] & id_mask).astype(np.int64)
 
 
-def join_pairs(hashes: np.ndarray, threshold: int, plan: JoinPlan | None = None, workers: int | None = None) -> np.ndarray:
+def _original_pairs(
+    distinct_pairs: list[tuple[np.ndarray, ...]], inverse: np.ndarray, dtype: type
+) -> list[tuple[np.ndarray, ...]]:
+    """Pairs of distinct codes as pairs of the original rows (every row of one code with every row
+    of the other), plus every pair of identical rows at distance 0; in chunks of :data:`_CHUNK`."""
+    members: np.ndarray = np.argsort(inverse, kind="stable").astype(dtype)  # rows grouped by their distinct code
+    sizes = np.bincount(inverse)
+    starts = np.cumsum(sizes) - sizes
+    found: list[tuple[np.ndarray, ...]] = [
+        (members[p], members[q], np.zeros(len(p), np.uint16)) for p, q in _run_pairs(inverse[members])
+    ]
+    for first, second, distance in distinct_pairs:
+        for part in _slices(sizes[first] * sizes[second], _CHUNK):
+            rows = _ranges(starts[first[part]], sizes[first[part]])
+            other = np.repeat(second[part], sizes[first[part]])
+            a = np.repeat(members[rows], sizes[other])
+            b = members[_ranges(starts[other], sizes[other])]
+            d = np.repeat(np.repeat(distance[part], sizes[first[part]]), sizes[other])
+            found.append((np.minimum(a, b), np.maximum(a, b), d))
+    return found
+
+
+def join_pairs(
+    hashes: np.ndarray, threshold: int, plan: JoinPlan | None = None, workers: int | None = None
+) -> np.ndarray:
     """All pairs ``i < j`` within ``threshold`` bits through the multi-index self-join (exact)."""
     hashes = _as_hashes(hashes)
     code_bits = hashes.shape[1] * 64
     if threshold >= code_bits:  # every pair qualifies; the join would only add overhead
         return brute_force_pairs(hashes, threshold)
-    plan = plan or plan_join(len(hashes), code_bits, threshold)
+    distinct, inverse = np.unique(hashes, axis=0, return_inverse=True)  # identical codes are joined once
+    plan = plan or plan_join(len(distinct), code_bits, threshold)
     if not plan.covers(threshold) or any(not 0 <= t.radius <= _MAX_TABLE_RADIUS for t in plan.tables):
         raise ValueError(f"{plan} cannot find every pair within {threshold} bits of {code_bits}-bit codes")
     if any(not 1 <= t.bits <= _MAX_TABLE_BITS for t in plan.tables):
         raise ValueError(f"{plan}: tables must have 1 to {_MAX_TABLE_BITS} bits")
-    join = _Join(hashes, threshold, plan)
+    join = _Join(distinct, threshold, plan)
     with ThreadPoolExecutor(max_workers=min(len(plan.tables), workers or usable_cpus())) as pool:
-        parts = [part for found in pool.map(join.table_pairs, range(len(plan.tables))) for part in found]
+        distinct_pairs = [part for found in pool.map(join.table_pairs, range(len(plan.tables))) for part in found]
+    parts = _original_pairs(distinct_pairs, inverse.reshape(-1), join.index_dtype)
     i, j, distance = (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int64) for k in range(3))
     order = np.argsort(i.astype(np.uint64) * np.uint64(len(hashes)) + j.astype(np.uint64))
     pairs = np.empty((len(order), 3), np.int64)
