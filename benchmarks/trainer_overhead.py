@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,6 +134,13 @@ def main() -> None:
                 plain_wall, plain_cpu = run_plain_loop(tensors, args)
             for name, value in zip(ROWS, (plain_wall, loop, wall, plain_cpu, cpu)):
                 rates[name].append(value)
+            # each round as it ends, so a run cut short (a time limit, a busy machine) still reports
+            print(
+                f"round {round_index + 1}/{args.rounds}: images/s plain {plain_wall:.2f}, trainer epoch loop "
+                f"{loop:.2f}, incl. checkpoint {wall:.2f}; per CPU-second plain {plain_cpu:.2f}, trainer {cpu:.2f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     print(
         f"\n{args.model} at {args.size}x{args.size}, batch {args.batch_size}, {args.images} images x "
