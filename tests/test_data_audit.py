@@ -49,13 +49,13 @@ def planted(tmp_path):
 
 def test_audit_finds_planted_exact_and_near_duplicates_across_splits(planted):
     report = audit_samples(planted, progress=False)
-    assert report["exact_duplicates"]["n_groups"] == 1
-    assert set(report["exact_duplicates"]["groups"][0]) == {planted.samples[0].path, planted.samples[-2].path}
-    found = {frozenset((p["a"], p["b"])) for p in report["near_duplicates"]["pairs"]}
+    assert report.exact_duplicates.n_groups == 1
+    assert set(report.exact_duplicates.groups[0]) == {planted.samples[0].path, planted.samples[-2].path}
+    found = {frozenset((p.a, p.b)) for p in report.near_duplicates.pairs}
     assert frozenset((planted.samples[9].path, planted.samples[-1].path)) in found
-    assert report["leakage"]["test_with_train_near_duplicate"] == 2
-    assert report["leakage"]["cross_split_near_duplicate_pairs"] == {"train-test": 2}
-    assert report["image_sizes"]["width_range"] == [64, 64] and report["modes"] == {"L": 18}
+    assert report.leakage.test.with_train_near_duplicate == 2
+    assert report.leakage.cross_split_near_duplicate_pairs == {"train-test": 2}
+    assert report.image_sizes.width_range == [64, 64] and report.modes == {"L": 18}
 
 
 def test_audit_reports_unreadable_files_without_stopping(planted, tmp_path):
@@ -63,8 +63,8 @@ def test_audit_reports_unreadable_files_without_stopping(planted, tmp_path):
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     data = SampleSet([*planted.samples, Sample(str(broken), "COVID", split="train")], planted.class_names)
     report = audit_samples(data, progress=False)
-    assert [item["path"] for item in report["unreadable"]] == [str(broken)]
-    assert "broken.png" in report["unreadable"][0]["reason"]
+    assert [item.path for item in report.unreadable] == [str(broken)]
+    assert "broken.png" in report.unreadable[0].reason
 
 
 def test_audit_fingerprints_dicom_series_by_their_middle_slice(tmp_path):
@@ -83,15 +83,15 @@ def test_audit_fingerprints_dicom_series_by_their_middle_slice(tmp_path):
         ["COVID", "normal"],
     )
     report = audit_samples(data, progress=False)
-    assert report["image_sizes"]["most_common"][0] == ("5x32x32", 3) and report["modes"] == {"volume": 3}
-    assert report["exact_duplicates"]["n_groups_with_conflicting_labels"] == 1
-    assert report["leakage"]["test_with_train_near_duplicate"] == 1
+    assert report.image_sizes.most_common[0] == ("5x32x32", 3) and report.modes == {"volume": 3}
+    assert report.exact_duplicates.n_groups_with_conflicting_labels == 1
+    assert report.leakage.test.with_train_near_duplicate == 1
 
 
 def test_check_split_leakage_warns_or_refuses(planted, tmp_path):
     with pytest.warns(LeakageWarning, match="2 of 6 test images"):
         findings = check_split_leakage(planted, strict=False, report_path=tmp_path / "leakage.json")
-    assert findings["test_with_train_near_duplicate"] == 2
+    assert findings.test.with_train_near_duplicate == 2
     assert json.loads((tmp_path / "leakage.json").read_text())["test_size"] == 6
     with pytest.raises(DataError, match="strict"):
         check_split_leakage(planted, strict=True)
@@ -113,7 +113,7 @@ def test_clean_grouped_split_passes_quietly(planted):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LeakageWarning)
         findings = check_split_leakage(split, strict=True)
-    assert findings["patients_spanning_splits"] == 0
+    assert findings.patients_spanning_splits == 0
 
 
 def test_cli_audit_with_splits_file(planted, tmp_path, capsys):
@@ -173,3 +173,41 @@ def test_an_unusable_cache_is_skipped_with_a_warning(planted, tmp_path, monkeypa
         facts = inspect_samples(planted.samples, progress=False)
     assert all(f.phash is not None for f in facts)
     assert "hash cache" in caplog.text and "not used" in caplog.text
+
+
+def test_audit_json_keeps_its_layout(planted, tmp_path):
+    """The typed report's to_dict() is the audit.json / leakage.json readers already parse."""
+    saved = audit_samples(planted, progress=False).to_dict()
+    assert list(saved) == [
+        "n_samples",
+        "classes",
+        "patients",
+        "splits",
+        "image_sizes",
+        "modes",
+        "unreadable",
+        "skipped_at_load",
+        "manifest_issues",
+        "exact_duplicates",
+        "near_duplicates",
+        "leakage",
+    ]
+    assert set(saved["near_duplicates"]["pairs"][0]) == {"a", "b", "distance"}
+    assert saved["leakage"]["test_with_train_near_duplicate"] == 2 and "hash" not in saved["leakage"]
+    with pytest.warns(LeakageWarning):
+        check_split_leakage(planted, report_path=tmp_path / "leakage.json")
+    leakage = json.loads((tmp_path / "leakage.json").read_text())
+    assert list(leakage)[:3] == ["hash", "threshold_bits", "cross_split_near_duplicate_pairs"]
+    assert leakage["test_examples"] and leakage["val_size"] == 0
+
+
+def test_cli_audit_strict_applies_the_trainers_leakage_rule(planted, tmp_path, capsys):
+    """Patients spanning splits (no near-duplicates) are refused by --strict with the trainer's message."""
+    clean = [s for s in planted.samples if "copy" not in s.path and "brighter" not in s.path]
+    shared = [Sample(s.path, s.label, "p1" if i in (0, 7) else f"q{i}", s.split) for i, s in enumerate(clean)]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,patient_id\n" + "".join(f"{s.path},{s.label},{s.patient_id}\n" for s in shared))
+    splits = save_splits(SampleSet(shared, planted.class_names), tmp_path / "splits.csv")
+    assert main(["data", "audit", str(manifest), "--splits", str(splits)]) == 0
+    assert main(["data", "audit", str(manifest), "--splits", str(splits), "--strict"]) == 2
+    assert "1 patients appear in more than one split" in capsys.readouterr().err

@@ -237,8 +237,7 @@ def _split(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from covidscan.config import SplitConfig
-    from covidscan.data.audit import audit_samples, format_report
-    from covidscan.data.records import DataError
+    from covidscan.data.audit import audit_samples, enforce_leakage_rule, format_report
     from covidscan.data.splits import assign_splits
     from covidscan.runtime import write_json
 
@@ -249,26 +248,16 @@ def _audit(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = audit_samples(data, threshold=args.threshold, hash_size=args.hash_size, plot_path=plot)
-    report = {
-        "source": _source_text(args),
-        "splits_file": args.splits,
-        **report,
-        "manifest_issues": [issue.to_dict() for issue in data.issues],
-    }
+    report.source, report.splits_file = _source_text(args), args.splits
     if args.out:
-        write_json(args.out, report)
+        write_json(args.out, report.to_dict())
     print(format_report(report))
     for issue in data.issues:
         print(f"warning:  {issue.message}")
     if args.out:
-        print(f"full report: {args.out}" + (f", plot: {report['plot']}" if report.get("plot") else ""))
-    leakage = report.get("leakage") or {}
-    if args.strict and (
-        leakage.get("test_with_train_near_duplicate")
-        or leakage.get("val_with_train_near_duplicate")
-        or leakage.get("patients_spanning_splits")
-    ):
-        raise DataError("leakage between splits found (see the report above); refused because of --strict")
+        print(f"full report: {args.out}" + (f", plot: {report.plot}" if report.plot else ""))
+    if args.strict and report.leakage is not None:
+        enforce_leakage_rule(report.leakage, strict=True, refused_because="--strict")
     return 0
 
 

@@ -4,7 +4,11 @@
 (SHA-256 of the file bytes) and near-duplicates (perceptual hash, ImageHash ``phash``, within a
 Hamming distance) inside the dataset and across train/val/test, plus patients that span splits.
 ``check_split_leakage`` is the trainer's guard: it warns, or raises with ``strict``, when val/test
-share near-duplicates or patients with train.
+share near-duplicates or patients with train. The rule lives in one place,
+:meth:`LeakageFindings.problems`, which ``covidscan data audit --strict`` applies too.
+
+Results are dataclasses (:class:`AuditReport`, :class:`LeakageFindings`) read by attribute; their
+``to_dict()`` is the JSON written to ``audit.json`` / ``leakage.json``.
 
 Every format is read through its registered reader (``Reader.preview``): volumes (DICOM series
 folders, NIfTI files) are hashed on their middle slice, lung-windowed; JPEGs are decoded at a
@@ -21,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from covidscan.data.hashcache import FileKey, HashCache, file_key
 from covidscan.data.hashindex import near_duplicate_pairs, nearest_distances
 from covidscan.data.parallel import map_chunks, usable_cpus
 from covidscan.data.readers import get_reader
-from covidscan.data.records import DataError, Sample, SampleSet
+from covidscan.data.records import DataError, DataIssue, Sample, SampleSet
 from covidscan.data.splits import SPLIT_NAMES, warn_leakage_once
 from covidscan.errors import UsageError
 from covidscan.progress import progress as show_progress
@@ -61,6 +65,165 @@ class ImageFacts:
     size: str | None = None  # "WxH" for images, "DxHxW" for volumes
     mode: str | None = None
     error: str | None = None
+
+
+@dataclass
+class FileProblem:
+    """A file the audit could not read, or the loader skipped, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class SizeSummary:
+    """Image sizes seen: how many distinct, the most common, and the 2D width/height extent."""
+
+    distinct: int = 0
+    most_common: list[tuple[str, int]] = field(default_factory=list)
+    width_range: list[int] | None = None  # 2D images only
+    height_range: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.distinct:
+            return {}
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class ExactDuplicates:
+    """Files with identical bytes (SHA-256); ``groups`` lists at most 200 groups of paths."""
+
+    n_groups: int
+    n_redundant_files: int
+    n_groups_with_conflicting_labels: int
+    groups: list[list[str]]
+
+
+@dataclass
+class NearDuplicatePair:
+    a: str
+    b: str
+    distance: int  # Hamming distance in hash bits
+
+
+@dataclass
+class NearDuplicates:
+    """Pairs within ``threshold_bits`` of each other; ``pairs`` lists the closest 2,000."""
+
+    hash: str
+    threshold_bits: int
+    n_pairs: int
+    n_images_involved: int
+    n_pairs_with_conflicting_labels: int
+    pairs: list[NearDuplicatePair]
+
+
+@dataclass
+class SplitLeak:
+    """How many of one split's images have a near-duplicate in train (``examples``: the first 10)."""
+
+    size: int
+    with_train_near_duplicate: int
+    with_train_near_duplicate_fraction: float
+    examples: list[str]
+
+
+@dataclass
+class LeakageFindings:
+    """What val/test share with train: near-duplicates and patients. ``problems()`` is the one leakage
+    rule (the trainer's guard and ``data audit --strict`` both apply it)."""
+
+    hash: str
+    threshold_bits: int
+    cross_split_near_duplicate_pairs: dict[str, int]
+    val: SplitLeak
+    test: SplitLeak
+    patients_spanning_splits: int
+    patients_spanning_splits_examples: list[str]
+
+    def problems(self) -> list[str]:
+        """One sentence per kind of leakage found; empty when the splits are clean."""
+        problems = []
+        for name, leak in (("test", self.test), ("val", self.val)):
+            if leak.with_train_near_duplicate:
+                problems.append(
+                    f"{leak.with_train_near_duplicate} of {leak.size} {name} images have a near-duplicate "
+                    f"(phash distance <= {self.threshold_bits}) in train, e.g. {leak.examples[0]}"
+                )
+        if self.patients_spanning_splits:
+            problems.append(
+                f"{self.patients_spanning_splits} patients appear in more than one split, e.g. "
+                f"{self.patients_spanning_splits_examples[0]}"
+            )
+        return problems
+
+    def message(self) -> str | None:
+        """The leakage warning (or refusal) text, None when there is nothing to say."""
+        problems = self.problems()
+        if not problems:
+            return None
+        return (
+            "possible leakage between splits: "
+            + "; ".join(problems)
+            + ". Use a patient-grouped split (manifest with patient_id) or remove the duplicates; "
+            "see `covidscan data audit`"
+        )
+
+    def to_dict(self, with_hash: bool = True) -> dict[str, Any]:
+        """``leakage.json``'s content; ``with_hash=False`` for the audit report, which states the hash once."""
+        result: dict[str, Any] = {"hash": self.hash, "threshold_bits": self.threshold_bits} if with_hash else {}
+        result["cross_split_near_duplicate_pairs"] = self.cross_split_near_duplicate_pairs
+        for name, leak in (("val", self.val), ("test", self.test)):
+            result[f"{name}_size"] = leak.size
+            result[f"{name}_with_train_near_duplicate"] = leak.with_train_near_duplicate
+            result[f"{name}_with_train_near_duplicate_fraction"] = leak.with_train_near_duplicate_fraction
+            result[f"{name}_examples"] = leak.examples
+        result["patients_spanning_splits"] = self.patients_spanning_splits
+        result["patients_spanning_splits_examples"] = self.patients_spanning_splits_examples
+        return result
+
+
+@dataclass
+class AuditReport:
+    """Everything :func:`audit_samples` found; ``splits``/``leakage`` are None for unsplit data."""
+
+    n_samples: int
+    classes: dict[str, int]
+    patients: int | None
+    splits: dict[str, dict[str | None, int]] | None  # per split, items per label (None: unlabeled)
+    image_sizes: SizeSummary
+    modes: dict[str | None, int]
+    unreadable: list[FileProblem]
+    skipped_at_load: list[FileProblem]
+    manifest_issues: list[DataIssue]  # duplicates, missing patient ids... found while loading
+    exact_duplicates: ExactDuplicates
+    near_duplicates: NearDuplicates
+    leakage: LeakageFindings | None = None
+    plot: str | None = None  # the nearest-train-distance histogram, when drawn
+    source: str | None = None  # set by `covidscan data audit`: what was audited
+    splits_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {"source": self.source, "splits_file": self.splits_file} if self.source else {}
+        result.update(
+            n_samples=self.n_samples,
+            classes=self.classes,
+            patients=self.patients,
+            splits=self.splits,
+            image_sizes=self.image_sizes.to_dict(),
+            modes=self.modes,
+            unreadable=[asdict(item) for item in self.unreadable],
+            skipped_at_load=[asdict(item) for item in self.skipped_at_load],
+            manifest_issues=[issue.to_dict() for issue in self.manifest_issues],
+            exact_duplicates=asdict(self.exact_duplicates),
+            near_duplicates=asdict(self.near_duplicates),
+        )
+        if self.leakage is not None:
+            result["leakage"] = self.leakage.to_dict(with_hash=False)
+        if self.plot is not None:
+            result["plot"] = self.plot
+        return result
 
 
 def _file_digest(path: Path) -> str:
@@ -225,7 +388,9 @@ def _codes(values: Sequence[str | None]) -> tuple[list[str], np.ndarray]:
     return list(names), codes
 
 
-def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndarray) -> dict[str, Any]:
+def _leakage(
+    samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndarray, hash_name: str, threshold: int
+) -> LeakageFindings:
     """Val/test samples with a near-duplicate or a patient in train (the figures that matter).
 
     ``pairs`` index into ``hashed`` (the readable samples); split sizes and patients use ``samples``.
@@ -247,17 +412,22 @@ def _leakage(samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndar
         if s.patient_id:
             splits_of[s.patient_id].add(s.split or "none")
     spanning = sorted(p for p, names in splits_of.items() if len(names) > 1)
-    result: dict[str, Any] = {"cross_split_near_duplicate_pairs": dict(sorted(cross.items()))}
-    for name in ("val", "test"):
+
+    def split_leak(name: str) -> SplitLeak:
         members = [s.path for s in samples if s.split == name]
         leaked = [p for p in members if p in with_train_twin]
-        result[f"{name}_size"] = len(members)
-        result[f"{name}_with_train_near_duplicate"] = len(leaked)
-        result[f"{name}_with_train_near_duplicate_fraction"] = round(len(leaked) / len(members), 4) if members else 0.0
-        result[f"{name}_examples"] = leaked[:10]
-    result["patients_spanning_splits"] = len(spanning)
-    result["patients_spanning_splits_examples"] = spanning[:20]
-    return result
+        fraction = round(len(leaked) / len(members), 4) if members else 0.0
+        return SplitLeak(len(members), len(leaked), fraction, leaked[:10])
+
+    return LeakageFindings(
+        hash=hash_name,
+        threshold_bits=threshold,
+        cross_split_near_duplicate_pairs=dict(sorted(cross.items())),
+        val=split_leak("val"),
+        test=split_leak("test"),
+        patients_spanning_splits=len(spanning),
+        patients_spanning_splits_examples=spanning[:20],
+    )
 
 
 def audit_samples(
@@ -269,70 +439,72 @@ def audit_samples(
     plot_path: str | Path | None = None,
     workers: int | None = None,
     cache: bool = True,
-) -> dict[str, Any]:
-    """The full audit as a JSON-ready dict (see the module docstring for what it covers); with splits
-    and ``plot_path``, also the nearest-train-distance histogram (:func:`plot_nearest_train_distances`)."""
+) -> AuditReport:
+    """The full audit (see the module docstring for what it covers); with splits and ``plot_path``,
+    also the nearest-train-distance histogram (:func:`plot_nearest_train_distances`)."""
     if threshold < 0:
         raise UsageError(f"near-duplicate threshold must be >= 0 bits, got {threshold}")
     facts = inspect_samples(sample_set.samples, hash_size, progress, workers=workers, cache=cache)
     readable = [f for f in facts if f.error is None]
     has_splits = any(f.sample.split for f in facts)
-    report: dict[str, Any] = {
-        "n_samples": len(facts),
-        "classes": sample_set.class_counts(),
-        "patients": len({f.sample.patient_id for f in facts if f.sample.patient_id}) or None,
-        "splits": (
-            {name: dict(Counter(f.sample.label for f in facts if f.sample.split == name)) for name in SPLIT_NAMES}
-            if has_splits
-            else None
-        ),
-        "image_sizes": _size_summary([f.size for f in readable]),
-        "modes": dict(Counter(f.mode for f in readable).most_common()),
-        "unreadable": [{"path": f.sample.path, "reason": f.error} for f in facts if f.error],
-        "skipped_at_load": [{"path": p, "reason": r} for p, r in sample_set.skipped],
-    }
     by_digest: dict[str, list[ImageFacts]] = defaultdict(list)
     for f in readable:
         if f.sha256 is not None:
             by_digest[f.sha256].append(f)
     groups = [g for g in by_digest.values() if len(g) > 1]
-    report["exact_duplicates"] = {
-        "n_groups": len(groups),
-        "n_redundant_files": sum(len(g) - 1 for g in groups),
-        "n_groups_with_conflicting_labels": sum(len({f.sample.label for f in g}) > 1 for g in groups),
-        "groups": [[f.sample.path for f in g] for g in groups[:200]],
-    }
     hashed = [f for f in readable if f.phash is not None]
     pairs = near_duplicate_pairs(_hash_matrix(hashed), threshold) if hashed else np.zeros((0, 3), int)
     involved = np.unique(pairs[:, :2])
     label = _codes([f.sample.label for f in hashed])[1]
-    report["near_duplicates"] = {
-        "hash": f"phash {hash_size}x{hash_size} ({hash_size * hash_size} bits)",
-        "threshold_bits": threshold,
-        "n_pairs": len(pairs),
-        "n_images_involved": len(involved),
-        "n_pairs_with_conflicting_labels": int(np.count_nonzero(label[pairs[:, 0]] != label[pairs[:, 1]])),
-        "pairs": [  # the closest first; ties in (i, j) order
-            {"a": hashed[i].sample.path, "b": hashed[j].sample.path, "distance": int(d)}
-            for i, j, d in pairs[np.argsort(pairs[:, 2], kind="stable")[:_MAX_LISTED_PAIRS]].tolist()
-        ],
-    }
+    hash_name = f"phash {hash_size}x{hash_size} ({hash_size * hash_size} bits)"
+    report = AuditReport(
+        n_samples=len(facts),
+        classes=sample_set.class_counts(),
+        patients=len({f.sample.patient_id for f in facts if f.sample.patient_id}) or None,
+        splits=(
+            {name: dict(Counter(f.sample.label for f in facts if f.sample.split == name)) for name in SPLIT_NAMES}
+            if has_splits
+            else None
+        ),
+        image_sizes=_size_summary([f.size for f in readable]),
+        modes=dict(Counter(f.mode for f in readable).most_common()),
+        unreadable=[FileProblem(f.sample.path, f.error) for f in facts if f.error],
+        skipped_at_load=[FileProblem(p, r) for p, r in sample_set.skipped],
+        manifest_issues=list(sample_set.issues),
+        exact_duplicates=ExactDuplicates(
+            n_groups=len(groups),
+            n_redundant_files=sum(len(g) - 1 for g in groups),
+            n_groups_with_conflicting_labels=sum(len({f.sample.label for f in g}) > 1 for g in groups),
+            groups=[[f.sample.path for f in g] for g in groups[:200]],
+        ),
+        near_duplicates=NearDuplicates(
+            hash=hash_name,
+            threshold_bits=threshold,
+            n_pairs=len(pairs),
+            n_images_involved=len(involved),
+            n_pairs_with_conflicting_labels=int(np.count_nonzero(label[pairs[:, 0]] != label[pairs[:, 1]])),
+            pairs=[  # the closest first; ties in (i, j) order
+                NearDuplicatePair(hashed[i].sample.path, hashed[j].sample.path, int(d))
+                for i, j, d in pairs[np.argsort(pairs[:, 2], kind="stable")[:_MAX_LISTED_PAIRS]].tolist()
+            ],
+        ),
+    )
     if has_splits:
-        report["leakage"] = _leakage([f.sample for f in facts], [f.sample for f in hashed], pairs)
+        report.leakage = _leakage([f.sample for f in facts], [f.sample for f in hashed], pairs, hash_name, threshold)
         if plot_path is not None and hashed:
-            report["plot"] = str(plot_nearest_train_distances(hashed, threshold, plot_path))
+            report.plot = str(plot_nearest_train_distances(hashed, threshold, plot_path))
     return report
 
 
-def _size_summary(sizes: Sequence[str | None]) -> dict[str, Any]:
+def _size_summary(sizes: Sequence[str | None]) -> SizeSummary:
     known = [s for s in sizes if s]
     if not known:
-        return {}
+        return SizeSummary()
     dims = np.array([[int(v) for v in s.split("x")] for s in known if s.count("x") == 1])
-    summary: dict[str, Any] = {"distinct": len(set(known)), "most_common": Counter(known).most_common(5)}
+    summary = SizeSummary(len(set(known)), Counter(known).most_common(5))
     if len(dims):
-        summary["width_range"] = [int(dims[:, 0].min()), int(dims[:, 0].max())]
-        summary["height_range"] = [int(dims[:, 1].min()), int(dims[:, 1].max())]
+        summary.width_range = [int(dims[:, 0].min()), int(dims[:, 0].max())]
+        summary.height_range = [int(dims[:, 1].min()), int(dims[:, 1].max())]
     return summary
 
 
@@ -344,68 +516,54 @@ def check_split_leakage(
     threshold: int = DEFAULT_NEAR_THRESHOLD,
     hash_size: int = DEFAULT_HASH_SIZE,
     progress: bool | None = None,
-) -> dict[str, Any]:
+) -> LeakageFindings:
     """Warn (or raise ``DataError`` when ``strict``) if val/test share near-duplicates or patients with
     train; return the findings, also written to ``report_path`` as JSON when given."""
     from covidscan.runtime import write_json
 
     if not any(s.split for s in sample_set.samples):
         raise ValueError("check_split_leakage needs samples with splits assigned (assign_splits first)")
-    report = audit_samples(sample_set, threshold=threshold, hash_size=hash_size, progress=progress)
-    findings = {"hash": report["near_duplicates"]["hash"], "threshold_bits": threshold, **report["leakage"]}
+    findings = audit_samples(sample_set, threshold=threshold, hash_size=hash_size, progress=progress).leakage
+    assert findings is not None  # split samples always get leakage findings
     if report_path is not None:
-        write_json(report_path, findings)
-    problems = []
-    for name in ("test", "val"):
-        count = findings[f"{name}_with_train_near_duplicate"]
-        if count:
-            problems.append(
-                f"{count} of {findings[f'{name}_size']} {name} images have a near-duplicate "
-                f"(phash distance <= {threshold}) in train, e.g. {findings[f'{name}_examples'][0]}"
-            )
-    if findings["patients_spanning_splits"]:
-        problems.append(
-            f"{findings['patients_spanning_splits']} patients appear in more than one split, e.g. "
-            f"{findings['patients_spanning_splits_examples'][0]}"
-        )
-    if problems:
-        message = (
-            "possible leakage between splits: "
-            + "; ".join(problems)
-            + ". Use a patient-grouped split (manifest with patient_id) or remove the duplicates; "
-            "see `covidscan data audit`"
-        )
-        if strict:
-            raise DataError(message + " (refused because of --strict / training.strict_leakage)")
-        warn_leakage_once(message, message)
+        write_json(report_path, findings.to_dict())
+    enforce_leakage_rule(findings, strict, "--strict / training.strict_leakage")
     return findings
 
 
-def format_report(report: dict[str, Any]) -> str:
+def enforce_leakage_rule(findings: LeakageFindings, strict: bool, refused_because: str) -> None:
+    """Raise ``DataError`` (``strict``) or warn once when :meth:`LeakageFindings.problems` finds leakage."""
+    message = findings.message()
+    if message is None:
+        return
+    if strict:
+        raise DataError(f"{message} (refused because of {refused_because})")
+    warn_leakage_once(message, message)
+
+
+def format_report(report: AuditReport) -> str:
     """A short human summary of :func:`audit_samples`' report (the JSON holds the details)."""
-    near, exact = report["near_duplicates"], report["exact_duplicates"]
-    sizes = report["image_sizes"]
-    extent = f", width {sizes['width_range']}, height {sizes['height_range']}" if "width_range" in sizes else ""
+    near, exact, sizes = report.near_duplicates, report.exact_duplicates, report.image_sizes
+    extent = f", width {sizes.width_range}, height {sizes.height_range}" if sizes.width_range else ""
     lines = [
-        f"samples: {report['n_samples']}  classes: {report['classes']}  patients: {report['patients'] or 'unknown'}",
-        f"sizes: {sizes.get('distinct', 0)} distinct{extent}, most common {sizes.get('most_common', [])[:3]}  "
-        f"modes: {report['modes']}",
-        f"unreadable: {len(report['unreadable'])}  skipped at load: {len(report['skipped_at_load'])}",
-        f"exact duplicates: {exact['n_groups']} groups, {exact['n_redundant_files']} redundant files, "
-        f"{exact['n_groups_with_conflicting_labels']} with conflicting labels",
-        f"near-duplicates ({near['hash']}, distance <= {near['threshold_bits']}): {near['n_pairs']} pairs over "
-        f"{near['n_images_involved']} images, {near['n_pairs_with_conflicting_labels']} with conflicting labels",
+        f"samples: {report.n_samples}  classes: {report.classes}  patients: {report.patients or 'unknown'}",
+        f"sizes: {sizes.distinct} distinct{extent}, most common {sizes.most_common[:3]}  modes: {report.modes}",
+        f"unreadable: {len(report.unreadable)}  skipped at load: {len(report.skipped_at_load)}",
+        f"exact duplicates: {exact.n_groups} groups, {exact.n_redundant_files} redundant files, "
+        f"{exact.n_groups_with_conflicting_labels} with conflicting labels",
+        f"near-duplicates ({near.hash}, distance <= {near.threshold_bits}): {near.n_pairs} pairs over "
+        f"{near.n_images_involved} images, {near.n_pairs_with_conflicting_labels} with conflicting labels",
     ]
-    for item in report["unreadable"][:5]:
-        lines.append(f"  unreadable: {item['reason']}")
-    if report.get("splits"):
-        lines.append(f"splits: {report['splits']}")
-        leak = report["leakage"]
+    for item in report.unreadable[:5]:
+        lines.append(f"  unreadable: {item.reason}")
+    if report.splits and report.leakage is not None:
+        leak = report.leakage
+        lines.append(f"splits: {report.splits}")
         lines.append(
-            f"across splits: near-duplicate pairs {leak['cross_split_near_duplicate_pairs']}; "
-            f"test images with a train near-duplicate: {leak['test_with_train_near_duplicate']}/"
-            f"{leak['test_size']} ({leak['test_with_train_near_duplicate_fraction']:.1%}); val: "
-            f"{leak['val_with_train_near_duplicate']}/{leak['val_size']}; patients spanning splits: "
-            f"{leak['patients_spanning_splits']}"
+            f"across splits: near-duplicate pairs {leak.cross_split_near_duplicate_pairs}; "
+            f"test images with a train near-duplicate: {leak.test.with_train_near_duplicate}/"
+            f"{leak.test.size} ({leak.test.with_train_near_duplicate_fraction:.1%}); val: "
+            f"{leak.val.with_train_near_duplicate}/{leak.val.size}; patients spanning splits: "
+            f"{leak.patients_spanning_splits}"
         )
     return "\n".join(lines)
