@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
+import logging
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -17,7 +19,8 @@ from torch import nn
 from covidscan.cli import main as cli_main
 from covidscan.config import config_from_dict
 from covidscan.data import DataError, LeakageWarning
-from covidscan.explain import CAM_METHODS, compute_cam, explain_image, resolve_target_layer
+from covidscan.explain import CAM_METHODS, compute_cam, explain_files, explain_image, resolve_target_layer
+from covidscan.explain.overlay import empty_map_warning, render_overlay
 from covidscan.inference import Predictor, load_predictor
 from covidscan.models import ClassifierModel, create_model
 from covidscan.training import train
@@ -233,3 +236,42 @@ def test_scan_explanation_covers_every_slice_of_the_scan(tmp_path):
     assert explanation.overlay_png_bytes.startswith(b"\x89PNG")
     with pytest.raises(DataError, match="by path"):
         explain_image(loaded, np.zeros((10, 16, 16)))
+
+
+def _firebrick_pixels(png: bytes) -> int:
+    """Dark-red pixels (the note's box) in the middle of the image panel, away from the colour bar."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    height, width = pixels.shape[:2]
+    middle = pixels[int(height * 0.3) : int(height * 0.55), int(width * 0.3) : int(width * 0.7)]
+    red, green, blue = middle[..., 0], middle[..., 1], middle[..., 2]
+    return int(np.sum((red > 120) & (red - green > 80) & (red - blue > 80)))
+
+
+def test_all_zero_map_is_said_on_the_overlay_in_the_csv_and_the_log(tmp_path, caplog):
+    """Every class score falls with every activation, so Grad-CAM's ReLU leaves nothing: say so."""
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        head[2].weight.fill_(-1.0)
+        head[2].bias.copy_(torch.tensor([0.0, 1.0]))
+    config = config_from_dict(
+        {"data": {"image_size": SIZE, "channels": 1, "normalize": "none"}, "model": {"name": "cnn1"}}
+    )
+    loaded = Predictor.from_model(ClassifierModel(backbone, head).eval(), config, ["COVID", "normal"])
+    image, _ = blob_image(np.random.default_rng(4), True)
+    explanation = explain_image(loaded, image, "gradcam")
+    assert not explanation.map.any()
+    assert "all zero" in explanation.warning and "'normal'" in explanation.warning
+    assert _firebrick_pixels(explanation.overlay_png_bytes) > 100
+    hot = np.zeros((SIZE, SIZE), np.float32)
+    hot[:4, :4] = 1.0  # a map with heat in one corner: no note
+    assert _firebrick_pixels(render_overlay(image, hot, "control")) == 0
+    assert empty_map_warning(hot, "Grad-CAM", "normal") is None
+
+    Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+    with caplog.at_level(logging.WARNING, logger="covidscan.explain.explanation"):
+        summary, failures = explain_files(loaded, [tmp_path / "slice.png"], tmp_path / "out", progress=False)
+    assert not failures and "all zero" in caplog.text
+    with open(summary) as handle:
+        (row,) = csv.DictReader(handle)
+    assert "all zero" in row["warning"]

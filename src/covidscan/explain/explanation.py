@@ -26,7 +26,7 @@ from torch import nn
 from covidscan.data import DataError, Sample, find_reader, list_inputs, read_image
 from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
-from covidscan.explain.overlay import render_montage, render_overlay, write_bytes
+from covidscan.explain.overlay import empty_map_warning, render_montage, render_overlay, write_bytes
 from covidscan.inference import Predictor
 from covidscan.inference.predictor import Member
 from covidscan.progress import progress as show_progress
@@ -44,6 +44,7 @@ class Explanation:
     target: str  # the class the map explains (predicted unless another was asked for)
     method: str
     overlay_png_bytes: bytes = field(repr=False)
+    warning: str | None = None  # e.g. an all-zero map, which the overlay also notes
 
 
 def explain_image(
@@ -84,6 +85,7 @@ def explain_image(
         target=names[target],
         method=method,
         overlay_png_bytes=render(pixels, cam_map, caption, cmap=cmap),
+        warning=empty_map_warning(cam_map, _METHOD_TITLES[method], names[target]),
     )
 
 
@@ -152,6 +154,8 @@ def explain_files(
             failures[str(path)] = str(exc)
             logger.warning("skipped %s", exc)
             continue
+        if explanation.warning:
+            logger.warning("%s: %s", path, explanation.warning)
         buffer = io.BytesIO()
         np.save(buffer, explanation.map)
         write_bytes(out_dir / f"{stem}.npy", buffer.getvalue())
@@ -165,6 +169,7 @@ def explain_files(
                 "target": explanation.target,
                 "method": method,
                 **{f"p_{name}": round(p, 6) for name, p in explanation.probabilities.items()},
+                "warning": explanation.warning or "",
             }
         )
     return _write_summary(out_dir / "explanations.csv", rows, predictor.class_names), failures
@@ -261,7 +266,7 @@ def _unique_stems(files: list[Path]) -> list[str]:
 
 
 def _write_summary(path: Path, rows: list[dict[str, object]], class_names: list[str]) -> Path:
-    fields = ["file", "overlay", "map", "predicted", "target", "method", *(f"p_{n}" for n in class_names)]
+    fields = ["file", "overlay", "map", "predicted", "target", "method", *(f"p_{n}" for n in class_names), "warning"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
