@@ -126,8 +126,8 @@ def run_one(dataset: str, init: str, args: argparse.Namespace) -> dict[str, Any]
         "init": init,
         "epochs": len(history),
         "minutes": sum(row["seconds"] for row in history) / 60,
-        "n_test": metrics["n_items"],
-        "metrics": {column: metrics["metrics"][key] for column, key in METRICS.items()},
+        "n_test": metrics.n_items,
+        "metrics": {column: metrics.metrics[key].to_dict() for column, key in METRICS.items()},
     }
 
 

@@ -61,7 +61,7 @@ def test_ensemble_of_two_runs_is_the_mean_of_their_probabilities(runs, ensemble,
     plain = [evaluate(run, n_bootstrap=0, write=False).predictions.proba for run in runs]
     together = evaluate(ensemble, n_bootstrap=0, write=False)
     np.testing.assert_allclose(together.predictions.proba, np.mean(plain, axis=0), atol=1e-6)
-    assert together.payload["model"] == "ensemble(cnn1, cnn1)" and together.payload["split"] == "test"
+    assert together.report.model == "ensemble(cnn1, cnn1)" and together.report.split == "test"
 
 
 def test_ensemble_directory_is_accepted_by_predict_serve_and_explain(ensemble, images, tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_tta_identity_equals_plain_prediction_and_hflip_averages_the_mirror(runs
     shifted = load_predictor(runs[0], tta="identity,hflip,shift").predict_batch(batch)
     assert shifted.shape == (8, 2) and np.allclose(shifted.sum(axis=1), 1.0, atol=1e-5)
     evaluation = evaluate(runs[0], n_bootstrap=0, tta="identity,hflip")
-    assert evaluation.payload["tta"] == ["identity", "hflip"] and evaluation.out_dir.name == "test-tta"
+    assert evaluation.report.tta == ["identity", "hflip"] and evaluation.out_dir.name == "test-tta"
     out = tmp_path / "p.csv"
     assert main(["predict", "--checkpoint", str(runs[0]), "--input", str(images), "--out", str(out), "--tta"]) == 0
     assert json.loads(out.with_name("p.csv.json").read_text())["model"]["tta"] == ["identity", "hflip"]

@@ -19,6 +19,7 @@ from covidscan.config import config_from_dict
 from covidscan.data.records import DataError, Sample, SampleSet
 from covidscan.data.splits import save_splits
 from covidscan.evaluation.compare import compare_runs
+from covidscan.evaluation.results import PairComparison
 from covidscan.models import ClassifierModel
 from helpers import registered_model
 
@@ -101,9 +102,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def fisher_table(pair: dict) -> list[list[int]]:
-    (fisher,) = [t for t in pair["tests"] if t["test"].startswith("Fisher")]
-    return json.loads(re.search(r"= (\[\[.*\]\])", fisher["detail"]).group(1))
+def fisher_table(pair: PairComparison) -> list[list[int]]:
+    (fisher,) = [t for t in pair.tests if t.test.startswith("Fisher")]
+    return json.loads(re.search(r"= (\[\[.*\]\])", fisher.detail).group(1))
 
 
 def test_item_level_refuses_different_depths_and_points_to_patient_level(runs, tmp_path):
@@ -116,16 +117,16 @@ def test_patient_level_counts_patients_in_every_test(runs, tmp_path):
         [runs["d2"], runs["d4"]], level="patient", metric="accuracy", n_bootstrap=20, out_dir=tmp_path / "cmp"
     )
     n_patients = len(PATIENTS)
-    assert (result["level"], result["aggregation"], result["n_compared"]) == ("patient", "mean", n_patients)
-    (pair,) = result["pairs"]
+    assert (result.level, result.aggregation, result.n_compared) == ("patient", "mean", n_patients)
+    (pair,) = result.pairs
     table = fisher_table(pair)
     assert [sum(row) for row in table] == [n_patients, n_patients]
-    accuracy = {row["run"]: row["metrics"]["accuracy"]["value"] for row in result["rows"]}
-    assert table[0][0] == round(accuracy[pair["a"]] * n_patients)  # Fisher agrees with the patient-level table
-    assert table[1][0] == round(accuracy[pair["b"]] * n_patients)
-    assert {t["test"].split(" ")[0] for t in pair["tests"]} == {"McNemar", "Fisher", "DeLong"}
-    assert set(pair["differences"]) == set(result["metrics"])
-    assert result["grids"] == {}  # a patient is several stacks: no image grid
+    accuracy = {row.run: row.metrics["accuracy"].value for row in result.rows}
+    assert table[0][0] == round(accuracy[pair.a] * n_patients)  # Fisher agrees with the patient-level table
+    assert table[1][0] == round(accuracy[pair.b] * n_patients)
+    assert {t.test.split(" ")[0] for t in pair.tests} == {"McNemar", "Fisher", "DeLong"}
+    assert set(pair.differences) == set(result.metrics)
+    assert result.grids == {}  # a patient is several stacks: no image grid
     html = (tmp_path / "cmp" / "comparison.html").read_text(encoding="utf-8")
     assert "Patient level" in html and f"{n_patients} patients" in html and "<img" not in html
     with (tmp_path / "cmp" / "comparison.csv").open(newline="") as handle:
@@ -135,11 +136,11 @@ def test_patient_level_counts_patients_in_every_test(runs, tmp_path):
 
 def test_auto_level_picks_patients_for_stacks_and_item_level_works_at_one_depth(runs, tmp_path):
     auto = compare_runs([runs["d4"], runs["d4b"]], n_bootstrap=0, out_dir=tmp_path / "auto")
-    assert (auto["level"], auto["n_compared"]) == ("patient", len(PATIENTS))
+    assert (auto.level, auto.n_compared) == ("patient", len(PATIENTS))
     items = compare_runs([runs["d4"], runs["d4b"]], level="item", n_bootstrap=0, out_dir=tmp_path / "items")
-    assert items["level"] == "item" and items["aggregation"] is None
-    assert items["n_compared"] > sum(scans for _, scans in PATIENTS.values())  # several stacks per scan
-    assert [sum(row) for row in fisher_table(items["pairs"][0])] == [items["n_compared"]] * 2
+    assert items.level == "item" and items.aggregation is None
+    assert items.n_compared > sum(scans for _, scans in PATIENTS.values())  # several stacks per scan
+    assert [sum(row) for row in fisher_table(items.pairs[0])] == [items.n_compared] * 2
 
 
 def test_cli_compare_patient_level_and_label_map_errors(runs, tmp_path, capsys):

@@ -355,3 +355,28 @@ def test_patient_aggregation_mean_and_max():
     assert mean.y_true.tolist() == [1, 0, 0]
     maximum = aggregate_by_patient(predictions, "max")
     assert maximum.proba[0].tolist() == pytest.approx([0.6 / 1.4, 0.8 / 1.4])
+
+
+def test_per_source_metrics_are_each_sources_own_with_intervals():
+    """A model that ranks one source perfectly and the other backwards: pooled AUC hides it, per source shows it."""
+    from covidscan.evaluation.evaluate import per_source_metrics
+
+    y = [1, 1, 0, 0] * 5 + [1, 1, 0, 0] * 5
+    p = [0.9, 0.8, 0.2, 0.1] * 5 + [0.3, 0.35, 0.6, 0.7] * 5
+    predictions = binary_set(y, p)
+    sources = ["home"] * 20 + ["away"] * 20
+    parts = per_source_metrics(predictions, sources, 1, n_bootstrap=50, seed=0, threshold=0.5)
+    assert list(parts) == ["home", "away"]
+    assert parts["home"].metrics["roc_auc"].value == 1.0 and parts["away"].metrics["roc_auc"].value == 0.0
+    for name, part in parts.items():
+        rows = [i for i, s in enumerate(sources) if s == name]
+        expected = compute_metrics(binary_set([y[i] for i in rows], [p[i] for i in rows]), 1)
+        assert {k: v.value for k, v in part.metrics.items()} == {k: v.value for k, v in expected.items()}
+        assert part.n_items == 20 and part.class_counts == {"COVID": 10, "normal": 10}
+        assert part.metrics["accuracy"].ci_low is not None and part.bootstrap.n_resamples == 50
+    assert parts["home"].at_threshold["sensitivity"].value == 1.0
+    assert parts["away"].at_threshold["sensitivity"].value == 0.0
+    assert per_source_metrics(predictions, ["home"] * 40, 1, n_bootstrap=0, seed=0) == {}
+    assert per_source_metrics(predictions, [None] * 40, 1, n_bootstrap=0, seed=0) == {}
+    unlabelled = per_source_metrics(predictions, ["home"] * 20 + [None] * 20, 1, n_bootstrap=0, seed=0)
+    assert list(unlabelled) == ["home", "(no source)"]

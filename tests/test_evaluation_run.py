@@ -107,7 +107,7 @@ def test_evaluate_run_writes_every_output_and_a_self_contained_report(runs):
     ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["n_items"] == result["n_items"] == 8 and saved["split"] == "test"
+    assert saved["n_items"] == result.n_items == 8 and saved["split"] == "test"
     assert saved["positive_class"] == "COVID"
     for metric in saved["metrics"].values():
         assert metric["value"] is not None or metric["undefined"]
@@ -131,7 +131,7 @@ def test_external_evaluation_with_label_map_states_mapping_and_shift(runs):
         n_bootstrap=20,
         label_map={"CT_COVID": "COVID", "CT_NonCOVID": "normal"},
     )
-    assert result["external"] and result["split"] == "all" and result["n_items"] == 10
+    assert result.external and result.split == "all" and result.n_items == 10
     out = runs["a"] / "evaluation" / "external-external"
     html = (out / "report.html").read_text()
     assert "CT_NonCOVID &rarr; normal" in html and "domain shift" in html and "external" in html
@@ -139,7 +139,7 @@ def test_external_evaluation_with_label_map_states_mapping_and_shift(runs):
 
 def test_evaluating_the_val_split_warns_that_its_threshold_is_optimistic(runs, tmp_path):
     result = evaluate_run(runs["a"], split="val", n_bootstrap=0, out_dir=tmp_path / "val")
-    assert any("optimistic" in w for w in result["warnings"])
+    assert any("optimistic" in w for w in result.warnings)
 
 
 def test_mismatched_classes_suggest_label_map(runs):
@@ -159,8 +159,8 @@ def test_empty_split_is_a_clear_error(runs, tmp_path):
 def test_single_class_external_set_reports_undefined_auc(runs, tmp_path):
     only_covid = write_image_folder(tmp_path / "only", {"COVID": 4})
     result = evaluate_run(runs["a"], data=only_covid, external=True, n_bootstrap=20, out_dir=tmp_path / "out")
-    assert result["metrics"]["roc_auc"]["value"] is None
-    assert "only one class" in result["metrics"]["roc_auc"]["undefined"]
+    assert result.metrics["roc_auc"].value is None
+    assert "only one class" in result.metrics["roc_auc"].undefined
     assert "undefined: only one class" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -170,17 +170,17 @@ def test_patient_level_metrics_when_patient_ids_exist(runs, tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     result = evaluate_run(runs["a"], data=manifest, n_bootstrap=20, out_dir=tmp_path / "out")
-    assert result["bootstrap"]["unit"] == "patient"
-    assert result["patient_level"]["n_patients"] == 12 and result["n_patients"] == 12
+    assert result.bootstrap.unit == "patient"
+    assert result.patient_level.n_patients == 12 and result.n_patients == 12
 
 
 def test_three_class_run_reports_macro_metrics_and_covid_vs_rest(tmp_path):
     images = write_image_folder(tmp_path / "images", {"CP": 6, "NCP": 6, "Normal": 6})
     run = make_run(tmp_path, "c3", "cnn1", images, classes=("CP", "NCP", "Normal"))
     result = evaluate_run(run, n_bootstrap=20)
-    assert result["positive_class"] == "NCP"
-    assert {"macro_f1", "macro_auroc"} <= set(result["metrics"])
-    assert len(result["confusion_matrix"]["counts"]) == 3
+    assert result.positive_class == "NCP"
+    assert {"macro_f1", "macro_auroc"} <= set(result.metrics)
+    assert len(result.confusion_matrix.counts) == 3
     assert_embedded_pngs(parse_html(run / "evaluation" / "test" / "report.html").images, 3)
 
 
@@ -188,12 +188,12 @@ def test_compare_runs_table_tests_and_grids(runs, tmp_path):
     result = compare_runs(
         [runs["a"], runs["b"]], metric="accuracy", n_bootstrap=30, grid_size=4, out_dir=tmp_path / "cmp"
     )
-    assert [row["rank"] for row in result["rows"]] == [1, 2]
-    values = [row["metrics"]["accuracy"]["value"] for row in result["rows"]]
+    assert [row.rank for row in result.rows] == [1, 2]
+    values = [row.metrics["accuracy"].value for row in result.rows]
     assert values == sorted(values, reverse=True)
-    assert all(row["parameters"] > 0 for row in result["rows"])
-    assert {t["test"].split(" ")[0] for t in result["pairs"][0]["tests"]} == {"McNemar", "Fisher", "DeLong"}
-    assert set(result["pairs"][0]["differences"]) == set(result["metrics"])
+    assert all(row.parameters > 0 for row in result.rows)
+    assert {t.test.split(" ")[0] for t in result.pairs[0].tests} == {"McNemar", "Fisher", "DeLong"}
+    assert set(result.pairs[0].differences) == set(result.metrics)
     for name in ("comparison.csv", "comparison.md", "comparison.json"):
         assert (tmp_path / "cmp" / name).is_file()
     assert_embedded_pngs(parse_html(tmp_path / "cmp" / "comparison.html").images, 2)
@@ -265,6 +265,174 @@ def test_external_evaluation_on_real_covid_ct(runs, shared_datasets, tmp_path):
         out_dir=tmp_path / "ext",
         label_map={"NonCOVID": "normal"},
     )
-    assert result["n_items"] == 746 and result["class_counts"] == {"COVID": 349, "normal": 397}
-    assert result["bootstrap"]["unit"] == "patient" and result["patient_level"]["n_patients"] < 746
+    assert result.n_items == 746 and result.class_counts == {"COVID": 349, "normal": 397}
+    assert result.bootstrap.unit == "patient" and result.patient_level.n_patients < 746
     assert "NonCOVID &rarr; normal" in (tmp_path / "ext" / "report.html").read_text()
+
+
+def test_metrics_json_keeps_its_layout(runs, tmp_path):
+    """The typed report's to_dict() is metrics.json as readers know it (sections in the same order)."""
+    report = evaluate_run(runs["a"], n_bootstrap=10, out_dir=tmp_path / "ev")
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert list(saved) == [
+        "run",
+        "checkpoint",
+        "model",
+        "model_id",
+        "model_version",
+        "checkpoint_sha256",
+        "engine",
+        "tta",
+        "dataset",
+        "split",
+        "external",
+        "label_map",
+        "class_names",
+        "positive_class",
+        "n_items",
+        "n_patients",
+        "class_counts",
+        "metrics",
+        "bootstrap",
+        "confusion_matrix",
+        "per_class",
+        "calibration",
+        "warnings",
+        "skipped",
+        "operating_point",
+        "figures",
+    ]
+    assert saved == json.loads(json.dumps(report.to_dict()))
+    assert set(saved["operating_point"]) >= {"threshold", "chosen_on", "metrics", "confusion_matrix"}
+    assert saved["operating_point"]["threshold"] == report.operating_point.point.threshold
+    assert list(saved["metrics"]["accuracy"]) == ["value", "ci_low", "ci_high", "undefined"]
+
+
+def _train_val_only(run: Path, images: Path, target: Path) -> Path:
+    """A copy of ``run`` whose splits.csv holds train and val only (study A's 3:1 protocol)."""
+    shutil.copytree(run, target)
+    samples = load_samples(images)
+    split = [s.with_split("val" if i % 4 == 0 else "train") for i, s in enumerate(samples.samples)]
+    save_splits(SampleSet(split, samples.class_names), target / "splits.csv")
+    return target
+
+
+def test_compare_without_test_split_falls_back_to_val_with_a_note(runs, tmp_path, capsys):
+    a = _train_val_only(runs["a"], runs["images"], tmp_path / "a")
+    b = _train_val_only(runs["b"], runs["images"], tmp_path / "b")
+    result = compare_runs([a, b], n_bootstrap=0, grid_size=2, out_dir=tmp_path / "cmp")
+    assert result.split == "val" and result.n_compared == 6
+    assert any("no test items" in note for note in result.notes)
+    assert "no test items" in (tmp_path / "cmp" / "comparison.html").read_text()
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["notes"] == result.notes
+    with pytest.raises(DataError, match="--split val"):
+        compare_runs([a, b], split="test", n_bootstrap=0, out_dir=tmp_path / "explicit")
+    assert main(["compare", str(a), str(b), "--metric", "f1", "--bootstrap", "0", "--out", str(tmp_path / "c")]) == 0
+    assert "note: the runs' splits hold no test items" in capsys.readouterr().out
+
+
+def test_evaluating_one_run_draws_study_ds_prediction_grid(runs, tmp_path):
+    report = evaluate_run(runs["a"], n_bootstrap=0, out_dir=tmp_path / "grid", grid_size=4)
+    grid = tmp_path / "grid" / "prediction_grid.png"
+    assert report.figures["prediction_grid"] == grid.name and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![prediction grid](prediction_grid.png)" in (tmp_path / "grid" / "report.md").read_text()
+    assert 'href="prediction_grid.png"' in (tmp_path / "grid" / "report.html").read_text()
+    assert main(["evaluate", "--checkpoint", str(runs["a"]), "--grid-size", "0", "--out", str(tmp_path / "none")]) == 0
+    assert not (tmp_path / "none" / "prediction_grid.png").exists()
+
+
+def test_verdict_on_external_auc():
+    from covidscan.evaluation.metrics import MetricValue
+    from covidscan.evaluation.transfer import transfer_verdict
+
+    home = MetricValue(0.95, ci_low=0.92, ci_high=0.97)
+    assert transfer_verdict(home, MetricValue(0.93, ci_low=0.88, ci_high=0.97)).startswith("transfers: AUC within")
+    assert transfer_verdict(home, MetricValue(0.88, ci_low=0.81, ci_high=0.93)).startswith("transfers partly")
+    assert transfer_verdict(home, MetricValue(0.80, ci_low=0.70, ci_high=0.88)).startswith(
+        "does not transfer: AUC 0.15"
+    )
+    assert "close to chance" in transfer_verdict(home, MetricValue(0.54, ci_low=0.51, ci_high=0.57))
+    assert "CI reaches 0.5" in transfer_verdict(home, MetricValue(0.62, ci_low=0.45, ci_high=0.74))
+    assert "CI reaches 0.5" in transfer_verdict(None, MetricValue(0.62, ci_low=0.45, ci_high=0.74))
+    assert transfer_verdict(home, MetricValue(None, "only one class present")).startswith("AUC undefined")
+    assert transfer_verdict(None, MetricValue(0.8, ci_low=0.7, ci_high=0.9)) == "no in-source AUC to compare with"
+
+
+def test_several_external_sets_in_one_report(runs, tmp_path):
+    from covidscan.evaluation.transfer import EvaluationSetSpec, evaluate_sets
+
+    other = write_image_folder(tmp_path / "hospital-c", {"COVID": 4, "normal": 4}, seed=2)
+    mapping = {"CT_COVID": "COVID", "CT_NonCOVID": "normal"}
+    summary = evaluate_sets(
+        runs["a"],
+        [EvaluationSetSpec(runs["external"], "hospital-b", mapping), EvaluationSetSpec(other)],
+        out_dir=tmp_path / "sets",
+        n_bootstrap=30,
+        grid_size=2,
+    )
+    assert [row.name for row in summary.rows] == ["test", "hospital-b", "external-hospital-c"]
+    assert [row.external for row in summary.rows] == [False, True, True]
+    assert summary.reference == "test" and [row.n_items for row in summary.rows] == [8, 10, 8]
+    reference, external = summary.row("test"), summary.row("hospital-b")
+    assert external.auc_drop == pytest.approx(reference.roc_auc.value - external.roc_auc.value)
+    assert external.threshold == reference.threshold is not None  # one threshold, chosen on the run's val
+    assert external.sensitivity.ci_low is not None and external.verdict
+    for name in ("test", "hospital-b", "external-hospital-c"):
+        saved = json.loads((tmp_path / "sets" / name / "metrics.json").read_text())
+        assert saved["n_items"] == summary.row(name).n_items
+    assert (
+        json.loads((tmp_path / "sets" / "hospital-b" / "metrics.json").read_text())["label_map"]["CT_COVID"] == "COVID"
+    )
+    saved = json.loads((tmp_path / "sets" / "summary.json").read_text())
+    assert [row["name"] for row in saved["rows"]] == ["test", "hospital-b", "external-hospital-c"]
+    html = tmp_path / "sets" / "report.html"
+    assert_embedded_pngs(parse_html(html).images, 1 + 3)  # every set's ROC by set, plus each set's curves
+    text = html.read_text()
+    assert 'href="hospital-b/report.html"' in text and "CT_NonCOVID &rarr; normal" in text
+    markdown = (tmp_path / "sets" / "report.md").read_text()
+    assert "| hospital-b | external |" in markdown and "| test | in-source |" in markdown
+
+
+def test_cli_evaluates_several_external_sets_with_their_own_label_maps(runs, tmp_path, capsys):
+    other = write_image_folder(tmp_path / "hospital-c", {"CT_COVID": 3, "CT_NonCOVID": 3}, seed=3)
+    out = tmp_path / "cli"
+    args = ["evaluate", "--checkpoint", str(runs["a"]), "--bootstrap", "0", "--grid-size", "0", "--out", str(out)]
+    code = main(
+        [
+            *args,
+            "--external",
+            f"b={runs['external']}",
+            str(other),
+            "--label-map",
+            "b:CT_COVID=COVID",
+            "b:CT_NonCOVID=normal",
+            "hospital-c:CT_COVID=COVID",
+            "hospital-c:CT_NonCOVID=normal",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "in-source" in printed and "external-hospital-c" in printed and "report:" in printed
+    assert {p.name for p in out.iterdir()} >= {"test", "b", "external-hospital-c", "report.html", "summary.json"}
+    # the long-standing form: one --data marked --external, still compared with the run's own test split
+    assert main([*args[:-1], str(tmp_path / "legacy"), "--data", str(runs["external"]), "--external",
+                 "--label-map", "CT_COVID=COVID", "CT_NonCOVID=normal"]) == 0  # fmt: skip
+    assert (tmp_path / "legacy" / "external-external" / "metrics.json").is_file()
+    assert (tmp_path / "legacy" / "test" / "metrics.json").is_file()
+    assert main([*args, "--external"]) == 2
+    assert "--external needs" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *args,
+                "--external",
+                f"b={runs['external']}",
+                f"b={other}",
+                "--label-map",
+                "CT_COVID=COVID",
+                "CT_NonCOVID=normal",
+            ]
+        )
+        == 2
+    )
+    assert "named ['b']" in capsys.readouterr().err

@@ -58,12 +58,10 @@ def test_onnx_and_pytorch_evaluations_agree(run, onnx_export, images, capsys):
     onnx_eval = evaluate(None, data=images, n_bootstrap=0, onnx=onnx_export, write=False)
     assert onnx_eval.predictions.paths == torch_eval.predictions.paths
     np.testing.assert_allclose(onnx_eval.predictions.proba, torch_eval.predictions.proba, atol=1e-4)
-    assert (onnx_eval.payload["engine"], torch_eval.payload["engine"]) == ("onnxruntime", "pytorch")
-    assert onnx_eval.payload["model_version"] == torch_eval.payload["model_version"]
+    assert (onnx_eval.report.engine, torch_eval.report.engine) == ("onnxruntime", "pytorch")
+    assert onnx_eval.report.model_version == torch_eval.report.model_version
     for name in ("accuracy", "roc_auc"):
-        assert onnx_eval.payload["metrics"][name]["value"] == pytest.approx(
-            torch_eval.payload["metrics"][name]["value"], abs=1e-6
-        )
+        assert onnx_eval.report.metrics[name].value == pytest.approx(torch_eval.report.metrics[name].value, abs=1e-6)
     code = main(["evaluate", "--onnx", str(onnx_export), "--checkpoint", str(run), "--data", str(images)])
     assert code == 0 and "onnxruntime" in capsys.readouterr().out
     assert (run / "evaluation" / "images-all-onnx" / "metrics.json").is_file()

@@ -10,6 +10,7 @@ import pytest
 
 from covidscan.cli import main
 from covidscan.config import RunConfig, load_config
+from covidscan.evaluation.metrics import MetricValue
 from covidscan.tracking import (
     MLflowCallback,
     TensorBoardCallback,
@@ -157,12 +158,12 @@ def test_tracker_selection_from_the_command_line():
 
 
 def test_test_scalars_keep_the_headline_metrics_with_intervals():
-    evaluation = {
-        "n_items": 40,
-        "metrics": {
-            "accuracy": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.95, "undefined": None},
-            "roc_auc": {"value": None, "undefined": "one class"},
+    evaluation = SimpleNamespace(  # the attributes of an EvaluationReport that the trackers read
+        n_items=40,
+        metrics={
+            "accuracy": MetricValue(0.9, ci_low=0.8, ci_high=0.95),
+            "roc_auc": MetricValue(None, undefined="one class"),
         },
-    }
+    )
     assert evaluation_scalars(evaluation) == {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.95}
     assert evaluation_scalars(None) == {}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from covidscan.evaluation.stats import TestResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="common dataset (class folders or CSV manifest); default: each run's own "
         "split, which must hold the same items for every run",
     )
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        help="split to compare on (default: test, or val with a note when the runs' splits have no test items)",
+    )
     parser.add_argument("--external", action="store_true", help="--data is an external dataset")
     parser.add_argument(
         "--label-map",
@@ -78,19 +86,21 @@ def run(args: argparse.Namespace) -> int:
         level=args.level,
         aggregation=args.aggregation,
     )
-    unit = f"{result['n_compared']} {result['level']}s"
-    if result["aggregation"]:
-        unit += f", {result['aggregation']} of their items"
-    print(f"ranked by {args.metric} on {result['dataset']} ({result['split']}, {unit}):")
-    for row in result["rows"]:
-        print(f"  {row['rank']}. {row['run']:<32} {format_metric(row['metrics'][args.metric])}")
-    for pair in result["pairs"]:
-        tests = ", ".join(_format_test(t) for t in pair["tests"])
-        print(f"  {pair['a']} vs {pair['b']}: {tests}")
-    print(f"report: {result['out_dir']}/comparison.html")
+    unit = f"{result.n_compared} {result.level}s"
+    if result.aggregation:
+        unit += f", {result.aggregation} of their items"
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"ranked by {args.metric} on {result.dataset} ({result.split}, {unit}):")
+    for row in result.rows:
+        print(f"  {row.rank}. {row.run:<32} {format_metric(row.metrics[args.metric])}")
+    for pair in result.pairs:
+        tests = ", ".join(_format_test(t) for t in pair.tests)
+        print(f"  {pair.a} vs {pair.b}: {tests}")
+    print(f"report: {result.out_dir}/comparison.html")
     return 0
 
 
-def _format_test(test: dict) -> str:
-    p_value = "undefined" if test["p_value"] is None else format(test["p_value"], ".3g")
-    return f"{test['test'].split(' ')[0]} p={p_value}{test['stars']}"
+def _format_test(test: TestResult) -> str:
+    p_value = "undefined" if test.p_value is None else format(test.p_value, ".3g")
+    return f"{test.test.split(' ')[0]} p={p_value}{test.stars}"

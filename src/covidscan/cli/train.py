@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from covidscan.cli import add_config_arguments
 from covidscan.errors import UsageError
+
+if TYPE_CHECKING:
+    from covidscan.evaluation.results import EvaluationReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,11 +67,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _headline(evaluation: dict | None) -> dict | None:
+def _headline(evaluation: EvaluationReport | None) -> dict[str, float | None] | None:
     """Test metric values (CIs and the full report are under RUN/evaluation/test/)."""
     if evaluation is None:
         return None
-    return {
-        name: entry.get("value") if isinstance(entry, dict) else entry
-        for name, entry in evaluation.get("metrics", {}).items()
-    }
+    return {name: metric.value for name, metric in evaluation.metrics.items()}

@@ -19,22 +19,22 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from covidscan.data import read_image
 from covidscan.data.records import DataError
 from covidscan.data.volumes import STACK_SEPARATOR
 from covidscan.errors import UsageError
 from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
 from covidscan.evaluation.bootstrap import paired_bootstrap_difference
-from covidscan.evaluation.evaluate import Evaluation, evaluate
+from covidscan.evaluation.evaluate import EmptySplitError, Evaluation, evaluate
 from covidscan.evaluation.metrics import (
     METRIC_LABELS,
+    MetricValue,
     PredictionSet,
     compute_metrics,
     metric_names,
     predict_labels,
 )
-from covidscan.evaluation.plots import plot_prediction_grid
-from covidscan.evaluation.report import render
+from covidscan.evaluation.report import prediction_grid, render
+from covidscan.evaluation.results import BootstrapInfo, Comparison, ComparisonRow, Metrics, PairComparison
 from covidscan.evaluation.stats import compare_predictions
 from covidscan.runtime import atomic_path, write_json, write_text
 
@@ -51,7 +51,7 @@ def _run_dir(evaluation: Evaluation) -> Path:
     return evaluation.predictor.run_dir
 
 
-def _run_info(evaluation: Evaluation) -> dict[str, Any]:
+def _run_row(evaluation: Evaluation, metrics: Metrics) -> ComparisonRow:
     """Runtime and parameter count: from the run's training metrics.json when present."""
     run_dir = _run_dir(evaluation)
     training: dict[str, Any] = {}
@@ -61,13 +61,14 @@ def _run_info(evaluation: Evaluation) -> dict[str, Any]:
         except json.JSONDecodeError:
             logger.warning("%s: unreadable metrics.json; runtime not shown", run_dir)
     parameters = evaluation.predictor.parameter_count()
-    return {
-        "run": run_dir.name,
-        "run_dir": str(run_dir),
-        "model": evaluation.predictor.card.architecture,
-        "parameters": int(training.get("parameters") or parameters),
-        "runtime_seconds": training.get("runtime_seconds"),
-    }
+    return ComparisonRow(
+        run=run_dir.name,
+        run_dir=str(run_dir),
+        model=evaluation.predictor.card.architecture,
+        parameters=int(training.get("parameters") or parameters),
+        runtime_seconds=training.get("runtime_seconds"),
+        metrics=metrics,
+    )
 
 
 def _resolve_level(level: Level, evaluations: list[Evaluation]) -> Level:
@@ -77,6 +78,11 @@ def _resolve_level(level: Level, evaluations: list[Evaluation]) -> Level:
         return level
     stacks = any(STACK_SEPARATOR in path for e in evaluations for path in e.predictions.paths)
     return "patient" if stacks else "item"
+
+
+def _descending(value: float | None) -> float:
+    """Sort key: larger values first, undefined ones last."""
+    return -value if value is not None else np.inf
 
 
 def _compared_set(evaluation: Evaluation, level: str, aggregation: Aggregation) -> PredictionSet:
@@ -94,13 +100,13 @@ def _compared_set(evaluation: Evaluation, level: str, aggregation: Aggregation) 
     )
 
 
-def _level_metrics(evaluation: Evaluation, level: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _level_metrics(evaluation: Evaluation, level: str) -> tuple[Metrics, BootstrapInfo]:
     """(metrics, bootstrap info) at ``level``. ``evaluate`` omits ``patient_level`` exactly when every
     patient has one item, where patient and item metrics are the same."""
-    patient_level = evaluation.payload.get("patient_level")
-    if level == "patient" and patient_level:
-        return patient_level["metrics"], patient_level["bootstrap"]
-    return evaluation.payload["metrics"], evaluation.payload["bootstrap"]
+    patient_level = evaluation.report.patient_level
+    if level == "patient" and patient_level is not None:
+        return patient_level.metrics, patient_level.bootstrap
+    return evaluation.report.metrics, evaluation.report.bootstrap
 
 
 def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: str) -> list[PredictionSet]:
@@ -152,9 +158,7 @@ def _aligned(sets: list[PredictionSet], evaluations: list[Evaluation], level: st
     return aligned
 
 
-def _differences(
-    a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int
-) -> dict[str, dict[str, Any]]:
+def _differences(a: PredictionSet, b: PredictionSet, positive: int, n_bootstrap: int, seed: int) -> Metrics:
     """Metric of A minus metric of B with a paired bootstrap CI (same resamples for both)."""
     values_a, values_b = compute_metrics(a, positive), compute_metrics(b, positive)
     intervals = (
@@ -165,48 +169,42 @@ def _differences(
         value_a, value_b = metric_a.value, values_b[name].value
         defined = value_a is not None and value_b is not None
         interval = intervals.get(name, {})
-        differences[name] = {
-            "value": value_a - value_b if value_a is not None and value_b is not None else None,
-            "ci_low": interval.get("ci_low") if defined else None,
-            "ci_high": interval.get("ci_high") if defined else None,
-            "undefined": None if defined else "undefined for at least one model",
-        }
+        differences[name] = MetricValue(
+            value=value_a - value_b if value_a is not None and value_b is not None else None,
+            undefined=None if defined else "undefined for at least one model",
+            ci_low=interval.get("ci_low") if defined else None,
+            ci_high=interval.get("ci_high") if defined else None,
+        )
     return differences
 
 
-def _grid_items(evaluation: Evaluation, size: int, seed: int) -> list[int]:
-    """A reproducible sample of items, wrong predictions first so the grid shows failures."""
-    rng = np.random.default_rng(seed)
-    wrong = np.flatnonzero(evaluation.predicted != evaluation.predictions.y_true)
-    right = np.flatnonzero(evaluation.predicted == evaluation.predictions.y_true)
-    picked = list(rng.permutation(wrong)[: size // 2])
-    picked += list(rng.permutation(right)[: size - len(picked)])
-    return sorted(int(i) for i in picked)
-
-
-def prediction_grid(evaluation: Evaluation, path: Path, size: int = 16, seed: int = 0) -> Path | None:
-    """Study D's grid of test images titled predicted vs true label; None when images cannot be shown
-    (e.g. DICOM series or NIfTI volumes)."""
-    predictions, names = evaluation.predictions, evaluation.predictions.class_names
-    items = _grid_items(evaluation, size, seed)
+def _evaluate_all(
+    runs: list[str | Path], data: str | Path | None, split: str | None, **options: Any
+) -> tuple[list[Evaluation], list[str]]:
+    """Every run evaluated on ``split`` (never written into the run). ``split`` None means the test
+    split, or val when the runs' own splits have no test items (study A: train/val only), which is
+    stated in the returned notes."""
+    notes = []
     try:
-        images = [read_image(predictions.paths[i]) for i in items]
-    except (DataError, OSError, ValueError) as exc:
-        logger.warning("prediction grid skipped: %s", exc)
-        return None
-    return plot_prediction_grid(
-        images,
-        [names[predictions.y_true[i]] for i in items],
-        [names[evaluation.predicted[i]] for i in items],
-        path,
-        confidences=[float(predictions.proba[i].max()) for i in items],
-    )
+        first = evaluate(runs[0], data, split or "test", **options)
+    except EmptySplitError:
+        if split is not None or data is not None:
+            raise
+        split = "val"
+        first = evaluate(runs[0], data, split, **options)
+        notes.append(
+            "the runs' splits hold no test items (train/val only), so they are compared on val; val also "
+            "chose each run's best checkpoint, so these numbers are optimistic: hold out a test split "
+            "for a final comparison"
+        )
+    evaluations = [first] + [evaluate(run, data, split or "test", **options) for run in runs[1:]]
+    return evaluations, notes
 
 
 def compare_runs(
     runs: list[str | Path],
     data: str | Path | None = None,
-    split: str = "test",
+    split: str | None = None,
     metric: str = "f1",
     out_dir: str | Path | None = None,
     n_bootstrap: int = 1000,
@@ -218,13 +216,15 @@ def compare_runs(
     seed: int = 0,
     level: Level = "auto",
     aggregation: Aggregation = "mean",
-) -> dict[str, Any]:
+) -> Comparison:
     """Evaluate ``runs`` on the same items and write ``comparison.{html,md,csv,json}`` plus one
     prediction grid per run into ``out_dir`` (default: ``comparisons/`` beside the first run).
 
-    ``level="patient"`` aggregates each run's items per patient (``aggregation`` "mean" or "max" of
-    the probabilities) before aligning, ranking and testing, so runs with different slice stacks of
-    the same scans can be compared; ``"auto"`` (default) picks it when the items are volume stacks.
+    ``split`` None compares on the runs' test split, falling back to val (with a note in the
+    report) when their splits have none. ``level="patient"`` aggregates each run's items per patient
+    (``aggregation`` "mean" or "max" of the probabilities) before aligning, ranking and testing, so
+    runs with different slice stacks of the same scans can be compared; ``"auto"`` (default) picks it
+    when the items are volume stacks.
     """
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
@@ -232,46 +232,38 @@ def compare_runs(
         raise UsageError(f"level must be one of {LEVELS}, got {level!r}")
     if aggregation not in ("mean", "max"):
         raise UsageError(f"aggregation must be 'mean' or 'max', got {aggregation!r}")
-    evaluations = [
-        evaluate(
-            run,
-            data,
-            split,
-            None,
-            label_map,
-            n_bootstrap,
-            external,
-            positive_class=positive_class,
-            aggregation=aggregation,
-            seed=seed,
-            write=False,
-        )
-        for run in runs
-    ]
+    evaluations, notes = _evaluate_all(
+        runs,
+        data,
+        split,
+        label_map=label_map,
+        n_bootstrap=n_bootstrap,
+        external=external,
+        positive_class=positive_class,
+        aggregation=aggregation,
+        seed=seed,
+        write=False,
+    )
     names = metric_names(evaluations[0].predictions.num_classes)
     if metric not in names:
         raise UsageError(f"--metric {metric!r} is not one of {list(names)}")
     level = _resolve_level(level, evaluations)
     aligned = _aligned([_compared_set(e, level, aggregation) for e in evaluations], evaluations, level)
-    reference = evaluations[0]
-    positive = reference.predictions.class_names.index(reference.payload["positive_class"])
+    reference = evaluations[0].report
+    positive = reference.positive_index
     y_true = aligned[0].y_true
 
-    rows = []
-    for evaluation in evaluations:
-        rows.append({**_run_info(evaluation), "metrics": _level_metrics(evaluation, level)[0]})
-    rows.sort(
-        key=lambda row: -(row["metrics"][metric]["value"] if row["metrics"][metric]["value"] is not None else -np.inf)
-    )
+    rows = [_run_row(evaluation, _level_metrics(evaluation, level)[0]) for evaluation in evaluations]
+    rows.sort(key=lambda row: _descending(row.metrics[metric].value))
     for rank, row in enumerate(rows, start=1):
-        row["rank"] = rank
+        row.rank = rank
 
     out = (
         Path(out_dir)
         if out_dir is not None
-        else _run_dir(reference).parent
+        else _run_dir(evaluations[0]).parent
         / "comparisons"
-        / (f"{split}-" + "-vs-".join(_run_dir(e).name for e in evaluations)[:120])
+        / (f"{reference.split}-" + "-vs-".join(_run_dir(e).name for e in evaluations)[:120])
     )
     out.mkdir(parents=True, exist_ok=True)
     predicted = [predict_labels(a.proba, positive) for a in aligned]
@@ -281,12 +273,12 @@ def compare_runs(
             y_true, predicted[i], predicted[j], positive, a.proba[:, positive], b.proba[:, positive]
         )
         pairs.append(
-            {
-                "a": _run_dir(evaluations[i]).name,
-                "b": _run_dir(evaluations[j]).name,
-                "tests": [t.to_dict() for t in tests],
-                "differences": _differences(a, b, positive, n_bootstrap, seed),
-            }
+            PairComparison(
+                _run_dir(evaluations[i]).name,
+                _run_dir(evaluations[j]).name,
+                tests,
+                _differences(a, b, positive, n_bootstrap, seed),
+            )
         )
     grids = {}
     shown = evaluations if level == "item" else []  # a patient is several images: none to show
@@ -296,52 +288,53 @@ def compare_runs(
         if grid is not None:
             grids[name] = grid.name
 
-    payload = {
-        "dataset": reference.payload["dataset"],
-        "split": reference.payload["split"],
-        "external": reference.payload["external"],
-        "level": level,
-        "aggregation": aggregation if level == "patient" else None,
-        "n_compared": len(y_true),
-        "positive_class": reference.payload["positive_class"],
-        "ranked_by": metric,
-        "metrics": list(names),
-        "bootstrap": _level_metrics(reference, level)[1],
-        "rows": rows,
-        "pairs": pairs,
-        "grids": grids,
-    }
-    _write_csv(out / "comparison.csv", payload)
-    context = {"c": payload, "labels": METRIC_LABELS, "out_dir": out}
+    comparison = Comparison(
+        dataset=reference.dataset,
+        split=reference.split,
+        external=reference.external,
+        level=level,
+        aggregation=aggregation if level == "patient" else None,
+        n_compared=len(y_true),
+        positive_class=reference.positive_class,
+        ranked_by=metric,
+        metrics=list(names),
+        bootstrap=_level_metrics(evaluations[0], level)[1],
+        rows=rows,
+        pairs=pairs,
+        grids=grids,
+        notes=notes,
+        out_dir=out,
+    )
+    _write_csv(out / "comparison.csv", comparison)
+    context = {"c": comparison, "labels": METRIC_LABELS, "out_dir": out}
     write_text(out / "comparison.html", render("comparison.html.j2", **context))
     write_text(out / "comparison.md", render("comparison.md.j2", **context))
-    write_json(out / "comparison.json", payload)
-    payload["out_dir"] = str(out)
-    return payload
+    write_json(out / "comparison.json", comparison.to_dict())
+    return comparison
 
 
-def _write_csv(path: Path, comparison: dict[str, Any]) -> None:
+def _write_csv(path: Path, comparison: Comparison) -> None:
     """One row per run; ``level``/``aggregation``/``n_compared`` on every row so a row read alone
     still says what its numbers are per."""
-    names = comparison["metrics"]
+    names = comparison.metrics
     header = ["rank", "run", "model", "parameters", "runtime_seconds", "level", "aggregation", "n_compared"]
     for name in names:
         header += [name, f"{name}_ci_low", f"{name}_ci_high"]
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        for row in comparison["rows"]:
+        for row in comparison.rows:
             line = [
-                row["rank"],
-                row["run"],
-                row["model"],
-                row["parameters"],
-                row["runtime_seconds"],
-                comparison["level"],
-                comparison["aggregation"],
-                comparison["n_compared"],
+                row.rank,
+                row.run,
+                row.model,
+                row.parameters,
+                row.runtime_seconds,
+                comparison.level,
+                comparison.aggregation,
+                comparison.n_compared,
             ]
             for name in names:
-                m = row["metrics"][name]
-                line += [m["value"], m["ci_low"], m["ci_high"]]
+                m = row.metrics[name]
+                line += [m.value, m.ci_low, m.ci_high]
             writer.writerow(["" if v is None else v for v in line])

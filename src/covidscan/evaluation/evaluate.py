@@ -2,8 +2,10 @@
 
 ``evaluate_run`` is the one entry point the trainer, the CLI and ``compare`` share. It predicts
 every item, computes point metrics (scikit-learn) with bootstrap CIs, picks an operating point on
-the validation split, measures calibration, aggregates to patients when patient ids exist and
-writes ``metrics.json``, ``predictions.csv``, figures and ``report.html`` / ``report.md``.
+the validation split, measures calibration, aggregates to patients when patient ids exist, splits
+the metrics by source when the items come from several (``Sample.source``), and writes
+``metrics.json``, ``predictions.csv``, figures and ``report.html`` / ``report.md``. The result is an
+:class:`~covidscan.evaluation.results.EvaluationReport`; its ``to_dict()`` is ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ from covidscan.data.checks import verify_readable
 from covidscan.data.records import DataError, Sample
 from covidscan.data.sources import source_label
 from covidscan.data.splits import load_splits
+from covidscan.data.volumes import STACK_SEPARATOR
 from covidscan.evaluation.aggregate import Aggregation, aggregate_by_patient
 from covidscan.evaluation.bootstrap import attach_intervals, bootstrap_metrics
 from covidscan.evaluation.calibration import (
-    ReliabilityTable,
     apply_temperature,
     fit_temperature,
     reliability_table,
 )
 from covidscan.evaluation.metrics import (
-    MetricValue,
     PredictionSet,
     compute_metrics,
     confusion_counts,
@@ -44,6 +45,16 @@ from covidscan.evaluation.metrics import (
     resolve_positive_class,
 )
 from covidscan.evaluation.operating_point import OperatingPoint, ThresholdMethod, choose_threshold
+from covidscan.evaluation.results import (
+    BootstrapInfo,
+    CalibrationSummary,
+    ConfusionMatrix,
+    EvaluationReport,
+    Metrics,
+    PatientLevel,
+    SourceMetrics,
+    ThresholdMetrics,
+)
 from covidscan.inference import NON_FINITE_OUTPUT, Predictor, load_predictor
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path, write_json
@@ -56,6 +67,14 @@ EXTERNAL_WARNING = (
     "well internally but not here may have learned shortcuts (source-specific text, borders, image "
     "statistics) rather than disease."
 )
+
+
+class EmptySplitError(DataError):
+    """The requested split holds no samples (e.g. ``test`` of a run split into train/val only)."""
+
+
+class UnknownSplitError(DataError):
+    """The model's own split cannot be known (no run directory, or a run without ``splits.csv``)."""
 
 
 @dataclass
@@ -73,29 +92,32 @@ class EvaluationSet:
 
 @dataclass
 class Evaluation:
-    """Everything one evaluation produced; ``payload`` is what ``metrics.json`` holds."""
+    """Everything one evaluation produced; ``report.to_dict()`` is what ``metrics.json`` holds."""
 
-    payload: dict[str, Any]
+    report: EvaluationReport
     predictions: PredictionSet
     predicted: np.ndarray  # arg-max class index per item
     predictor: Predictor
     out_dir: Path
+    name: str = ""  # the set's name: the split, external-<dataset> or <dataset>-<split>
+    sources: list[str | None] = field(default_factory=list)  # Sample.source of each item
 
 
-def _dataset_name(spec: str) -> str:
+def dataset_name(spec: str) -> str:
+    """A dataset spec's short name: a manifest's folder, else the folder (``covid-ct/metadata.csv`` -> ``covid-ct``)."""
     path = Path(spec)
     return path.parent.name if path.suffix.lower() == ".csv" else (path.name or str(spec))
 
 
 def _run_splits(run_dir: Path | None, source: Path) -> Path:
     if run_dir is None:
-        raise DataError(
+        raise UnknownSplitError(
             f"{source}: no training run is known for this model, so it has no test split; pass --data with "
             "a dataset to evaluate on, or --checkpoint RUN (the run an ONNX export was made from)"
         )
     path = run_dir / "splits.csv"
     if not path.is_file():
-        raise DataError(
+        raise UnknownSplitError(
             f"{run_dir}: no splits.csv in this run directory, so its test split is unknown; "
             "pass --data with a dataset to evaluate on"
         )
@@ -124,7 +146,7 @@ def select_samples(
         samples = [s for s in sample_set.samples if s.split == split] if has_splits else sample_set.samples
         used_split = split if has_splits else "all"
         dataset = str(data)
-        base = _dataset_name(dataset)
+        base = dataset_name(dataset)
         name = f"external-{base}" if external else f"{base}-{used_split}"
     if not samples and skipped:
         raise DataError(
@@ -132,9 +154,10 @@ def select_samples(
             f"{skipped[0][1]}); check that the data is where the run's splits.csv says"
         )
     if not samples:
-        raise DataError(
+        raise EmptySplitError(
             f"{dataset}: split {split!r} holds no samples; nothing to evaluate. Choose another "
-            "--split (train/val/test) or check the run's splits.csv"
+            "--split (train/val/test; e.g. --split val for a run split into train/val only) or check the "
+            "run's splits.csv"
         )
     unlabeled = [s.path for s in samples if s.label is None]
     if unlabeled:
@@ -184,9 +207,10 @@ def predict(
     )
 
 
-def _metrics_with_ci(
+def metrics_with_ci(
     predictions: PredictionSet, positive: int, n_bootstrap: int, seed: int, threshold: float | None = None
-) -> tuple[dict[str, MetricValue], dict[str, Any]]:
+) -> tuple[Metrics, BootstrapInfo]:
+    """Point metrics with percentile-bootstrap 95% CIs (patients resampled when ids exist)."""
     values = compute_metrics(predictions, positive, threshold)
     by_patient = predictions.has_patients()
     if n_bootstrap > 0:
@@ -196,28 +220,29 @@ def _metrics_with_ci(
                 predictions, positive, n_resamples=n_bootstrap, seed=seed, by_patient=by_patient, threshold=threshold
             ),
         )
-    info = {
-        "n_resamples": n_bootstrap,
-        "confidence": 0.95,
-        "method": "nonparametric percentile",
-        "unit": "patient" if by_patient else "item",
-        "seed": seed,
-    }
+    info = BootstrapInfo(n_bootstrap, 0.95, "nonparametric percentile", "patient" if by_patient else "item", seed)
     return values, info
 
 
-def _confusion(predictions: PredictionSet, positive: int, threshold: float | None = None) -> dict[str, Any]:
+def _confusion(predictions: PredictionSet, positive: int, threshold: float | None = None) -> ConfusionMatrix:
     counts = confusion_counts(predictions, positive, threshold)
-    return {"counts": counts.tolist(), "normalised": normalise_confusion(counts).round(4).tolist()}
+    return ConfusionMatrix(counts.tolist(), normalise_confusion(counts).round(4).tolist())
 
 
 def _write_predictions(
-    path: Path, predictions: PredictionSet, predicted: np.ndarray, at_threshold: np.ndarray | None
+    path: Path,
+    predictions: PredictionSet,
+    predicted: np.ndarray,
+    at_threshold: np.ndarray | None,
+    sources: Sequence[str | None],
 ) -> None:
     names = predictions.class_names
     header = ["path", "patient_id", "true", "predicted"] + [f"prob_{n}" for n in names]
     if at_threshold is not None:
         header.append("predicted_at_threshold")
+    with_sources = any(sources)
+    if with_sources:
+        header.append("source")
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -231,6 +256,8 @@ def _write_predictions(
             ]
             if at_threshold is not None:
                 row.append(names[at_threshold[i]])
+            if with_sources:
+                row.append(sources[i] or "")
             writer.writerow(row)
 
 
@@ -272,10 +299,11 @@ def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
 
 def _calibrate(
     predictions: PredictionSet, validation: PredictionSet | None, temperature_scaling: bool, run_dir: Path | None
-) -> tuple[dict[str, Any], ReliabilityTable]:
+) -> CalibrationSummary:
     """ECE and reliability table; with ``temperature_scaling`` first rescale both sets in place by a
     temperature fitted on validation."""
-    calibration: dict[str, Any] = {"ece_before_scaling": reliability_table(predictions.proba, predictions.y_true).ece}
+    ece_before = reliability_table(predictions.proba, predictions.y_true).ece
+    temperature = None
     if temperature_scaling:
         if validation is None:
             raise DataError(
@@ -284,12 +312,63 @@ def _calibrate(
         temperature = fit_temperature(validation.proba, validation.y_true)
         predictions.proba = apply_temperature(predictions.proba, temperature)
         validation.proba = apply_temperature(validation.proba, temperature)
-        calibration["temperature"] = temperature
     reliability = reliability_table(predictions.proba, predictions.y_true)
-    calibration.update(
-        ece=reliability.ece, reliability=reliability.to_dict(), bins="15 equal-width bins of top-class confidence"
+    calibration = CalibrationSummary(
+        ece_before_scaling=ece_before,
+        ece=reliability.ece,
+        reliability=reliability.to_dict(),
+        bins="15 equal-width bins of top-class confidence",
+        temperature=temperature,
     )
-    return calibration, reliability
+    return calibration
+
+
+def _item_sources(predictions: PredictionSet, samples: Sequence[Sample]) -> list[str | None]:
+    """The source of each predicted item (a slice stack ``<scan>#stack<k>`` belongs to its scan's)."""
+    by_path = {s.path: s.source for s in samples}
+    return [by_path.get(path.split(STACK_SEPARATOR)[0]) for path in predictions.paths]
+
+
+def _subset(predictions: PredictionSet, mask: np.ndarray) -> PredictionSet:
+    keep = np.flatnonzero(mask)
+    return PredictionSet(
+        predictions.y_true[keep],
+        predictions.proba[keep],
+        predictions.class_names,
+        paths=[predictions.paths[i] for i in keep],
+        patient_ids=[predictions.patient_ids[i] for i in keep],
+    )
+
+
+def per_source_metrics(
+    predictions: PredictionSet,
+    sources: Sequence[str | None],
+    positive: int,
+    n_bootstrap: int,
+    seed: int,
+    threshold: float | None = None,
+) -> dict[str, SourceMetrics]:
+    """Metrics with CIs for each source's items (and at ``threshold``); empty unless the items come
+    from two or more sources. Items without a source are grouped as ``(no source)``."""
+    names = [source or "(no source)" for source in sources]
+    if len(set(names)) < 2:
+        return {}
+    parts = {}
+    for name in dict.fromkeys(names):
+        part = _subset(predictions, np.array([n == name for n in names]))
+        values, info = metrics_with_ci(part, positive, n_bootstrap, seed)
+        at_threshold = None
+        if threshold is not None:
+            at_threshold, _ = metrics_with_ci(part, positive, n_bootstrap, seed, threshold)
+        parts[name] = SourceMetrics(
+            n_items=len(part),
+            n_patients=len(np.unique(part.groups())) if part.has_patients() else None,
+            class_counts=dict(Counter(part.class_names[y] for y in part.y_true)),
+            metrics=values,
+            bootstrap=info,
+            at_threshold=at_threshold,
+        )
+    return parts
 
 
 def evaluate(
@@ -308,80 +387,78 @@ def evaluate(
     batch_size: int | None = None,
     seed: int = 0,
     write: bool = True,
+    name: str | None = None,
+    grid_size: int = 16,
     onnx: str | Path | None = None,
     tta: str | Sequence[str] | None = None,
 ) -> Evaluation:
     """Full evaluation of one run; see :func:`evaluate_run` for the arguments. ``write=False`` only
-    computes (``compare`` uses it, so comparing never overwrites a run's own evaluation files)."""
+    computes (``compare`` uses it, so comparing never overwrites a run's own evaluation files).
+    ``name`` replaces the set's default name (its folder under ``<run>/evaluation/``); ``grid_size``
+    images go into the prediction grid (0: none)."""
     predictor = load_predictor(run, onnx, tta=tta)
     chosen = select_samples(predictor, data, split, label_map, external)
+    if name:
+        chosen.name = name
     class_names = predictor.class_names
     positive = resolve_positive_class(class_names, positive_class or predictor.config.data.positive_class)
     predictions = predict(predictor, chosen.samples, batch_size)
     validation = _validation_predictions(predictor, batch_size)
-    calibration, reliability = _calibrate(predictions, validation, temperature_scaling, predictor.run_dir)
-    values, bootstrap_info = _metrics_with_ci(predictions, positive, n_bootstrap, seed)
+    calibration = _calibrate(predictions, validation, temperature_scaling, predictor.run_dir)
+    values, bootstrap_info = metrics_with_ci(predictions, positive, n_bootstrap, seed)
     predicted = predict_labels(predictions.proba, positive)
-    payload: dict[str, Any] = {
-        "run": str(predictor.run_dir) if predictor.run_dir else None,
-        "checkpoint": str(predictor.source),
-        "model": predictor.card.architecture,
+    report = EvaluationReport(
+        run=str(predictor.run_dir) if predictor.run_dir else None,
+        checkpoint=str(predictor.source),
+        model=predictor.card.architecture,
         **predictor.describe(),
-        "dataset": chosen.dataset,
-        "split": chosen.split,
-        "external": chosen.external,
-        "label_map": chosen.label_map,
-        "class_names": class_names,
-        "positive_class": class_names[positive],
-        "n_items": len(predictions),
-        "n_patients": len(np.unique(predictions.groups())) if predictions.has_patients() else None,
-        "class_counts": dict(Counter(class_names[y] for y in predictions.y_true)),
-        "metrics": {name: metric.to_dict() for name, metric in values.items()},
-        "bootstrap": bootstrap_info,
-        "confusion_matrix": _confusion(predictions, positive),
-        "per_class": per_class_report(predictions, positive),
-        "calibration": calibration,
-        "warnings": _warnings(chosen, predictions),
-        "skipped": [{"path": path, "reason": reason} for path, reason in chosen.skipped],
-    }
+        dataset=chosen.dataset,
+        split=chosen.split,
+        external=chosen.external,
+        label_map=chosen.label_map,
+        class_names=class_names,
+        positive_class=class_names[positive],
+        n_items=len(predictions),
+        n_patients=len(np.unique(predictions.groups())) if predictions.has_patients() else None,
+        class_counts=dict(Counter(class_names[y] for y in predictions.y_true)),
+        metrics=values,
+        bootstrap=bootstrap_info,
+        confusion_matrix=_confusion(predictions, positive),
+        per_class=per_class_report(predictions, positive),
+        calibration=calibration,
+        warnings=_warnings(chosen, predictions),
+        skipped=list(chosen.skipped),
+    )
 
-    at_threshold = None
     operating = _operating_point(validation, positive, target_sensitivity)
     if isinstance(operating, OperatingPoint):
-        op_values, _ = _metrics_with_ci(predictions, positive, n_bootstrap, seed, operating.threshold)
-        at_threshold = predict_labels(predictions.proba, positive, operating.threshold)
-        payload["operating_point"] = {
-            **operating.to_dict(),
-            "metrics": {n: m.to_dict() for n, m in op_values.items()},
-            "confusion_matrix": _confusion(predictions, positive, operating.threshold),
-        }
+        op_values, _ = metrics_with_ci(predictions, positive, n_bootstrap, seed, operating.threshold)
+        report.operating_point = ThresholdMetrics(
+            operating, op_values, _confusion(predictions, positive, operating.threshold)
+        )
         if data is None and split == "val":
-            payload["warnings"].append(
+            report.warnings.append(
                 "the threshold was chosen on this same val split, so the metrics at the "
                 "operating point are optimistic; read them on the test split"
             )
     else:
-        payload["operating_point"] = {"skipped": operating}
+        report.operating_point_skipped = operating
 
     if predictions.has_patients() and len(np.unique(predictions.groups())) < len(predictions):
         patients = aggregate_by_patient(predictions, aggregation)
-        patient_values, patient_info = _metrics_with_ci(patients, positive, n_bootstrap, seed)
-        payload["patient_level"] = {
-            "aggregation": aggregation,
-            "n_patients": len(patients),
-            "metrics": {n: m.to_dict() for n, m in patient_values.items()},
-            "bootstrap": patient_info,
-            "confusion_matrix": _confusion(patients, positive),
-        }
+        patient_values, patient_info = metrics_with_ci(patients, positive, n_bootstrap, seed)
+        report.patient_level = PatientLevel(
+            aggregation, len(patients), patient_values, patient_info, _confusion(patients, positive)
+        )
 
-    out = Path(out_dir) if out_dir is not None else _default_out(predictor, chosen.name)
+    sources = _item_sources(predictions, chosen.samples)
+    threshold = report.operating_point.point.threshold if report.operating_point else None
+    report.per_source = per_source_metrics(predictions, sources, positive, n_bootstrap, seed, threshold)
+
+    out = Path(out_dir) if out_dir is not None else default_out_dir(predictor, chosen.name)
+    evaluation = Evaluation(report, predictions, predicted, predictor, out, chosen.name, sources)
     if write:
-        from covidscan.evaluation.report import write_evaluation_report
-
-        out.mkdir(parents=True, exist_ok=True)
-        _write_predictions(out / "predictions.csv", predictions, predicted, at_threshold)
-        payload["figures"] = write_evaluation_report(payload, predictions, reliability, out)
-        write_json(out / "metrics.json", payload)
+        write_evaluation_files(evaluation, grid_size, seed)
     logger.info(
         "evaluation of %s on %s (%s): %s",
         predictor.run_dir or predictor.source,
@@ -389,10 +466,10 @@ def evaluate(
         chosen.split,
         ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None),
     )
-    return Evaluation(payload, predictions, predicted, predictor, out)
+    return evaluation
 
 
-def _default_out(predictor: Predictor, name: str) -> Path:
+def default_out_dir(predictor: Predictor, name: str) -> Path:
     """``<run>/evaluation/<name>``; ONNX Runtime and TTA results get their own folder beside the plain ones."""
     suffix = "".join(
         [
@@ -402,6 +479,23 @@ def _default_out(predictor: Predictor, name: str) -> Path:
     )
     root = predictor.run_dir or predictor.source.parent
     return root / "evaluation" / f"{name}{suffix}"
+
+
+def write_evaluation_files(evaluation: Evaluation, grid_size: int = 16, seed: int = 0) -> None:
+    """``predictions.csv``, figures, ``report.html``/``report.md`` and ``metrics.json`` into
+    ``evaluation.out_dir`` (kept apart from computing, so a caller can choose the folder later)."""
+    from covidscan.evaluation.report import write_evaluation_report
+
+    report, predictions, out = evaluation.report, evaluation.predictions, evaluation.out_dir
+    threshold = report.operating_point.point.threshold if report.operating_point else None
+    at_threshold = (
+        predict_labels(predictions.proba, report.positive_index, threshold) if threshold is not None else None
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_predictions(out / "predictions.csv", predictions, evaluation.predicted, at_threshold, evaluation.sources)
+    reliability = reliability_table(predictions.proba, predictions.y_true)  # after any temperature scaling
+    report.figures = write_evaluation_report(evaluation, reliability, grid_size, seed)
+    write_json(out / "metrics.json", report.to_dict())
 
 
 def _operating_point(
@@ -432,16 +526,18 @@ def evaluate_run(
     n_bootstrap: int = 1000,
     external: bool = False,
     **options: Any,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Evaluate a run directory (or checkpoint) and write ``metrics.json``, ``predictions.csv``,
-    figures and ``report.html``/``report.md`` under ``<run>/evaluation/<name>/``; return the metrics.
+    figures and ``report.html``/``report.md`` under ``<run>/evaluation/<name>/``; return the report
+    (``report.to_dict()`` is ``metrics.json``).
 
     ``data`` None evaluates the run's own ``split`` from its ``splits.csv``; otherwise any dataset
     spec ``load_samples`` takes (folder or manifest), whose ``split`` is used when it has a split
     column and all of it otherwise. ``label_map`` renames raw labels to the model's classes.
     ``options``: ``positive_class``, ``target_sensitivity`` (else Youden's J), ``temperature_scaling``,
-    ``aggregation`` ("mean"/"max" per patient), ``batch_size``, ``seed``, ``onnx`` (an export run with
+    ``aggregation`` ("mean"/"max" per patient), ``batch_size``, ``seed``, ``name``, ``grid_size``
+    (images in ``prediction_grid.png``, study D's figure; 0 for none), ``onnx`` (an export run with
     ONNX Runtime; ``run`` may then be None, or the run it came from), ``tta`` (test-time augmentation
     views, e.g. "identity,hflip"). ``run`` may also be an ensemble directory.
     """
-    return evaluate(run, data, split, out_dir, label_map, n_bootstrap, external, **options).payload
+    return evaluate(run, data, split, out_dir, label_map, n_bootstrap, external, **options).report

@@ -125,3 +125,24 @@ def plot_prediction_grid(
         confidence = f" ({confidences[i]:.2f})" if confidences is not None else ""
         ax.set_title(f"pred {pred}{confidence}\ntrue {true}", color="green" if pred == true else "red", fontsize=9)
     return _save(fig, path)
+
+
+def plot_roc_overlay(sets: dict[str, PredictionSet], positive: int, path: Path, title: str = "") -> Path:
+    """The positive class's ROC curve of every evaluated set on one plot (in-source and external
+    alike), each labelled with its AUC; sets with one class have no curve and say so."""
+    from sklearn.metrics import roc_auc_score
+
+    fig = new_figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot()
+    for name, predictions in sets.items():
+        is_positive = predictions.y_true == positive
+        if is_positive.all() or not is_positive.any():
+            ax.plot([], [], linestyle="none", label=f"{name}: one class, no curve")
+            continue
+        fpr, tpr, _ = roc_curve(is_positive, predictions.proba[:, positive])
+        auc = roc_auc_score(is_positive, predictions.proba[:, positive])
+        ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} (AUC {auc:.3f}, n={len(predictions)})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title=f"ROC by set {title}")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)

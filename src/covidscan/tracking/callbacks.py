@@ -15,11 +15,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from covidscan.errors import UsageError
+from covidscan.evaluation.results import metrics_to_dict
 from covidscan.tracking.options import TRACKERS
 from covidscan.training.callbacks import Callback
 from covidscan.training.reporting import TestEvaluation
 
 if TYPE_CHECKING:
+    from covidscan.evaluation.results import EvaluationReport
     from covidscan.training.loop import TrainingLoop
 
 
@@ -48,12 +50,12 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return numbers
 
 
-def evaluation_scalars(test_metrics: dict[str, Any] | None) -> dict[str, float]:
-    """The headline test metrics of an evaluation result: ``{"metrics": {"accuracy": {"value": .9,
-    "ci_low": .85, ...}}}`` -> ``{"accuracy": .9, "accuracy_ci_low": .85, ...}``."""
-    if not test_metrics:
+def evaluation_scalars(test_metrics: EvaluationReport | None) -> dict[str, float]:
+    """The headline test metrics of an evaluation result: accuracy 0.9 with CI (0.85, 0.95) ->
+    ``{"accuracy": .9, "accuracy_ci_low": .85, "accuracy_ci_high": .95, ...}``."""
+    if test_metrics is None:
         return {}
-    metrics = test_metrics.get("metrics", test_metrics)
+    metrics = metrics_to_dict(test_metrics.metrics)
     return {
         key.removesuffix(".value").replace(".", "_"): value for key, value in numeric_metrics(flatten(metrics)).items()
     }

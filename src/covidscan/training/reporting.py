@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covidscan.evaluation import evaluate_run
+from covidscan.evaluation.results import EvaluationReport, metrics_to_dict
 from covidscan.runtime import write_json
 from covidscan.training.callbacks import BestCheckpoint, Callback
 
@@ -30,9 +31,9 @@ class TestEvaluation(Callback):
 
     __test__ = False  # a class named Test* is not a pytest test class
 
-    def __init__(self, evaluate: Callable[..., dict[str, Any]] = evaluate_run) -> None:
+    def __init__(self, evaluate: Callable[..., EvaluationReport] = evaluate_run) -> None:
         self.evaluate = evaluate
-        self.result: dict[str, Any] | None = None
+        self.result: EvaluationReport | None = None
 
     def on_fit_end(self, loop: TrainingLoop) -> None:
         self.result = self.evaluate(loop.run_dir, split="test")
@@ -57,7 +58,7 @@ class RunSummary(Callback):
             "monitor": self.best.monitor.metric,
             "best": self.best.best_row(loop.history),
             # headline test metrics with 95% CIs; the full report is under evaluation/test/
-            "test": test.get("metrics") if test else None,
+            "test": metrics_to_dict(test.metrics) if test is not None else None,
             "epochs_trained": len(loop.history),
             "train_size": self.train_size,
             "parameters": sum(p.numel() for p in loop.model.parameters()),

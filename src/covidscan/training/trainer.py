@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from covidscan.training.loss import ClassificationLoss, balanced_class_weights
 from covidscan.training.reporting import RunSummary, TestEvaluation
 from covidscan.training.resume import resume_checkpoint
 
+if TYPE_CHECKING:
+    from covidscan.evaluation.results import EvaluationReport
+
 logger = logging.getLogger(__name__)
 
 MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc")
@@ -52,7 +55,7 @@ class TrainResult:
     run_dir: Path
     best_metrics: dict[str, float]  # the history row of the best epoch (checkpoint_monitor)
     history: list[dict[str, float]]
-    test_metrics: dict[str, Any] | None  # evaluate_run's result on the test split; None without one
+    test_metrics: EvaluationReport | None  # evaluate_run's result on the test split; None without one
 
 
 def train(
