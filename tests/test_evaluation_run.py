@@ -354,6 +354,11 @@ def test_verdict_on_external_auc():
     assert "close to chance" in transfer_verdict(home, MetricValue(0.54, ci_low=0.51, ci_high=0.57))
     assert "CI reaches 0.5" in transfer_verdict(home, MetricValue(0.62, ci_low=0.45, ci_high=0.74))
     assert "CI reaches 0.5" in transfer_verdict(None, MetricValue(0.62, ci_low=0.45, ci_high=0.74))
+    inverted = transfer_verdict(home, MetricValue(0.16, ci_low=0.04, ci_high=0.22))
+    assert inverted.startswith("does not transfer: worse than chance") and "CI below 0.5" in inverted
+    assert "CI reaches 0.5" in transfer_verdict(home, MetricValue(0.40, ci_low=0.30, ci_high=0.51))
+    assert "worse than chance" in transfer_verdict(None, MetricValue(0.30))  # no CI (no bootstrap)
+    assert "close to chance" in transfer_verdict(None, MetricValue(0.45))
     assert transfer_verdict(home, MetricValue(None, "only one class present")).startswith("AUC undefined")
     assert transfer_verdict(None, MetricValue(0.8, ci_low=0.7, ci_high=0.9)) == "no in-source AUC to compare with"
 

@@ -9,7 +9,9 @@ prominence: an in-source AUC of 0.99 next to an external 0.54 is the finding, no
 
 The verdict rule (:func:`transfer_verdict`) is deliberately plain: an external AUC whose 95% CI
 reaches chance (0.5), that is below :data:`NEAR_CHANCE`, or that falls by :data:`DROP_FAILS` or
-more, "does not transfer"; a fall of :data:`DROP_PARTIAL` or more "transfers partly".
+more, "does not transfer"; a fall of :data:`DROP_PARTIAL` or more "transfers partly". An AUC whose CI
+lies wholly below 0.5 (without a CI: at most 1 - :data:`NEAR_CHANCE`) is said to be worse than chance:
+the model ranks that set's classes the wrong way round, a sign it learned a source-specific cue.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def _chance(auc: MetricValue) -> str | None:
     """How an AUC is at or near chance, or None when it is not."""
     if auc.value is None:
         return None
+    inverted = auc.ci_high < 0.5 if auc.ci_high is not None else auc.value <= 1 - NEAR_CHANCE
+    if inverted:
+        ci = ", 95% CI below 0.5" if auc.ci_high is not None else ""
+        return f"worse than chance here (AUC {auc.value:.2f}{ci}): its ranking is inverted on this set"
     if auc.ci_low is not None and auc.ci_low <= 0.5:
         return f"no better than chance here (AUC {auc.value:.2f}, 95% CI reaches 0.5)"
     if auc.value < NEAR_CHANCE:
