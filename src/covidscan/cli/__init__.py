@@ -26,6 +26,7 @@ VERBS = (
     "train",
     "evaluate",
     "compare",
+    "crossval",
     "predict",
     "explain",
     "serve",

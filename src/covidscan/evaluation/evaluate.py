@@ -313,14 +313,13 @@ def _calibrate(
         predictions.proba = apply_temperature(predictions.proba, temperature)
         validation.proba = apply_temperature(validation.proba, temperature)
     reliability = reliability_table(predictions.proba, predictions.y_true)
-    calibration = CalibrationSummary(
+    return CalibrationSummary(
         ece_before_scaling=ece_before,
         ece=reliability.ece,
         reliability=reliability.to_dict(),
         bins="15 equal-width bins of top-class confidence",
         temperature=temperature,
     )
-    return calibration
 
 
 def _item_sources(predictions: PredictionSet, samples: Sequence[Sample]) -> list[str | None]:

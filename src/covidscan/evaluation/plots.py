@@ -146,3 +146,42 @@ def plot_roc_overlay(sets: dict[str, PredictionSet], positive: int, path: Path, 
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title=f"ROC by set {title}")
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
+
+
+def plot_source_matrix(
+    values: np.ndarray,
+    ci_low: np.ndarray,
+    ci_high: np.ndarray,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    held_out_columns: Sequence[int],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """Heat-map of a train-sources x test-source matrix (e.g. ROC AUC), each cell annotated with its
+    value and 95% CI; the held-out (out-of-source) cell of each row is outlined. Colours run from
+    chance (0.5, red) to perfect (1.0, green); a cell without a value is grey."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
+
+    rows, columns = values.shape
+    fig = new_figure(figsize=(2.2 * columns + 3.5, 1.1 * rows + 1.8), layout="tight")
+    ax = fig.add_subplot()
+    cmap = colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.5, vmax=1.0, aspect="auto")
+    for i in range(rows):
+        for j in range(columns):
+            if np.isnan(values[i, j]):
+                text = "n/a"
+            elif np.isnan(ci_low[i, j]) or np.isnan(ci_high[i, j]):
+                text = f"{values[i, j]:.3f}"
+            else:
+                text = f"{values[i, j]:.3f}\n[{ci_low[i, j]:.2f}, {ci_high[i, j]:.2f}]"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9)
+        column = held_out_columns[i]  # inset, so neighbouring cells never look outlined too
+        ax.add_patch(Rectangle((column - 0.45, i - 0.45), 0.9, 0.9, fill=False, linewidth=3, edgecolor="navy", ls="--"))
+    ax.set_xticks(range(columns), [f"test: {name}" for name in column_labels], rotation=20, ha="right")
+    ax.set_yticks(range(rows), list(row_labels))
+    ax.set_title(f"{title}\n(dashed outline: the held-out source, never seen in training)", fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="ROC AUC (0.5 = chance)")
+    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""Experiment management: MLflow / TensorBoard tracking callbacks, Optuna sweeps, run listing.
+"""Experiment management: MLflow / TensorBoard tracking callbacks, Optuna sweeps, leave-one-source-out
+cross-validation, run listing.
 
 Names are imported on first use (PEP 562), so ``covidscan --help`` and the ``--track`` options do
 not pay for the trainer, MLflow or Optuna.
@@ -21,6 +22,7 @@ _EXPORTS = {
     "covidscan.runtime": ("is_main_process",),  # the one rank check, re-exported for tracking code
     "covidscan.tracking.mlflow": ("MLflowCallback", "default_tracking_uri"),
     "covidscan.tracking.tensorboard": ("TensorBoardCallback",),
+    "covidscan.tracking.crossval": ("CrossValReport", "cross_validate"),
     "covidscan.tracking.runs": ("RunSummary", "find_run_dirs", "format_runs", "list_runs", "show_run", "summarize_run"),
     "covidscan.tracking.sweep": (
         "SweepResult",
