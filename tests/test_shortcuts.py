@@ -16,11 +16,11 @@ from covidscan.data.records import Sample, SampleSet
 from covidscan.data.shortcuts import (
     ShortcutWarning,
     audit_shortcuts,
-    cam_outside_lung_share,
     jpeg_quality,
     verdict,
     warn_cheap_shortcuts,
 )
+from covidscan.explain.lung_check import cam_outside_lung_share
 
 
 def _write(root, classes: dict[str, dict], per_class: int = 24, seed: int = 0) -> SampleSet:
@@ -39,6 +39,23 @@ def _write(root, classes: dict[str, dict], per_class: int = 24, seed: int = 0) -
             Image.fromarray(pixels).save(path, **options)
             samples.append(Sample(str(path), label, patient_id=f"{label}-{i // 2}"))
     return SampleSet(samples, sorted(classes))
+
+
+def _ct_like_lungs(side: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    return (((xx - 0.32) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1) | (
+        ((xx - 0.68) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1
+    )
+
+
+def _ct_like_slice(side: int = 64, seed: int | None = None) -> np.ndarray:
+    """A body ellipse with two dark lungs (8-bit); ``seed`` adds a little noise."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1
+    image = np.where(_ct_like_lungs(side), 0.3, np.where(body, 0.85, 0.02))
+    if seed is not None:
+        image = image + np.random.default_rng(seed).normal(0, 0.02, image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
 def _rows(report):
@@ -151,19 +168,15 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
 
 
 def test_cam_lung_check_runs_a_model_over_test_images(tmp_path):
-    from covidscan.data.shortcuts import cam_lung_check
+    from covidscan.explain.lung_check import cam_lung_check
     from covidscan.inference import load_predictor
     from helpers import make_checkpoint
 
-    yy, xx = np.mgrid[0:64, 0:64] / 64
-    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.32) ** 2 <= 1
-    lungs = (((xx - 0.32) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1) | (
-        ((xx - 0.68) / 0.12) ** 2 + ((yy - 0.5) / 0.2) ** 2 <= 1
-    )
+    lungs = _ct_like_lungs()
     samples = []
     for i in range(3):
         path = tmp_path / f"slice{i}.png"
-        Image.fromarray((np.where(lungs, 0.3, np.where(body, 0.85, 0.02)) * 255).astype(np.uint8)).save(path)
+        Image.fromarray(_ct_like_slice()).save(path)
         samples.append(Sample(str(path), "COVID"))
     loaded = load_predictor(make_checkpoint(tmp_path, size=32))
     result = cam_lung_check(loaded, samples, max_images=2)  # a random-init model: its maps may be all zero
@@ -172,6 +185,25 @@ def test_cam_lung_check_runs_a_model_over_test_images(tmp_path):
     result = cam_lung_check(loaded, samples, explain=lambda *args: uniform)
     assert result["n_images"] == result["n_measured"] == 3
     assert result["mean_outside_share"] == pytest.approx(1 - lungs.mean(), abs=0.05)
+
+
+def test_evaluate_writes_the_lung_check_into_its_report(tmp_path):
+    from covidscan.evaluation import evaluate
+    from helpers import make_checkpoint
+
+    data = tmp_path / "data"
+    for label in ("COVID", "normal"):
+        for i in range(3):
+            (data / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_ct_like_slice(seed=i)).save(data / label / f"{i}.png")
+    run = make_checkpoint(tmp_path, size=32)
+    report = evaluate(run, data, out_dir=tmp_path / "eval", n_bootstrap=0, grid_size=0, cam_lung=4).report
+    assert report.cam_lung is not None and report.cam_lung["n_images"] == 4
+    payload = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert payload["cam_lung"]["n_images"] == 4
+    assert "## Where the model looks" in (tmp_path / "eval" / "report.md").read_text()
+    plain = evaluate(run, data, out_dir=tmp_path / "plain", n_bootstrap=0, grid_size=0).report
+    assert plain.cam_lung is None and "cam_lung" not in plain.to_dict()
 
 
 def test_cli_adds_the_model_check_of_a_run(tmp_path, capsys):

@@ -287,8 +287,8 @@ def _shortcuts(args: argparse.Namespace) -> int:
 
 def _cam_check(run: str) -> dict:
     from covidscan.data.records import DataError
-    from covidscan.data.shortcuts import cam_lung_check
     from covidscan.data.splits import load_splits
+    from covidscan.explain.lung_check import cam_lung_check
     from covidscan.inference import load_predictor
 
     predictor = load_predictor(run)

@@ -97,7 +97,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="images in prediction_grid.png, titled predicted vs true label (study D's figure; 2D images "
         "only; default 16, 0: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap and grid seed (default 0)")
+    parser.add_argument(
+        "--cam-lung",
+        type=int,
+        default=0,
+        metavar="N",
+        help="explain up to N images of each set (a seeded sample) with Grad-CAM and report the share of the "
+        "model's attention outside the lungs, a shortcut check for 2D CT models (default 0: off)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap, grid and --cam-lung seed (default 0)")
     parser.add_argument(
         "--out",
         help="output folder (default: RUN/evaluation/<split or dataset>; with several sets, the combined "
@@ -140,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         grid_size=args.grid_size,
         onnx=args.onnx,
         tta=args.tta,
+        cam_lung=args.cam_lung,
     )
     if len(specs) <= 1 and not any(spec.external for spec in specs):
         spec = specs[0] if specs else None

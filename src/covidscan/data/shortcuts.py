@@ -15,29 +15,27 @@ pixels) and the image outside the lungs only (lungs blacked out with
 :func:`covidscan.data.lung.lung_mask_2d`). The first six come from file headers and are cheap; the
 trainer checks those on the training split (:func:`warn_cheap_shortcuts`).
 
-The model-level counterpart, :func:`cam_outside_lung_share`, measures how much of a trained
-model's Grad-CAM mass falls outside the lungs.
+The model-level counterpart, :func:`covidscan.explain.lung_check.cam_lung_check`, measures how
+much of a trained model's Grad-CAM mass falls outside the lungs (it lives in ``explain``, which may
+import ``data``, not the other way round).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from covidscan.data.io import read_image
-from covidscan.data.lung import LungFocus, lung_mask_2d
+from covidscan.data.lung import lung_mask_2d
 from covidscan.data.parallel import map_chunks, usable_cpus
 from covidscan.data.readers.dicom import dicom_files, is_dicom_file
 from covidscan.data.records import DataError, Sample, SampleSet
-
-if TYPE_CHECKING:
-    from covidscan.explain.cam import CamMethod
 
 logger = logging.getLogger(__name__)
 
@@ -451,61 +449,3 @@ def warn_cheap_shortcuts(train: SampleSet, **kwargs: Any) -> list[tuple[str, flo
             ShortcutWarning,
         )
     return found
-
-
-def cam_outside_lung_share(cam: np.ndarray, image01: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Share of a CAM's mass that falls outside the lungs of ``image01`` (NaN when no lungs are found
-    or the map is all zero). The map is resized to the image when their shapes differ."""
-    cam = np.clip(np.asarray(cam, dtype=np.float64), 0, None)
-    mask = lung_mask_2d(image01) if mask is None else mask
-    if cam.shape != mask.shape:
-        cam = np.asarray(
-            Image.fromarray(cam.astype(np.float32), mode="F").resize(mask.shape[::-1], Image.Resampling.BILINEAR),
-            dtype=np.float64,
-        )
-    total = float(cam.sum())
-    if not mask.any() or total <= 0:
-        return float("nan")
-    return float(cam[~mask].sum() / total)
-
-
-def summarize_shares(shares: Sequence[float]) -> dict[str, Any]:
-    values = np.asarray([s for s in shares if np.isfinite(s)], dtype=np.float64)
-    return {
-        "n_images": len(shares),
-        "n_measured": int(values.size),  # lungs found and a non-zero map
-        "mean_outside_share": float(values.mean()) if values.size else None,
-        "median_outside_share": float(np.median(values)) if values.size else None,
-    }
-
-
-def cam_lung_check(
-    loaded: Any,
-    samples: Sequence[Sample],
-    *,
-    method: CamMethod = "gradcam",
-    max_images: int = 100,
-    seed: int = 0,
-    explain: Callable[..., Any] | None = None,
-) -> dict[str, Any]:
-    """Grad-CAM mass outside the lungs over (a seeded sample of up to ``max_images``) 2D test images
-    of a model (a :class:`covidscan.inference.Predictor`, as ``load_predictor(run)`` gives):
-    near 0 means the model looks at the lungs; a large share means it looks
-    elsewhere (borders, text, the body outline) — a shortcut."""
-    from covidscan.explain.explanation import explain_image
-
-    explain = explain or explain_image
-    chosen = list(samples)
-    if len(chosen) > max_images:
-        pick = np.random.default_rng(seed).choice(len(chosen), max_images, replace=False)
-        chosen = [chosen[i] for i in np.sort(pick)]
-    data_config = loaded.members[0].config.data
-    lung_mode = data_config.lung
-    shares = []
-    for sample in chosen:
-        image = read_image(sample.path, data_config.window)
-        cam = explain(loaded, image, method).map
-        # with data.lung: crop the map covers the crop, so the share is measured on the crop
-        seen = LungFocus("crop")(image) if lung_mode == "crop" else image
-        shares.append(cam_outside_lung_share(cam, seen))
-    return {"method": method, "data_lung": lung_mode, **summarize_shares(shares)}

@@ -55,6 +55,7 @@ from covidscan.evaluation.results import (
     SourceMetrics,
     ThresholdMetrics,
 )
+from covidscan.explain.lung_check import CAM_OUTSIDE_WARNING, cam_lung_check
 from covidscan.inference import NON_FINITE_OUTPUT, Predictor, load_predictor
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path, write_json
@@ -390,6 +391,7 @@ def evaluate(
     grid_size: int = 16,
     onnx: str | Path | None = None,
     tta: str | Sequence[str] | None = None,
+    cam_lung: int = 0,
 ) -> Evaluation:
     """Full evaluation of one run; see :func:`evaluate_run` for the arguments. ``write=False`` only
     computes (``compare`` uses it, so comparing never overwrites a run's own evaluation files).
@@ -453,6 +455,8 @@ def evaluate(
     sources = _item_sources(predictions, chosen.samples)
     threshold = report.operating_point.point.threshold if report.operating_point else None
     report.per_source = per_source_metrics(predictions, sources, positive, n_bootstrap, seed, threshold)
+    if cam_lung > 0:
+        _check_cam_lung(report, predictor, chosen.samples, cam_lung, seed)
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(predictor, chosen.name)
     evaluation = Evaluation(report, predictions, predicted, predictor, out, chosen.name, sources)
@@ -466,6 +470,22 @@ def evaluate(
         ", ".join(f"{n}={v.value:.3f}" for n, v in values.items() if v.value is not None),
     )
     return evaluation
+
+
+def _check_cam_lung(
+    report: EvaluationReport, predictor: Predictor, samples: Sequence[Sample], max_images: int, seed: int
+) -> None:
+    """Where the model looks on (a seeded sample of) this set: its Grad-CAM mass outside the lungs."""
+    if predictor.spatial_dims != 2:
+        report.warnings.append("cam_lung: the lung check measures 2D slice models only; not measured")
+        return
+    report.cam_lung = cam_lung_check(predictor, samples, max_images=max_images, seed=seed)
+    share = report.cam_lung["mean_outside_share"]
+    if share is not None and share >= CAM_OUTSIDE_WARNING:
+        report.warnings.append(
+            f"on average {share:.0%} of the model's Grad-CAM mass lies outside the lungs: it may rely on "
+            "shortcuts (borders, text, body outline); see the shortcut audit (covidscan data shortcuts)"
+        )
 
 
 def default_out_dir(predictor: Predictor, name: str) -> Path:
@@ -537,6 +557,8 @@ def evaluate_run(
     ``aggregation`` ("mean"/"max" per patient), ``batch_size``, ``seed``, ``name``, ``grid_size``
     (images in ``prediction_grid.png``, study D's figure; 0 for none), ``onnx`` (an export run with
     ONNX Runtime; ``run`` may then be None, or the run it came from), ``tta`` (test-time augmentation
-    views, e.g. "identity,hflip"). ``run`` may also be an ensemble directory.
+    views, e.g. "identity,hflip"), ``cam_lung`` (Grad-CAM maps of up to that many images — a seeded
+    sample — measure the share of the model's attention outside the lungs; 2D CT models; 0: off).
+    ``run`` may also be an ensemble directory.
     """
     return evaluate(run, data, split, out_dir, label_map, n_bootstrap, external, **options).report

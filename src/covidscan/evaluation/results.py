@@ -155,6 +155,8 @@ class EvaluationReport:
     operating_point_skipped: str | None = None  # why no threshold was chosen
     patient_level: PatientLevel | None = None  # only when some patient has several items
     per_source: dict[str, SourceMetrics] = field(default_factory=dict)  # only with two or more sources
+    # Grad-CAM mass outside the lungs (covidscan.explain.lung_check), only when asked for (cam_lung=N)
+    cam_lung: dict[str, Any] | None = None
     figures: dict[str, str] | None = None  # figure file names, once written
 
     @property
@@ -197,6 +199,8 @@ class EvaluationReport:
             result["patient_level"] = self.patient_level.to_dict()
         if self.per_source:
             result["per_source"] = {name: part.to_dict() for name, part in self.per_source.items()}
+        if self.cam_lung is not None:
+            result["cam_lung"] = self.cam_lung
         if self.figures is not None:
             result["figures"] = self.figures
         return result
