@@ -106,6 +106,22 @@ def test_check_split_leakage_reports_patients_spanning_splits(planted):
         check_split_leakage(SampleSet(shared, planted.class_names), strict=True)
 
 
+def test_the_same_patient_id_in_two_sources_is_two_patients(planted):
+    clean = [s for s in planted.samples if "copy" not in s.path and "brighter" not in s.path]
+
+    def tagged(other_source: str) -> SampleSet:
+        samples = [
+            Sample(s.path, s.label, patient_id="7" if i in (0, 7) else f"q{i}", split=s.split, source="a")
+            for i, s in enumerate(clean)
+        ]
+        samples[7] = Sample(clean[7].path, clean[7].label, "7", split=clean[7].split, source=other_source)
+        return SampleSet(samples, planted.class_names)
+
+    assert check_split_leakage(tagged("b")).patients_spanning_splits == 0  # hospital a's 7 is not hospital b's
+    with pytest.warns(LeakageWarning):
+        assert check_split_leakage(tagged("a")).patients_spanning_splits == 1
+
+
 def test_clean_grouped_split_passes_quietly(planted):
     clean = [s for s in planted.samples if "copy" not in s.path and "brighter" not in s.path]
     with_patients = SampleSet([Sample(s.path, s.label, f"p{i}") for i, s in enumerate(clean)], planted.class_names)

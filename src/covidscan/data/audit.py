@@ -388,6 +388,17 @@ def _codes(values: Sequence[str | None]) -> tuple[list[str], np.ndarray]:
     return list(names), codes
 
 
+def patient_key(sample: Sample, several_sources: bool) -> str:
+    """A patient's identity: its id, within its source when there are several (patient ``7`` of two
+    hospitals are two people), as the splitter groups them."""
+    return f"{sample.source}/{sample.patient_id}" if several_sources else str(sample.patient_id)
+
+
+def _count_patients(samples: Sequence[Sample]) -> int | None:
+    several_sources = len({s.source for s in samples}) > 1
+    return len({patient_key(s, several_sources) for s in samples if s.patient_id}) or None
+
+
 def _leakage(
     samples: Sequence[Sample], hashed: Sequence[Sample], pairs: np.ndarray, hash_name: str, threshold: int
 ) -> LeakageFindings:
@@ -408,9 +419,10 @@ def _leakage(
     )
     with_train_twin = {hashed[k].path for k in np.unique(twins).tolist()}
     splits_of: dict[str, set[str]] = defaultdict(set)
+    several_sources = len({s.source for s in samples}) > 1
     for s in samples:
         if s.patient_id:
-            splits_of[s.patient_id].add(s.split or "none")
+            splits_of[patient_key(s, several_sources)].add(s.split or "none")
     spanning = sorted(p for p, names in splits_of.items() if len(names) > 1)
 
     def split_leak(name: str) -> SplitLeak:
@@ -460,7 +472,7 @@ def audit_samples(
     report = AuditReport(
         n_samples=len(facts),
         classes=sample_set.class_counts(),
-        patients=len({f.sample.patient_id for f in facts if f.sample.patient_id}) or None,
+        patients=_count_patients([f.sample for f in facts]),
         splits=(
             {name: dict(Counter(f.sample.label for f in facts if f.sample.split == name)) for name in SPLIT_NAMES}
             if has_splits
