@@ -1,0 +1,542 @@
+"""Does a CT model hold up at another hospital? Leave-one-source-out ROC AUC for each robustness lever.
+
+Issue #12 item 8. Two CT sources train and test in turn, a third is a tiny external test set only:
+
+- ``sarscov2-ct`` (Sao Paulo hospitals; 2,481 JPEG slices, **no patient ids**: its random 60/10/30
+  split puts slices of one patient in train and test, so its in-source figures are optimistic);
+- ``covid-ct`` (slices cut from medRxiv/bioRxiv figures; 746 images, 384 patients; patient-grouped
+  60/10/30 split; labels ``COVID`` / ``NonCOVID`` -> ``non-COVID``);
+- ``covid-ct-md-sample`` (6 patients' DICOM series, every slice rendered through the lung window;
+  ``COVID-19`` -> ``COVID``, ``CAP`` and ``Normal`` -> ``non-COVID``): external only, far too small to
+  train on, so its CIs are wide (patients resampled).
+
+Every recipe trains once per training set (sarscov2-ct alone, covid-ct alone; the multi-source
+recipes on both) with the product's own API, :func:`covidscan.training.train`, and is evaluated by
+:func:`covidscan.evaluation.evaluate`: on the training set's own test split (in-source) and on every
+source it never saw, in full (external): ROC AUC with a 1,000-resample bootstrap 95% CI, and
+sensitivity / specificity at the threshold chosen on the run's own validation split (Youden's J).
+
+The plain recipe is today's best CPU recipe (``benchmarks/study_e.py``): ImageNet MobileNetV2 with
+study E's head, one head-only epoch then all layers, 224 px, study E's light augmentation. Each
+lever changes one thing (the ``--set`` overrides are printed with the table): lung crop / mask
+(``data.lung``), robust augmentation + CLAHE (``data.augment.preset: robust``, ``data.intensity``),
+the backbone (EfficientNet-Lite0/1), test-time augmentation (``tta``), an ensemble of the three
+backbones (``covidscan.inference.make_ensemble``), training on both sources. ``combined`` takes,
+per lever group, the option with the best mean **validation** AUC of the single-source runs (never
+an external test set) and is trained like the others.
+
+Budgets are in epochs (fixed per training set, below) so reruns do the same work; the measured
+wall-clock and CPU time (process + DataLoader workers) are recorded per run. The results land in
+``benchmarks/out/generalization/`` (git-ignored): one run directory and one ``results/<run>.json``
+per run; a finished run is skipped when the script is run again, an interrupted training resumes.
+
+    # everything, one run after another (hours on 2 cores)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generalization.py
+    # the same, one run per hold of the shared heavy-job lock (others can land in between)
+    for run in $(.venv/bin/python benchmarks/generalization.py --pending); do
+        flock /tmp/covidscan-heavy.lock env HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generalization.py --only "$run"
+    done
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generalization.py --table   # the table from finished runs
+    # end-to-end check in a few minutes: 16 images per class, 64 px, 1 epoch per phase
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/generalization.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import covidscan  # noqa: F401  (installs the torchvision shim first)
+from covidscan.config import RunConfig, config_from_dict
+from covidscan.data import load_samples
+from covidscan.data.shortcuts import expand_series
+from covidscan.data.splits import save_splits
+from covidscan.evaluation import evaluate
+from covidscan.inference import make_ensemble
+from covidscan.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATASETS = ROOT.parent / "shared" / "datasets"
+DEFAULT_OUT = ROOT / "benchmarks" / "out" / "generalization"
+TTA_VIEWS = "identity,hflip"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A labelled CT source: where it is, how its labels map to ``COVID`` / ``non-COVID``, how it splits."""
+
+    name: str
+    path: str  # under the datasets folder
+    label_map: dict[str, str] = field(default_factory=dict)
+    split: str = "grouped"  # data.split.method when trained on
+    note: str = ""
+
+
+SOURCES = {
+    source.name: source
+    for source in (
+        Source(
+            "sarscov2-ct",
+            "sarscov2-ct",
+            split="stratified",
+            note="no patient ids: the random split leaks patients, in-source figures are optimistic",
+        ),
+        Source("covid-ct", "covid-ct/metadata.csv", {"NonCOVID": "non-COVID"}, note="patient-grouped split"),
+        Source(
+            "covid-ct-md-sample",
+            "covid-ct-md-sample",
+            {"COVID-19": "COVID", "CAP": "non-COVID", "Normal": "non-COVID"},
+            note="external only: 6 patients' DICOM slices (lung window)",
+        ),
+    )
+}
+TRAINING_SETS: dict[str, tuple[str, ...]] = {
+    "sarscov2-ct": ("sarscov2-ct",),
+    "covid-ct": ("covid-ct",),
+}
+# epochs of the all-layers phase after the 1 head-only epoch, per training set (about 10 idle CPU-minutes)
+FULL_EPOCHS = {"sarscov2-ct": 4, "covid-ct": 10}
+SPLIT_RATIOS = [0.6, 0.1, 0.3]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One lever: ``--set`` overrides on the plain recipe, or an evaluation-only variant of trained runs."""
+
+    name: str
+    description: str
+    overrides: tuple[str, ...] = ()
+    group: str | None = None  # lever group the combined recipe chooses in (one option per group)
+    tta: bool = False  # evaluate the plain run with test-time augmentation (no training)
+    ensemble_of: tuple[str, ...] = ()  # evaluate an ensemble of these recipes' runs (no training)
+
+    @property
+    def trains(self) -> bool:
+        return not self.tta and not self.ensemble_of
+
+
+RECIPES = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("plain", "MobileNetV2 (ImageNet) + study E head, study E augmentation", group="*"),
+        Recipe("lung-crop", "plain + crop to the lungs", ("data.lung=crop",), group="lung"),
+        Recipe("lung-mask", "plain + black outside the lungs", ("data.lung=mask",), group="lung"),
+        Recipe(
+            "robust-aug",
+            "plain + robust augmentation preset + CLAHE",
+            ("data.augment.preset=robust", "data.intensity=clahe"),
+            group="augment",
+        ),
+        Recipe(
+            "lite0",
+            "EfficientNet-Lite0 (ImageNet) instead of MobileNetV2",
+            ("model.name=efficientnet_lite0", "data.normalize=inception"),
+            group="backbone",
+        ),
+        Recipe(
+            "lite1",
+            "EfficientNet-Lite1 (ImageNet) at 240 px",
+            ("model.name=efficientnet_lite1", "data.normalize=inception", "data.image_size=240"),
+            group="backbone",
+        ),
+        Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
+        Recipe("ensemble", "mean of plain + lite0 + lite1", ensemble_of=("plain", "lite0", "lite1")),
+    )
+}
+LEVER_GROUPS = ("lung", "augment", "backbone")
+
+
+@dataclass(frozen=True)
+class Settings:
+    datasets: Path
+    out: Path
+    quick: bool
+    bootstrap: int
+    workers: int
+    seed: int
+
+    @property
+    def image_size(self) -> int:
+        return 64 if self.quick else 224
+
+
+def run_id(recipe: str, training_set: str) -> str:
+    return f"{recipe}--{training_set}"
+
+
+def base_config(training_set: str, settings: Settings) -> dict[str, Any]:
+    """The plain recipe (study E's, as in benchmarks/study_e.py) on one training set."""
+    (name,) = TRAINING_SETS[training_set]
+    source = SOURCES[name]
+    full_epochs = 1 if settings.quick else FULL_EPOCHS[training_set]
+    return {
+        "name": training_set,
+        "seed": settings.seed,
+        "output_dir": str(settings.out / "runs"),
+        "data": {
+            "source": str(settings.datasets / source.path),
+            "label_map": source.label_map,
+            "positive_class": "COVID",
+            "image_size": settings.image_size,
+            "channels": 3,
+            "normalize": "imagenet",
+            "augment": {"hflip": True, "rotation": 10, "zoom": 0.1},
+            "split": {"method": source.split, "ratios": SPLIT_RATIOS},
+            "max_per_class": 16 if settings.quick else None,
+            "num_workers": settings.workers,
+        },
+        "model": {"name": "mobilenet", "pretrained": True, "kwargs": {"head": "study_e"}},
+        "training": {
+            "batch_size": 32,
+            "phases": [
+                {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "trainable": "head"},
+                {"epochs": full_epochs, "optimizer": "adam", "lr": 1e-4, "trainable": "all"},
+            ],
+            "early_stopping": {"monitor": "val_loss", "patience": 4},
+            "checkpoint_monitor": "val_loss",
+        },
+    }
+
+
+def recipe_config(recipe: Recipe, training_set: str, settings: Settings, extra: tuple[str, ...] = ()) -> RunConfig:
+    raw = base_config(training_set, settings)
+    raw["name"] = run_id(recipe.name, training_set)
+    overrides = [*recipe.overrides, *extra]
+    if settings.quick:  # the image size stays the quick one whatever the recipe says
+        overrides = [o for o in overrides if not o.startswith("data.image_size=")]
+    return config_from_dict(raw, overrides)
+
+
+# --------------------------------------------------------------------------------------------- test sets
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """A set a run is evaluated on: its own test split (``data`` None) or a whole external source."""
+
+    name: str
+    data: Path | None
+    label_map: dict[str, str]
+    in_source: bool
+
+
+def external_data(source: Source, settings: Settings) -> Path:
+    """What ``evaluate`` reads for an external source: the dataset itself, or a manifest written once
+    into the output folder (the DICOM series as slices; in ``--quick`` mode a small subset)."""
+    path = settings.datasets / source.path
+    series = source.name == "covid-ct-md-sample"
+    if not series and not settings.quick:
+        return path
+    manifest = settings.out / "manifests" / f"{source.name}.csv"
+    if not manifest.is_file():
+        samples = load_samples(path, require_labels=True, max_per_class=20 if settings.quick else None)
+        if series:
+            samples = expand_series(samples)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        save_splits(samples, manifest)
+    return manifest
+
+
+def test_sets(training_set: str, settings: Settings) -> list[TestSet]:
+    trained_on = TRAINING_SETS[training_set]
+    sets = [TestSet(f"{name} (in-source test)", None, {}, True) for name in trained_on[:1]]
+    for source in SOURCES.values():
+        if source.name not in trained_on:
+            sets.append(TestSet(source.name, external_data(source, settings), source.label_map, False))
+    return sets
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+@contextmanager
+def measured(record: dict[str, Any], key: str) -> Iterator[None]:
+    """Wall-clock and CPU seconds (this process and its reaped children: DataLoader workers) of a block."""
+    wall = time.perf_counter()
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    yield
+    after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, usage))
+    record[key] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(cpu, 1)}
+
+
+def _metric(payload: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return payload.get("metrics", {}).get(name)
+
+
+def summarize(payload: dict[str, Any]) -> dict[str, Any]:
+    """The figures the table shows, from an evaluation's metrics.json payload."""
+    operating = payload.get("operating_point", {})
+    at_threshold = operating.get("metrics", {})
+    return {
+        "n_items": payload["n_items"],
+        "n_patients": payload.get("n_patients"),
+        "roc_auc": _metric(payload, "roc_auc"),
+        "f1": _metric(payload, "f1"),
+        "threshold": operating.get("threshold"),
+        "sensitivity": at_threshold.get("sensitivity"),
+        "specificity": at_threshold.get("specificity"),
+        "f1_at_threshold": at_threshold.get("f1"),
+        "patient_roc_auc": payload.get("patient_level", {}).get("metrics", {}).get("roc_auc"),
+    }
+
+
+def evaluate_all(model: Path, sets: list[TestSet], settings: Settings, tta: bool) -> dict[str, Any]:
+    """Evaluate ``model`` (a run or ensemble directory) on its validation and test split and on each
+    external set; an evaluation already written (its metrics.json) is read back."""
+    suffix = "-tta" if tta else ""
+    results = {}
+    for test_set in [TestSet("validation", None, {}, True), *sets]:
+        split = "val" if test_set.name == "validation" else "test"
+        folder = split if test_set.data is None else f"external-{Path(test_set.name).name}"
+        out = model / "evaluation" / f"{folder}{suffix}"
+        if (out / "metrics.json").is_file():
+            payload = json.loads((out / "metrics.json").read_text())
+        else:
+            payload = evaluate(
+                model,
+                test_set.data,
+                split,
+                out,
+                test_set.label_map,
+                settings.bootstrap,
+                external=test_set.data is not None,
+                tta=TTA_VIEWS if tta else None,
+            ).payload
+        results[test_set.name] = {"in_source": test_set.in_source, **summarize(payload)}
+    return results
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def result_file(settings: Settings, rid: str) -> Path:
+    return settings.out / "results" / f"{rid}.json"
+
+
+def load_result(settings: Settings, rid: str) -> dict[str, Any] | None:
+    path = result_file(settings, rid)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_run(config: RunConfig, run_dir: Path, record: dict[str, Any]) -> None:
+    """Train (or resume, or skip when finished) one run directory."""
+    if (run_dir / "metrics.json").is_file():
+        return
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    with measured(record, "training"):
+        result = train(config, run_dir=run_dir, resume=resume)
+    record["training"]["resumed"] = resume
+    record["epochs"] = len(result.history)
+    record["best_epoch"] = result.best_metrics
+
+
+def combined_overrides(settings: Settings) -> tuple[str, ...]:
+    """Per lever group, the option with the best mean validation AUC over the single-source runs
+    (the plain recipe when it ties or wins); only in-source validation data decides."""
+    chosen: list[str] = []
+    for group in LEVER_GROUPS:
+        options = [RECIPES["plain"], *(r for r in RECIPES.values() if r.group == group)]
+        scores = {r.name: _mean_val_auc(settings, r.name) for r in options}
+        if any(score is None for score in scores.values()):
+            raise SystemExit(f"combined: run the {group} levers first ({scores})")
+        best = max(options, key=lambda r: (scores[r.name], r.name == "plain"))
+        chosen += best.overrides
+    return tuple(chosen)
+
+
+def _mean_val_auc(settings: Settings, recipe: str) -> float | None:
+    values = []
+    for training_set in TRAINING_SETS:
+        result = load_result(settings, run_id(recipe, training_set))
+        if result is None:
+            return None
+        values.append(result["evaluations"]["validation"]["roc_auc"]["value"])
+    return sum(values) / len(values)
+
+
+def execute(rid: str, settings: Settings) -> dict[str, Any]:
+    """Train and evaluate one run (resumable); its record lands in results/<run>.json."""
+    recipe_name, training_set = rid.split("--")
+    record: dict[str, Any] = {"run": rid, "recipe": recipe_name, "training_set": training_set}
+    sets = test_sets(training_set, settings)
+    if recipe_name == "combined":
+        recipe = Recipe("combined", "best option per lever group on validation", combined_overrides(settings))
+    else:
+        recipe = RECIPES[recipe_name]
+    record["overrides"] = list(recipe.overrides)
+    if recipe.tta:
+        model = settings.out / "runs" / run_id("plain", training_set)
+    elif recipe.ensemble_of:
+        model = settings.out / "ensembles" / rid
+        if not (model / "ensemble.json").is_file():
+            members = [settings.out / "runs" / run_id(member, training_set) for member in recipe.ensemble_of]
+            make_ensemble(members, model)
+        record["members"] = list(recipe.ensemble_of)
+    else:
+        model = settings.out / "runs" / rid
+        train_run(recipe_config(recipe, training_set, settings), model, record)
+    with measured(record, "evaluation"):
+        record["evaluations"] = evaluate_all(model, sets, settings, tta=recipe.tta)
+    record["model"] = str(model.relative_to(settings.out))
+    record["date"] = date.today().isoformat()
+    record["machine"] = f"{platform.machine()}, {_cpus()} CPUs, torch threads {_threads()}"
+    path = result_file(settings, rid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def plan() -> list[str]:
+    """Every run in dependency order: trained levers, then the evaluation-only ones, then combined."""
+    trained = [run_id(r.name, t) for r in RECIPES.values() if r.trains for t in TRAINING_SETS]
+    derived = [run_id(r.name, t) for r in RECIPES.values() if not r.trains for t in TRAINING_SETS]
+    combined = [run_id("combined", t) for t in TRAINING_SETS]
+    return trained + derived + combined
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# --------------------------------------------------------------------------------------------- table
+
+
+def _auc(metric: dict[str, Any] | None) -> str:
+    if not metric or metric.get("value") is None:
+        return "-"
+    if metric.get("ci_low") is None:
+        return f"{metric['value']:.3f}"
+    return f"{metric['value']:.3f} [{metric['ci_low']:.3f}, {metric['ci_high']:.3f}]"
+
+
+def _sens_spec(cell: dict[str, Any]) -> str:
+    sens, spec = cell.get("sensitivity"), cell.get("specificity")
+    if not sens or not spec or sens.get("value") is None or spec.get("value") is None:
+        return "-"
+    return f"{sens['value']:.2f} / {spec['value']:.2f}"
+
+
+def _minutes(record: dict[str, Any]) -> str:
+    timing = record.get("training")
+    if not timing:
+        return "(no training)"
+    return f"{timing['wall_s'] / 60:.1f} / {timing['cpu_s'] / 60:.1f}"
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """One table per training set: in-source test and every external set side by side, same form."""
+    lines: list[str] = []
+    for training_set in TRAINING_SETS:
+        rows = [r for r in records if r["training_set"] == training_set]
+        if not rows:
+            continue
+        names = [n for n in rows[0]["evaluations"] if n != "validation"]
+        lines += [f"**Trained on {training_set}**", ""]
+        header = ["recipe", "epochs", "train min (wall / CPU)", "val AUC"]
+        for name in names:
+            header += [f"{name}: AUC [95% CI]", "sens / spec"]
+        header.append("gap in-source - external (AUC)")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for record in rows:
+            cells = record["evaluations"]
+            home = cells[names[0]]["roc_auc"]
+            gaps = [
+                f"{home['value'] - cells[n]['roc_auc']['value']:+.2f}"
+                for n in names[1:]
+                if home and cells[n]["roc_auc"] and cells[n]["roc_auc"].get("value") is not None
+            ]
+            row = [record["recipe"], str(record.get("epochs", "-")), _minutes(record), _auc(cells["validation"]["roc_auc"])]
+            for name in names:
+                row += [_auc(cells[name]["roc_auc"]), _sens_spec(cells[name])]
+            row.append(" / ".join(gaps) or "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def recipes_legend(records: list[dict[str, Any]]) -> str:
+    lines = ["| recipe | what changes (`--set`) |", "|---|---|"]
+    seen = set()
+    for record in records:
+        name = record["recipe"]
+        if name in seen:
+            continue
+        seen.add(name)
+        recipe = RECIPES.get(name)
+        what = recipe.description if recipe else "best option per lever group on validation AUC"
+        overrides = ", ".join(f"`{o}`" for o in record.get("overrides", [])) or "-"
+        lines.append(f"| {name} | {what}: {overrides} |")
+    return "\n".join(lines)
+
+
+def finished(settings: Settings) -> list[dict[str, Any]]:
+    return [r for rid in plan() if (r := load_result(settings, rid)) is not None]
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS, help="the shared datasets folder")
+    parser.add_argument("--out", type=Path, help=f"results folder (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument("--quick", action="store_true", help="16 images per class, 64 px, 1 epoch per phase")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="run just these (names from --pending)")
+    parser.add_argument("--pending", action="store_true", help="print the runs not finished yet, one a line")
+    parser.add_argument("--table", action="store_true", help="print the table of finished runs and exit")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    out = args.out or (DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick") if args.quick else DEFAULT_OUT)
+    settings = Settings(args.datasets, out, args.quick, 200 if args.quick else args.bootstrap, args.workers, args.seed)
+    if args.pending:
+        print("\n".join(rid for rid in plan() if load_result(settings, rid) is None))
+        return 0
+    if not args.table:
+        if not args.datasets.is_dir():
+            print(f"{args.datasets}: shared datasets not found; pass --datasets", file=sys.stderr)
+            return 2
+        unknown = sorted(set(args.only or []) - set(plan()))
+        if unknown:
+            parser.error(f"unknown run(s) {unknown}; see --pending")
+        for rid in args.only or plan():
+            if load_result(settings, rid) is None:
+                print(f"== {rid}", flush=True)
+                _report(execute(rid, settings), print)
+    records = finished(settings)
+    text = markdown(records) + "\n" + recipes_legend(records)
+    (settings.out / "results.md").parent.mkdir(parents=True, exist_ok=True)
+    (settings.out / "results.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _report(record: dict[str, Any], say: Callable[[str], None]) -> None:
+    for name, cell in record["evaluations"].items():
+        say(f"   {name:<32} AUC {_auc(cell['roc_auc'])}  sens/spec {_sens_spec(cell)}")
+    if "training" in record:
+        say(f"   training {_minutes(record)} min (wall / CPU), {record.get('epochs')} epochs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
