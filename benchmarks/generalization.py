@@ -402,6 +402,7 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
         record["evaluations"] = evaluate_all(model, sets, settings, tta=recipe.tta)
     record["model"] = str(model.relative_to(settings.out))
     record["date"] = date.today().isoformat()
+    record["commit"] = _commit()
     record["machine"] = f"{platform.machine()}, {_cpus()} CPUs, torch threads {_threads()}"
     path = result_file(settings, rid)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -415,6 +416,14 @@ def plan() -> list[str]:
     derived = [run_id(r.name, t) for r in RECIPES.values() if not r.trains for t in SINGLE_SOURCE]
     combined = [run_id("combined", t) for t in TRAINING_SETS]
     return [*trained, run_id("plain", "both"), *derived, *combined]
+
+
+def _commit() -> str | None:
+    """The covidscan commit the run was made with (None outside a git checkout)."""
+    import subprocess
+
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return found.stdout.strip() or None
 
 
 def _cpus() -> int:
