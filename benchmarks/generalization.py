@@ -324,7 +324,7 @@ def evaluate_all(model: Path, sets: list[TestSet], settings: Settings, tta: bool
                 settings.bootstrap,
                 external=test_set.data is not None,
                 tta=TTA_VIEWS if tta else None,
-            ).payload
+            ).report.to_dict()
         results[test_set.name] = {"in_source": test_set.in_source, **summarize(payload)}
     return results
 
