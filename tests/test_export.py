@@ -115,9 +115,10 @@ def stacks_3d(config, scan) -> torch.Tensor:
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_3d_model_exports_and_matches_pytorch_on_its_stacks(tmp_path, fmt):
-    """A 3D model's export takes (N, C, D, S, S) stacks; ONNX evaluates a whole scan like PyTorch."""
+    """A 3D model's export takes (N, C, D, S, S) stacks; ONNX evaluates a scan and predicts a study like PyTorch."""
     from covidscan.data import Sample
     from covidscan.evaluation import predict
+    from covidscan.inference import predict_study
     from helpers import registered_model, tiny3d, write_nifti
 
     data = {"spatial_dims": 3, "depth": 4, "normalize": "sample", "volume": {"stride": 2}}
@@ -137,6 +138,8 @@ def test_3d_model_exports_and_matches_pytorch_on_its_stacks(tmp_path, fmt):
             from_onnx, from_torch = predict(onnx_model, scans), predict(torch_model, scans)
             np.testing.assert_allclose(from_onnx.proba, from_torch.proba, atol=1e-4)
             assert from_onnx.paths == from_torch.paths and len(from_onnx.paths) == 4  # stacks at 0, 2, 4 and 5
+            study_onnx, study_torch = predict_study(onnx_model, scan), predict_study(torch_model, scan)
+            assert study_onnx.probabilities == pytest.approx(study_torch.probabilities, abs=1e-4)
 
 
 @pytest.mark.integration

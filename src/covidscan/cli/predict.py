@@ -1,4 +1,4 @@
-"""``covidscan predict``: class predictions for many images, streamed to a resumable CSV."""
+"""``covidscan predict``: class predictions for many images or whole CT studies, streamed to a resumable CSV."""
 
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict",
-        help="predict images or folders into a CSV (submission file)",
+        help="predict images, or whole CT studies, into a CSV (submission file)",
         description="Predict every PNG/JPEG/DICOM under --input into a CSV (path, predicted_label, prob_<class>..., "
-        "error). Rows are flushed per batch; rerunning the same command resumes, skipping files already "
-        "in the CSV. Unreadable files get an error row instead of stopping the run. <out>.json records the "
-        "model, version and TTA. Research use only, not a diagnosis.",
+        "error), or with --studies one row per CT study (DICOM series folder or zip, NIfTI volume, folder of "
+        "slices): the slices (2D models) or slice stacks (3D models) aggregated into one verdict. Studies are "
+        "the default for 3D models and when every input is a DICOM folder, zip or NIfTI file. Rows are flushed "
+        "as they are done; rerunning the same command resumes. Unreadable inputs get an error row instead of "
+        "stopping the run. <out>.json records the model, version and TTA. Research use only, not a diagnosis.",
     )
     parser.add_argument(
         "--checkpoint", help="run directory, checkpoint .pt, ensemble directory or .onnx (not needed with --onnx)"
@@ -38,14 +40,72 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all)")
     add_tta_argument(parser)
+    unit = parser.add_mutually_exclusive_group()
+    unit.add_argument("--studies", action="store_true", help="one row per study (default: automatic, see above)")
+    unit.add_argument("--images", action="store_true", help="one row per image file, even for DICOM folders")
+    parser.add_argument("--every", type=int, default=1, metavar="K", help="studies, 2D models: every K-th slice")
+    parser.add_argument(
+        "--aggregation",
+        choices=("mean", "max", "topk"),
+        default="mean",
+        help="studies: how slice/stack probabilities make the study's (default: %(default)s; topk = mean of the "
+        "--top-k highest per class)",
+    )
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="studies: K for --aggregation topk")
+    parser.add_argument("--per-slice", metavar="CSV", help="studies: also write one row per slice or stack here")
+    parser.add_argument(
+        "--include-identifiers",
+        action="store_true",
+        help="studies: keep patient identifiers in outputs (left out by default)",
+    )
     parser.set_defaults(handler=run)
+
+
+def _studies_mode(args: argparse.Namespace, spatial_dims: int) -> bool:
+    """Studies when asked, for 3D models, or when every input looks like a study."""
+    from pathlib import Path
+
+    from covidscan.data.readers import is_dicom_file, is_nifti
+
+    if args.studies or spatial_dims == 3:
+        return True
+    if args.images:
+        return False
+
+    def study_like(path: Path) -> bool:
+        if path.is_dir():
+            return any(is_dicom_file(p) for p in path.iterdir())
+        return path.suffix.lower() == ".zip" or is_nifti(path)
+
+    return all(study_like(Path(item)) for item in args.input)
 
 
 def run(args: argparse.Namespace) -> int:
     from covidscan.inference import RESEARCH_USE_NOTICE, load_predictor
-    from covidscan.serving import predict_files
+    from covidscan.serving import predict_files, predict_studies
 
     predictor = load_predictor(args.checkpoint, args.onnx, tta=args.tta, threads=args.threads)
+    if _studies_mode(args, predictor.spatial_dims):
+        studies = predict_studies(
+            predictor,
+            args.input,
+            args.out,
+            per_slice=args.per_slice,
+            every=args.every,
+            aggregation=args.aggregation,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            include_identifiers=args.include_identifiers,
+        )
+        print(
+            f"{studies.out}: {studies.predicted} studies predicted, {studies.failed} unreadable (see the error "
+            f"column), {studies.skipped} already done. {RESEARCH_USE_NOTICE}"
+        )
+        return 0
+    if args.per_slice:
+        from covidscan.errors import UsageError
+
+        raise UsageError("--per-slice applies to --studies")
     summary = predict_files(predictor, args.input, args.out, batch_size=args.batch_size, num_workers=args.workers)
     print(
         f"{summary.out}: {summary.predicted} predicted, {summary.failed} unreadable (see the error column), "

@@ -1,4 +1,4 @@
-"""Data layer: sources (folders, CSV manifests, DICOM, NIfTI), splits, leakage audit, datasets."""
+"""Data layer: sources (folders, CSV manifests, DICOM, NIfTI), CT studies, splits, leakage audit, datasets."""
 
 from covidscan.data.audit import audit_samples, check_split_leakage
 from covidscan.data.datasets import ImageDataset, build_dataset
@@ -26,6 +26,16 @@ from covidscan.data.readers import (
 from covidscan.data.records import DataError, DataIssue, DataWarning, Sample, SampleSet
 from covidscan.data.sources import list_inputs, load_samples, parse_label_map, select_sources, source_label
 from covidscan.data.splits import LeakageWarning, assign_splits, load_splits, save_splits, split_counts
+from covidscan.data.studies import (
+    ExtractedZip,
+    OpenStudy,
+    StudySource,
+    ZipLimits,
+    choose_series,
+    extract_zip,
+    find_studies,
+    open_study,
+)
 from covidscan.data.transforms import NormStats, build_transform, fit_norm_stats, uses_dataset_stats
 
 __all__ = [
@@ -33,22 +43,29 @@ __all__ = [
     "DataError",
     "DataIssue",
     "DataWarning",
+    "ExtractedZip",
     "ImageDataset",
     "LeakageWarning",
     "NormStats",
+    "OpenStudy",
     "ReadLimits",
     "Reader",
     "Sample",
     "SampleSet",
     "SeriesInfo",
+    "StudySource",
     "Volume",
+    "ZipLimits",
     "apply_window",
     "assign_splits",
     "audit_samples",
     "build_dataset",
     "build_transform",
     "check_split_leakage",
+    "choose_series",
+    "extract_zip",
     "find_reader",
+    "find_studies",
     "fit_norm_stats",
     "group_dicom_series",
     "is_supported_file",
@@ -56,6 +73,7 @@ __all__ = [
     "list_readers",
     "load_samples",
     "load_splits",
+    "open_study",
     "parse_label_map",
     "read_dicom",
     "read_dicom_series",

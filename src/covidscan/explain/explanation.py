@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from covidscan.data import DataError, Sample, find_reader, list_inputs, read_image
+from covidscan.data import DataError, Sample, StudySource, find_studies, list_inputs, open_study, read_image
 from covidscan.errors import UsageError
 from covidscan.explain.cam import CamMethod, compute_cam, normalize_maps
 from covidscan.explain.overlay import empty_map_warning, render_montage, render_overlay, write_bytes
@@ -49,7 +49,7 @@ class Explanation:
 
 def explain_image(
     predictor: Predictor,
-    image: str | Path | np.ndarray,
+    image: str | Path | np.ndarray | StudySource,
     method: CamMethod = "gradcam",
     target_class: str | int | None = None,
     *,
@@ -58,16 +58,18 @@ def explain_image(
     sigma: float = 0.1,
     cmap: str = "jet",
 ) -> Explanation:
-    """Explain one input: a 2D image (path or (H, W) array in [0, 1]) for 2D models, or a scan
-    (NIfTI file, DICOM series folder or folder of slice images) for 3D models."""
+    """Explain one input: a 2D image (path or (H, W) array in [0, 1]) for 2D models, or a study for
+    3D models (DICOM series folder or zip — its axial CT series —, NIfTI file, folder of slice images)."""
     predictor.require_explainable()
     target_index = class_index(predictor, target_class)
     options = dict(layer=layer, samples=samples, sigma=sigma)
     if predictor.spatial_dims == 3:
         pixels, cam, probabilities, target = _explain_scan(predictor, image, method, target_index, **options)
     else:
+        if isinstance(image, StudySource):
+            raise UsageError(f"{image.path}: a 2D model explains images, not whole studies")
         pixels = (
-            read_image(image, window=predictor.config.data.window)
+            read_image(image, window=predictor.config.data.window, limits=predictor.config.data.limits)
             if isinstance(image, str | Path)
             else _checked_array(image, 2)
         )
@@ -140,15 +142,27 @@ def explain_files(
     predictor.require_explainable()
     class_index(predictor, target_class)  # a wrong class name fails before any file is read
     out_dir = Path(out_dir)
-    files = list_volume_inputs(inputs) if predictor.spatial_dims == 3 else list_inputs(list(inputs))
+    # 3D: every study under the inputs (covidscan.data.find_studies); 2D: every image file
+    inputs_found: list[Path | StudySource] = [
+        *(
+            find_studies(inputs, predictor.config.data.limits)
+            if predictor.spatial_dims == 3
+            else list_inputs(list(inputs))
+        )
+    ]
+    paths = [item.path if isinstance(item, StudySource) else item for item in inputs_found]
     rows: list[dict[str, object]] = []
     failures: dict[str, str] = {}
-    for path, stem in show_progress(
-        list(zip(files, _unique_stems(files))), desc="explain", unit="input", leave=True, disable=not progress
+    for item, path, stem in show_progress(
+        list(zip(inputs_found, paths, _unique_stems(paths))),
+        desc="explain",
+        unit="input",
+        leave=True,
+        disable=not progress,
     ):
         try:
             explanation = explain_image(
-                predictor, path, method, target_class, layer=layer, samples=samples, sigma=sigma
+                predictor, item, method, target_class, layer=layer, samples=samples, sigma=sigma
             )
         except DataError as exc:
             failures[str(path)] = str(exc)
@@ -188,23 +202,6 @@ def class_index(predictor: Predictor, target_class: str | int | None) -> int | N
     raise UsageError(f"unknown class {target_class!r}; this model's classes are {names}")
 
 
-def list_volume_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """NIfTI files and scan folders (DICOM series or slice images); a folder of scans is searched."""
-    from covidscan.data.volumes import is_scan
-
-    scans: list[Path] = []
-    for item in map(Path, inputs):
-        if not item.is_dir():
-            scans.append(item)
-            continue
-        candidates = [item, *sorted(p for p in item.rglob("*") if p.is_dir())]
-        scans.extend(folder for folder in candidates if is_scan(folder))
-        scans.extend(sorted(p for p in item.rglob("*") if p.is_file() and find_reader(p, volumetric=True)))
-    if not scans:
-        raise DataError(f"no NIfTI files or DICOM series among {[str(i) for i in inputs]}")
-    return scans
-
-
 _METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "smoothgradcampp": "Smooth Grad-CAM++"}
 
 
@@ -216,7 +213,11 @@ def _checked_array(array: np.ndarray, ndim: int = 2) -> np.ndarray:
 
 
 def _explain_scan(
-    predictor: Predictor, scan: str | Path | np.ndarray, method: CamMethod, target_index: int | None, **options
+    predictor: Predictor,
+    scan: str | Path | np.ndarray | StudySource,
+    method: CamMethod,
+    target_index: int | None,
+    **options,
 ) -> tuple[np.ndarray, torch.Tensor, np.ndarray, int]:
     """Explain a scan stack by stack, with the 3D data pipeline the model was trained with.
 
@@ -226,25 +227,29 @@ def _explain_scan(
     """
     from covidscan.data.volumes import VolumeStackDataset
 
-    if not isinstance(scan, str | Path):
+    if not isinstance(scan, str | Path | StudySource):
         raise DataError(
-            "3D models explain scans given by path (NIfTI file, DICOM series folder or folder of "
+            "3D models explain scans given by path (NIfTI file, DICOM series folder or zip, folder of "
             "slice images), not arrays"
         )
-    datasets = [VolumeStackDataset([Sample(str(scan), None)], [], view.data, train=False) for view in predictor.views]
-    stacks = [torch.stack([dataset[i][0] for i in range(len(dataset))]) for dataset in datasets]
+    with open_study(scan, limits=predictor.config.data.limits) as opened:
+        datasets = [
+            VolumeStackDataset([Sample(str(opened.scan), None)], [], view.data, train=False) for view in predictor.views
+        ]
+        stacks = [torch.stack([dataset[i][0] for i in range(len(dataset))]) for dataset in datasets]
+        volume = datasets[0].scan_volume(0).numpy()
     probabilities = predictor.predict_batch(stacks).mean(0)
     target = int(probabilities.argmax()) if target_index is None else target_index
     maps = []
     for member, view in zip(predictor.members, predictor.member_views):
         raw = compute_cam(_cam_model(member), stacks[view], method, target_class=target, normalize=False, **options)
         maps.append(_stitch(raw.maps.cpu(), datasets[view]))
-    return datasets[0].scan_volume(0).numpy(), _mean_map(maps)[0], probabilities, target
+    return volume, _mean_map(maps)[0], probabilities, target
 
 
 def _stitch(maps: torch.Tensor, dataset) -> torch.Tensor:
     """Per-stack raw maps -> one (1, D, S, S) map of the whole scan, normalised once."""
-    depth, slices = dataset.config.depth, dataset.scan_volume(0).shape[0]
+    depth, slices = dataset.config.depth, dataset.scan_volume(0).shape[0]  # cached: not decoded again
     if slices < depth:  # one stack, edge-padded symmetrically by VolumeStackDataset.stack
         front = (depth - slices) // 2
         return normalize_maps(maps[:1, front : front + slices])

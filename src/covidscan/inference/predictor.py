@@ -188,7 +188,7 @@ class Predictor:
 
     def read(self, path: str | Path) -> list[torch.Tensor]:
         """Decode a 2D image file with the models' CT window and preprocess it for every view."""
-        return self.preprocess(read_image(path, self.members[0].preprocessing.window))
+        return self.preprocess(read_image(path, self.members[0].preprocessing.window, limits=self.config.data.limits))
 
     def empty_input(self) -> list[torch.Tensor]:
         """Zeros shaped like one item of every view: the placeholder for an input that failed to load."""
@@ -233,6 +233,13 @@ class Predictor:
         if bad:
             raise NonFiniteOutputError(f"items {bad[:10]} of the batch: {NON_FINITE_OUTPUT}")
         return probabilities
+
+    def predict_study(self, study: str | Path, **options: Any):
+        """One verdict for a whole study (DICOM series folder or zip, NIfTI file, folder of slices):
+        see :func:`covidscan.inference.studies.predict_study` for the options and the result."""
+        from covidscan.inference.studies import predict_study
+
+        return predict_study(self, study, **options)
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities ``(K,)`` for one decoded ``(H, W)`` [0, 1] image (2D models)."""

@@ -8,7 +8,7 @@ dependencies (FastAPI, ONNX Runtime) are imported only by the modules that need 
 from covidscan.inference import ModelCard, Predictor, load_predictor
 from covidscan.optional import optional_import
 from covidscan.serving.export import ExportResult, export_model
-from covidscan.serving.predict import PredictSummary, predict_files
+from covidscan.serving.predict import PredictSummary, StudySummary, predict_files, predict_studies
 from covidscan.serving.upload import UploadError, UploadLimits, decode_upload
 
 
@@ -26,6 +26,7 @@ __all__ = [
     "ModelCard",
     "PredictSummary",
     "Predictor",
+    "StudySummary",
     "UploadError",
     "UploadLimits",
     "create_app",
@@ -33,4 +34,5 @@ __all__ = [
     "export_model",
     "load_predictor",
     "predict_files",
+    "predict_studies",
 ]

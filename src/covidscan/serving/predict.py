@@ -1,4 +1,5 @@
-"""Batch prediction to a CSV (study A's submission file): streamed, resumable, never aborted by one file.
+"""Batch prediction to a CSV (study A's submission file, or one row per CT study): streamed, resumable,
+never aborted by one file.
 
 Rows are appended and flushed batch by batch, so an interrupted run keeps everything finished; run
 the same command again and files already in the CSV are skipped (a half-written last line is cut
@@ -6,7 +7,8 @@ off first). Files are matched by their normalised absolute path, so ``imgs/a.png
 ``/data/imgs/a.png`` are one file. A file that cannot be read, or whose model output is not
 finite, gets a row with its ``error`` and empty probabilities. ``<out>.json`` beside the CSV records
 the model (id, version, checkpoint hash), the engine and the test-time augmentation; resuming with
-another model or TTA is refused.
+another model or TTA is refused. ``predict_studies`` does the same with one row per study (and
+optionally one per slice or stack) through :func:`covidscan.inference.predict_study`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import json
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from covidscan.data import DataError, list_inputs
+from covidscan.data import DataError, find_studies, list_inputs
 from covidscan.errors import UsageError
 from covidscan.inference import RESEARCH_USE_NOTICE, Predictor
+from covidscan.inference.studies import Aggregation, aggregate, predict_study
 from covidscan.progress import progress as show_progress
-from covidscan.runtime import write_json
+from covidscan.runtime import atomic_path, write_json
 
 PATH_COLUMN, LABEL_COLUMN, ERROR_COLUMN = "path", "predicted_label", "error"
 SIDECAR_FORMAT = "covidscan-predictions/1"
@@ -171,3 +175,154 @@ def predict_files(
             os.fsync(handle.fileno())
             bar.update(len(errors))
     return PredictSummary(out, predicted, failed, len(done))
+
+
+STUDY_COLUMNS = ("study", "study_instance_uid", "series_instance_uid", "unit", "n_items", "aggregation")
+ITEM_COLUMNS = ("study", "study_instance_uid", "index", "last_index", "z_mm")
+
+
+def study_header(class_names: Sequence[str]) -> list[str]:
+    return [
+        *STUDY_COLUMNS,
+        LABEL_COLUMN,
+        *(f"prob_{n}" for n in class_names),
+        "model_version",
+        "warnings",
+        ERROR_COLUMN,
+    ]
+
+
+def item_header(class_names: Sequence[str]) -> list[str]:
+    return [*ITEM_COLUMNS, *(f"prob_{n}" for n in class_names), ERROR_COLUMN]
+
+
+def _study_key(path: str, uid: str) -> tuple[str, str]:
+    return path_key(path), uid
+
+
+def _finished_studies(out: Path, header: list[str]) -> set[tuple[str, str]]:
+    """(path key, StudyInstanceUID) of the studies already in ``out``; a partial last line is cut off."""
+    if not out.is_file() or out.stat().st_size == 0:
+        return set()
+    finished_paths(out, header)  # truncates a partial line and checks the header
+    with open(out, newline="", encoding="utf-8") as handle:
+        return {_study_key(row["study"], row["study_instance_uid"]) for row in csv.DictReader(handle)}
+
+
+def _keep_finished_items(path: Path, header: list[str], done: set[tuple[str, str]]) -> None:
+    """Drop per-slice rows of studies not in the study CSV (an interrupted study is redone whole)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    finished_paths(path, header)
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))[1:]
+    kept = [row for row in rows if _study_key(row[0], row[1]) in done]
+    if len(kept) != len(rows):
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([header, *kept])
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    out: Path
+    per_slice: Path | None
+    predicted: int  # study rows written with a verdict in this call
+    failed: int  # study rows written with an error in this call
+    skipped: int  # already in the CSV from an earlier run
+
+
+def predict_studies(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    per_slice: str | Path | None = None,
+    every: int = 1,
+    aggregation: Aggregation = "mean",
+    top_k: int = 5,
+    batch_size: int = 16,
+    include_identifiers: bool = False,
+    progress: bool = True,
+) -> StudySummary:
+    """One row per study found under ``inputs`` (see :func:`covidscan.data.find_studies`) in
+    the CSV ``out``, plus one row per slice/stack in ``per_slice`` when given. Resumable like
+    :func:`predict_files`: finished studies are skipped, an interrupted one is redone (its partial
+    per-slice rows removed first); a study that cannot be read gets an error row."""
+
+    aggregate(np.full((1, 2), 0.5), aggregation, top_k)  # a bad rule fails before any file is read
+    out = Path(out)
+    names = predictor.class_names
+    header, items_header = study_header(names), item_header(names)
+    done = _finished_studies(out, header)
+    slices_path = Path(per_slice) if per_slice is not None else None
+    if slices_path is not None:
+        _keep_finished_items(slices_path, items_header, done)
+    studies = [
+        s
+        for s in find_studies(inputs, predictor.config.data.limits)
+        if _study_key(str(s.path), s.study_uid or "") not in done
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"studies": {"every": every, "aggregation": aggregation, "top_k": top_k}}
+    check_sidecar(out, predictor.describe(), settings)
+    predicted = failed = 0
+    with ExitStack() as stack:
+        handle = stack.enter_context(open(out, "a", newline="", encoding="utf-8"))
+        writer = csv.writer(handle)
+        if handle.tell() == 0:
+            writer.writerow(header)
+        item_handle = item_writer = None
+        if slices_path is not None:
+            slices_path.parent.mkdir(parents=True, exist_ok=True)
+            item_handle = stack.enter_context(open(slices_path, "a", newline="", encoding="utf-8"))
+            item_writer = csv.writer(item_handle)
+            if item_handle.tell() == 0:
+                item_writer.writerow(items_header)
+        bar = stack.enter_context(
+            show_progress(total=len(studies), desc="predict", unit="study", leave=True, disable=not progress)
+        )
+        for source in studies:
+            path, uid = str(source.path), source.study_uid or ""
+            try:
+                result = predict_study(
+                    predictor,
+                    source,
+                    every=every,
+                    aggregation=aggregation,
+                    top_k=top_k,
+                    batch_size=batch_size,
+                    include_identifiers=include_identifiers,
+                )
+            except DataError as exc:
+                writer.writerow([path, uid, "", "", "", "", "", *[""] * len(names), predictor.card.version, "", exc])
+                failed += 1
+            else:
+                if item_writer is not None and item_handle is not None:
+                    item_writer.writerows(
+                        [path, uid, item.index, item.last_index, "" if item.z_mm is None else item.z_mm]
+                        + ([f"{p:.6f}" for p in item.probabilities] if item.probabilities else [""] * len(names))
+                        + [item.error]
+                        for item in result.items
+                    )
+                    item_handle.flush()
+                    os.fsync(item_handle.fileno())
+                writer.writerow(
+                    [
+                        path,
+                        uid,
+                        result.series["series_instance_uid"] or "",
+                        result.unit,
+                        len(result.items),
+                        result.aggregation,
+                        result.predicted_label,
+                        *(f"{result.probabilities[n]:.6f}" for n in names),
+                        predictor.card.version,
+                        " | ".join(result.warnings),
+                        "",
+                    ]
+                )
+                predicted += 1
+            handle.flush()
+            os.fsync(handle.fileno())
+            bar.update(1)
+    return StudySummary(out, slices_path, predicted, failed, len(done))
