@@ -132,7 +132,7 @@ def test_fetch_picks_the_axial_ct_series_and_streams_it_to_disk(pacs, tmp_path):
 
     chosen = dicomweb.choose_series(client, study)
     assert chosen.series_instance_uid == pydicom.dcmread(axial[0]).SeriesInstanceUID
-    assert chosen.instances == 4 and "2 CT series" in chosen.reason
+    assert chosen.instances == 4 and "among 2 image series" in chosen.reason and "coronal" in chosen.reason
     files = dicomweb.fetch_series(client, study, chosen.series_instance_uid, tmp_path / "fetched")
     fetched = sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
     assert fetched == sorted(pydicom.dcmread(f).SOPInstanceUID for f in axial)

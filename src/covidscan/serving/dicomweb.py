@@ -1,9 +1,10 @@
 """A study in, results back: DICOMweb (QIDO-RS / WADO-RS / STOW-RS) through ``dicomweb-client``.
 
 ``fetch_study_series`` picks the study's axial CT series from its metadata (QIDO + series metadata,
-no pixels) and streams its instances to a folder one at a time, so memory stays at one instance
-however long the series; ``store_results`` sends the DICOM result objects back (STOW-RS). Storing is
-never implicit: the caller decides (``covidscan predict --dicomweb ... --store-results``).
+no pixels) by the same rule as for files (:func:`covidscan.data.choose_series`), and streams its
+instances to a folder one at a time, so memory stays at one instance however long the series;
+``store_results`` sends the DICOM result objects back (STOW-RS). Storing is never implicit: the
+caller decides (``covidscan predict --dicomweb ... --store-results``).
 
 Authentication: a bearer token from ``COVIDSCAN_DICOMWEB_TOKEN``, or user and password in the URL
 (``https://user:password@pacs/dicom-web``), sent as HTTP basic auth.
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
 from covidscan.data import DataError
+from covidscan.data import choose_series as choose_by_tags
+from covidscan.data.readers.dicom import series_plane
 from covidscan.errors import UsageError
 from covidscan.optional import optional_import
 
@@ -30,6 +31,8 @@ TOKEN_VARIABLE = "COVIDSCAN_DICOMWEB_TOKEN"
 # Tags (hex) read from QIDO-RS series results and WADO-RS metadata
 MODALITY, SERIES_UID, SERIES_DESCRIPTION, SOP_INSTANCE_UID = "00080060", "0020000E", "0008103E", "00080018"
 ORIENTATION, RELATED_INSTANCES = "00200037", "00201209"
+IMAGE_TYPE, SERIES_NUMBER = "00080008", "00200011"
+NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "DOC"})  # reports and states: no slices to choose
 
 
 class DicomWebError(DataError):
@@ -80,18 +83,48 @@ def _value(item: dict[str, Any], tag: str, default: Any = None) -> Any:
     return values if tag == ORIENTATION else (values[0] if values else default)
 
 
-def _is_axial(orientation: Sequence[float] | None) -> bool:
-    """Slice normal within ~25 degrees of the patient's head-feet axis."""
-    if not orientation or len(orientation) != 6:
-        return False
-    vectors = np.asarray([float(v) for v in orientation]).reshape(2, 3)
-    normal = np.cross(vectors[0], vectors[1])
-    norm = np.linalg.norm(normal)
-    return bool(norm and abs(normal[2]) / norm > 0.9)
+@dataclass(frozen=True)
+class RemoteSeries:
+    """One series of a study on the server, described by its metadata, for :func:`covidscan.data.choose_series`."""
+
+    series_uid: str
+    modality: str | None
+    plane: str
+    image_type: tuple[str, ...]
+    description: str
+    series_number: int | None
+    num_slices: int
+
+
+def _remote_series(client, study_uid: str, item: dict[str, Any]) -> RemoteSeries:
+    """A series from its QIDO-RS entry; a CT series' instance metadata too (orientation, ImageType)."""
+    uid, modality = _value(item, SERIES_UID), _value(item, MODALITY)
+    number = _value(item, SERIES_NUMBER)
+    plane = "unknown"
+    image_type: tuple[str, ...] = ()
+    count = 0 if modality in NON_IMAGE_MODALITIES else int(_value(item, RELATED_INSTANCES, 0) or 0)
+    if modality == "CT":
+        metadata = client.retrieve_series_metadata(study_uid, uid)
+        orientations = {
+            tuple(round(float(v), 3) for v in values)
+            for m in metadata
+            if (values := _value(m, ORIENTATION)) and len(values) == 6
+        }
+        plane, count = series_plane(orientations), len(metadata)
+        image_type = tuple(str(v) for v in (metadata[0].get(IMAGE_TYPE, {}).get("Value") or ())) if metadata else ()
+    return RemoteSeries(
+        uid,
+        modality,
+        plane,
+        image_type,
+        _value(item, SERIES_DESCRIPTION, ""),
+        None if number is None else int(number),
+        count,
+    )
 
 
 def choose_series(client, study_uid: str, series_uid: str | None = None) -> ChosenSeries:
-    """The study's axial CT series with the most instances (or ``series_uid`` when given)."""
+    """The study's axial CT series by :func:`covidscan.data.choose_series`'s rule (or ``series_uid`` when given)."""
     try:
         series = client.search_for_series(study_uid)
     except Exception as exc:  # requests / dicomweb-client raise HTTPError, ConnectionError, ...
@@ -103,25 +136,18 @@ def choose_series(client, study_uid: str, series_uid: str | None = None) -> Chos
         if not match:
             raise DicomWebError(f"{client.base_url}: series {series_uid} is not in study {study_uid}")
         return ChosenSeries(series_uid, _value(match[0], SERIES_DESCRIPTION, ""), 0, "requested with --series")
-    ct = [s for s in series if _value(s, MODALITY) == "CT"]
-    if not ct:
-        modalities = sorted({str(_value(s, MODALITY, "?")) for s in series})
-        raise DicomWebError(f"{client.base_url}: study {study_uid} has no CT series (modalities {modalities})")
-    candidates = []
-    for item in ct:
-        uid = _value(item, SERIES_UID)
-        metadata = client.retrieve_series_metadata(study_uid, uid)
-        axial = [m for m in metadata if _is_axial(_value(m, ORIENTATION))]
-        candidates.append((len(axial), len(metadata), uid, _value(item, SERIES_DESCRIPTION, "")))
-    candidates.sort(reverse=True)
-    axial_count, count, uid, description = candidates[0]
-    if axial_count == 0:
+    try:
+        remote = [_remote_series(client, study_uid, item) for item in series]
+    except Exception as exc:
+        raise _error(client, f"cannot read the series metadata of study {study_uid}", exc) from None
+    try:
+        chosen, reason = choose_by_tags(remote)
+    except DataError as exc:
         raise DicomWebError(
-            f"{client.base_url}: no axial CT series in study {study_uid} ({len(ct)} CT series); "
-            "name one with --series if it is axial without orientation tags"
-        )
-    reason = "the only CT series" if len(ct) == 1 else f"the axial CT series with most slices among {len(ct)} CT series"
-    return ChosenSeries(uid, description, count, reason)
+            f"{client.base_url}: study {study_uid}: {exc}; name a series with --series if it is axial CT without "
+            "orientation tags"
+        ) from None
+    return ChosenSeries(chosen.series_uid, chosen.description, chosen.num_slices, reason)
 
 
 def fetch_series(client, study_uid: str, series_uid: str, folder: str | Path) -> list[Path]:

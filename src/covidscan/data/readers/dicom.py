@@ -392,7 +392,9 @@ class SeriesInfo:
         }
 
 
-def _plane(orientations: set[tuple[float, ...]]) -> str:
+def series_plane(orientations: set[tuple[float, ...]]) -> str:
+    """The plane of a series from its slices' ImageOrientationPatient values (rounded): axial /
+    coronal / sagittal / oblique, ``mixed`` for several, ``unknown`` for none."""
     if not orientations:
         return "unknown"
     if len(orientations) > 1:
@@ -460,7 +462,7 @@ def group_dicom_series(
                 patient_id=first.patient_id,
                 files=tuple(h.path for h in ordered),
                 orientation=first.orientation,
-                plane=_plane(orientations),
+                plane=series_plane(orientations),
                 rows=first.rows,
                 columns=first.columns,
                 other_files=tuple(h.path for h in headers if not h.is_image),
