@@ -29,8 +29,10 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from covidscan.serving import UploadLimits, create_app  # noqa: E402
+from covidscan.serving.study_upload import StudyLimits  # noqa: E402
 
 MAX_BYTES = 200_000
+STUDY_LIMITS = StudyLimits(max_upload_bytes=1_000_000, max_decompressed_bytes=4_000_000, max_slices=20)
 
 
 def free_port() -> int:
@@ -43,7 +45,9 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """(host, port) of a real uvicorn server with small upload limits, stopped after the module."""
     app = create_app(
-        make_checkpoint(tmp_path_factory.mktemp("bad-input")), limits=UploadLimits(max_bytes=MAX_BYTES, max_pixels=1024)
+        make_checkpoint(tmp_path_factory.mktemp("bad-input")),
+        limits=UploadLimits(max_bytes=MAX_BYTES, max_pixels=1024),
+        study_limits=STUDY_LIMITS,
     )
 
     def broken_endpoint():  # stands for a bug: an exception no handler expects
@@ -141,6 +145,17 @@ def strict_json(body: bytes):
     return json.loads(body, parse_constant=refuse)
 
 
+STUDY_CASES = {
+    "zip bomb": (zip_bytes({f"{i}.dcm": b"\0" * 2_000_000 for i in range(3)}), 413, "study_too_large"),
+    "zip with traversal names": (zip_bytes({"../../evil.dcm": dicom_bytes()}), 422, "unreadable_study"),
+    "zip with too many files": (zip_bytes({f"{i}.dcm": dicom_bytes() for i in range(21)}), 413, "study_too_large"),
+    "zip without DICOM": (zip_bytes({"notes.txt": b"hello"}), 422, "unreadable_study"),
+    "truncated zip": (zip_bytes({"a.dcm": dicom_bytes()})[:150], 422, "unreadable_study"),
+    "not a study": (png_bytes(), 415, "unsupported_study"),
+    "oversize study": (b"PK\x03\x04" + b"\0" * 1_100_000, 413, "upload_too_large"),
+}
+
+
 def assert_clean_refusal(status: int, body: bytes, expected_status, expected_error) -> dict:
     expected = expected_status if isinstance(expected_status, tuple) else (expected_status,)
     assert status in expected, body[:300]
@@ -174,6 +189,21 @@ def test_bad_image_is_a_documented_4xx_and_the_connection_stays_usable(server, c
         assert_clean_refusal(got, body, status, error)
         assert_healthy(connection)
         assert connection.sock is socket_before  # the same keep-alive connection served every request
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("case", sorted(STUDY_CASES))
+def test_bad_study_is_a_documented_4xx_and_the_connection_stays_usable(server, case):
+    data, status, error = STUDY_CASES[case]
+    connection = http.client.HTTPConnection(*server, timeout=60)
+    try:
+        assert_healthy(connection)
+        socket_before = connection.sock
+        got, body = post(connection, "/v1/studies", {"file": ("study.zip", data, "application/zip")})
+        assert_clean_refusal(got, body, status, error)
+        assert_healthy(connection)
+        assert connection.sock is socket_before
     finally:
         connection.close()
 
@@ -234,8 +264,8 @@ def test_an_unexpected_error_is_a_json_500_and_the_connection_survives(server):
         connection.close()
 
 
-def test_chunked_oversize_body_is_refused_while_it_arrives(server):
-    path = "/v1/predict"
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/studies"])
+def test_chunked_oversize_body_is_refused_while_it_arrives(server, path):
     """No Content-Length to check up front: the server counts the body as it arrives and answers 413
     long before a 64 MB chunked upload has been sent (instead of spooling all of it first)."""
     total, chunk = 64 * 2**20, b"\0" * 65536

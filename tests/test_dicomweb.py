@@ -21,11 +21,14 @@ import pytest
 pytest.importorskip("dicomweb_client")
 pytest.importorskip("highdicom")
 import pydicom
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+from conftest import SHARED_DATASETS
 from covidscan.data.synthetic import write_dicom_series
 from covidscan.inference import ModelCard
 from covidscan.serving import dicomweb
 from covidscan.serving.dicom_results import EvidenceUnit, StudyFindings, build_result_objects, read_study_report
+from helpers import make_checkpoint
 
 PLUGIN_CANDIDATES = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",  # Debian's orthanc-dicomweb
@@ -168,3 +171,49 @@ def test_unknown_study_and_unreachable_server_are_clear_errors(pacs, tmp_path):
         dicomweb.choose_series(dicomweb.connect(closed, timeout=5), "1.2.3")
     with pytest.raises(dicomweb.DicomWebError, match="not a DICOMweb URL"):
         dicomweb.connect("pacs.example:8042")
+
+
+def source_series(tmp_path: Path) -> list[Path]:
+    """covid-ct-md-sample's P001 (real JPEG-lossless CT) when ../shared/datasets is present, else synthetic."""
+    real = SHARED_DATASETS / "covid-ct-md-sample" / "COVID-19" / "P001"
+    return sorted(real.glob("*.dcm")) if real.is_dir() else synthetic_study(tmp_path / "synthetic", slices=5)
+
+
+def test_predict_dicomweb_stores_results_only_when_asked(pacs, tmp_path, capsys):
+    from covidscan.cli import main
+    from covidscan.inference import load_predictor, predict_study
+
+    client = dicomweb.connect(pacs)
+    files = source_series(tmp_path)
+    study = store_files(client, files)
+    run = make_checkpoint(tmp_path, size=32)
+    command = ["predict", "--checkpoint", str(run), "--dicomweb", pacs, "--study", study]
+
+    assert main([*command, "--out", str(tmp_path / "dry")]) == 0
+    assert {s["00080060"]["Value"][0] for s in client.search_for_series(study)} == {"CT"}  # nothing stored
+    summary = json.loads((tmp_path / "dry" / study / "summary.json").read_text())
+    assert summary["stored_in_pacs"] is False and (tmp_path / "dry" / study / "structured-report.dcm").is_file()
+    assert "Research use only" in capsys.readouterr().out
+
+    assert main([*command, "--out", str(tmp_path / "stored"), "--store-results"]) == 0
+    summary = json.loads((tmp_path / "stored" / study / "summary.json").read_text())
+    series = {s["00080060"]["Value"][0]: s["0020000E"]["Value"][0] for s in client.search_for_series(study)}
+    assert set(series) == {"CT", "SR", "OT"}
+    sr = client.retrieve_series(study, series["SR"])[0]
+    overlay = client.retrieve_series(study, series["OT"])[0]
+    assert sr.SOPClassUID == ComprehensiveSRStorage and overlay.SOPClassUID == SecondaryCaptureImageStorage
+    assert sr.StudyInstanceUID == overlay.StudyInstanceUID == study
+    report = read_study_report(sr)
+    assert report["probabilities"] == pytest.approx(summary["probabilities"], abs=1e-6)
+    assert report["algorithm"]["version"] == summary["model"]["model_version"]
+    assert report["algorithm"]["parameters"]["checkpoint_sha256"] == summary["model"]["checkpoint_sha256"]
+    assert report["algorithm"]["parameters"]["aggregation"].startswith(f"{summary['aggregation']} of ")
+    assert len(report["units"]) == len(summary["items"]) == summary["series"]["slices"] == len(files)
+    local = predict_study(load_predictor(run), files[0].parent)
+    assert summary["probabilities"] == pytest.approx(local.probabilities, abs=1e-6)  # the same study path
+    assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID in {
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+    }
+    assert sorted(summary["stored_sop_instance_uids"]) == sorted([sr.SOPInstanceUID, overlay.SOPInstanceUID])
+    # a second run fetches the CT series only, not the results stored by the first
+    assert main([*command, "--out", str(tmp_path / "again")]) == 0

@@ -1,4 +1,4 @@
-"""The web page in a real headless Chromium: upload a CT slice, see the bars and the heatmap.
+"""The web page in a real headless Chromium: a CT slice (bars, heatmap) and a whole CT study (viewer).
 
 Needs the Debian ``chromium`` package (``/usr/bin/chromium``) and the ``playwright`` Python
 package; never runs ``playwright install``. Set ``COVIDSCAN_DOCS_SCREENSHOT=docs/img/serving-page.png``
@@ -13,10 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import SHARED_DATASETS
+from covidscan.data.synthetic import write_dicom_series
 from covidscan.serving import create_app
 from helpers import make_checkpoint, png_bytes
 
@@ -93,4 +95,55 @@ def test_upload_shows_probability_bars_and_heatmap(server_url, tmp_path):
             browser.close()
     assert screenshot.stat().st_size > 0
     if target := os.environ.get("COVIDSCAN_DOCS_SCREENSHOT"):  # a small palette PNG for the docs
+        Image.open(screenshot).convert("RGB").quantize(colors=64).save(target, optimize=True)
+
+
+def ct_series_files(tmp_path: Path) -> list[Path]:
+    """The covid-ct-md-sample P001 series (37 JPEG-lossless slices) when present, a synthetic one otherwise."""
+    real = SHARED_DATASETS / "covid-ct-md-sample" / "COVID-19" / "P001"
+    if real.is_dir():
+        return sorted(real.glob("*.dcm"))
+    hu = np.random.default_rng(0).integers(-1000, 400, (6, 48, 48)).astype(float)
+    return write_dicom_series(tmp_path / "series", hu, file_order=[3, 0, 5, 1, 4, 2])
+
+
+def test_study_upload_viewer_scroll_strip_and_overlay(server_url, tmp_path):
+    """A folder of DICOM files (packed into a zip by the page), then the verdict, wheel scrolling,
+    a click on the probability strip, the window presets and the CAM overlay."""
+    files = ct_series_files(tmp_path)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(server_url)
+            readme = tmp_path / "README.txt"  # exports carry such files: the page must not turn them into slices
+            readme.write_text("exported by the PACS")
+            page.set_input_files("#file", [str(f) for f in files] + [str(readme)])
+            page.wait_for_selector("#study:not([hidden])", timeout=120_000)
+            assert page.locator("#study-label").inner_text().split(" ")[0] in ("COVID", "normal")
+            assert "Rule:" in page.locator("#study-rule").inner_text()
+            assert "Research use only" in page.locator("#study-notice").inner_text()
+            assert page.locator("#strip .cell").count() == len(files)
+            page.wait_for_function("document.getElementById('slice').naturalWidth > 0")
+
+            def current() -> int:
+                return int(page.locator("#slice-label").inner_text().split()[1])
+
+            page.locator("#strip .cell").nth(0).click()
+            assert current() == 1
+            page.locator("#stage").hover()
+            page.mouse.wheel(0, 120)
+            page.wait_for_function("document.getElementById('slice-label').textContent.startsWith('slice 2 ')")
+            page.locator("button[data-window=mediastinal]").click()
+            page.wait_for_function("document.getElementById('slice').src.includes('window=mediastinal')")
+            page.locator("#cam-toggle").check()
+            page.wait_for_function(
+                "!document.getElementById('cam').hidden && document.getElementById('cam').naturalWidth > 0",
+                timeout=60_000,
+            )
+            screenshot = tmp_path / "study.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    if target := os.environ.get("COVIDSCAN_DOCS_STUDY_SCREENSHOT"):
         Image.open(screenshot).convert("RGB").quantize(colors=64).save(target, optimize=True)

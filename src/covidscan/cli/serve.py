@@ -9,8 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve a model over HTTP with a web page",
-        description="Serve a trained model: POST /v1/predict, /v1/explain, /v1/preview; GET /v1/model, /healthz, "
-        "/docs (OpenAPI) and a web page at /. Research use only, not a diagnosis.",
+        description="Serve a trained model: POST /v1/predict, /v1/explain, /v1/preview, /v1/studies (a whole CT "
+        "study); GET /v1/model, /healthz, /docs (OpenAPI) and a web page at /. Research use only, not a diagnosis.",
     )
     parser.add_argument("--checkpoint", help="run directory or checkpoint .pt (needed for Grad-CAM)")
     parser.add_argument("--onnx", metavar="MODEL.onnx", help="predict with this exported model (ONNX Runtime)")
@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=8192,
         help="largest accepted image side in pixels, checked before decoding (default: %(default)s)",
     )
+    parser.add_argument(
+        "--max-study-mb", type=float, default=1024.0, help="largest accepted study upload (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-slices", type=int, default=2000, help="most files in one study upload (default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for inference (default: all)")
     parser.set_defaults(handler=run)
 
@@ -32,10 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from covidscan.optional import optional_import
     from covidscan.serving import UploadLimits, create_app
+    from covidscan.serving.study_upload import StudyLimits
 
     uvicorn = optional_import("uvicorn", extra="serve")
 
     limits = UploadLimits(max_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels)
-    app = create_app(args.checkpoint, onnx=args.onnx, limits=limits, threads=args.threads)
+    study_limits = StudyLimits(max_upload_bytes=int(args.max_study_mb * 1024 * 1024), max_slices=args.max_slices)
+    app = create_app(args.checkpoint, onnx=args.onnx, limits=limits, study_limits=study_limits, threads=args.threads)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

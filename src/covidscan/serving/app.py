@@ -9,7 +9,9 @@ Every refusal is a 4xx with ``{"error": code, "detail": message}``; the server k
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from importlib import resources
@@ -28,12 +30,20 @@ from covidscan import __version__
 from covidscan.errors import UsageError
 from covidscan.explain import CAM_METHODS, CamMethod, explain_image
 from covidscan.inference import RESEARCH_USE_NOTICE, NonFiniteOutputError, Predictor, load_predictor
+from covidscan.serving.studies import StudyStore
+from covidscan.serving.study_routes import study_router
+from covidscan.serving.study_upload import StudyLimits
 from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, decode_upload, to_png
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("covidscan.serving") / "static"))
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file in a multipart body
-EXAMPLE_UPLOADS = {"/v1/predict": "slice.png", "/v1/explain": "slice.png", "/v1/preview": "slice.dcm"}
+EXAMPLE_UPLOADS = {
+    "/v1/predict": "slice.png",
+    "/v1/explain": "slice.png",
+    "/v1/preview": "slice.dcm",
+    "/v1/studies": "study.zip",
+}
 
 
 @dataclass
@@ -65,6 +75,7 @@ def create_app(
     *,
     onnx: str | Path | None = None,
     limits: UploadLimits = UploadLimits(),
+    study_limits: StudyLimits = StudyLimits(),
     threads: int | None = None,
 ) -> FastAPI:
     """An app serving ``checkpoint`` (PyTorch) or ``onnx`` (ONNX Runtime; Grad-CAM still uses the
@@ -77,15 +88,23 @@ def create_app(
     predictor = load_predictor(checkpoint, onnx, threads=threads)
     log.info("serving %s (%s, version %s)", predictor.card.model_id, predictor.engine, predictor.card.version)
 
+    store = StudyStore(Path(tempfile.mkdtemp(prefix="covidscan-studies-")))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        store.close()  # kept studies never outlive the server
+
     app = FastAPI(
         title="covidscan",
         version=__version__,
+        lifespan=lifespan,
         description="COVID-19 classification of chest CT / X-ray images. Research use only — not a diagnosis.",
     )
     app.state.served = ServedModel(predictor, anyio.CapacityLimiter(1))
     _install_error_handlers(app)
 
-    _install_body_limits(app, lambda path: limits.max_bytes)
+    _install_body_limits(app, lambda path: study_limits.max_upload_bytes if path == "/v1/studies" else limits.max_bytes)
 
     async def read_upload(request: Request, file: UploadFile) -> DecodedImage:
         data = await file.read(limits.max_bytes + 1)
@@ -116,7 +135,13 @@ def create_app(
             **served.predictor.card.to_dict(),
             "engine": served.predictor.engine,
             "explain_available": served.predictor.explainable,
-            "limits": {"max_upload_bytes": limits.max_bytes, "max_pixels": limits.max_pixels},
+            "limits": {
+                "max_upload_bytes": limits.max_bytes,
+                "max_pixels": limits.max_pixels,
+                "max_study_upload_bytes": study_limits.max_upload_bytes,
+                "max_study_decompressed_bytes": study_limits.max_decompressed_bytes,
+                "max_study_slices": study_limits.max_slices,
+            },
         }
 
     @app.post("/v1/predict", summary="Class probabilities for one PNG, JPEG or DICOM image")
@@ -191,6 +216,7 @@ def create_app(
         image = await read_upload(request, file)
         return Response(await anyio.to_thread.run_sync(to_png, image.pixels), media_type="image/png")
 
+    app.include_router(study_router(study_limits, store))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
