@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -51,7 +52,7 @@ def _run_dir(evaluation: Evaluation) -> Path:
     return evaluation.predictor.run_dir
 
 
-def _run_row(evaluation: Evaluation, metrics: Metrics) -> ComparisonRow:
+def _run_row(evaluation: Evaluation, metrics: Metrics, name: str) -> ComparisonRow:
     """Runtime and parameter count: from the run's training metrics.json when present."""
     run_dir = _run_dir(evaluation)
     training: dict[str, Any] = {}
@@ -62,7 +63,7 @@ def _run_row(evaluation: Evaluation, metrics: Metrics) -> ComparisonRow:
             logger.warning("%s: unreadable metrics.json; runtime not shown", run_dir)
     parameters = evaluation.predictor.parameter_count()
     return ComparisonRow(
-        run=run_dir.name,
+        run=name,
         run_dir=str(run_dir),
         model=evaluation.predictor.card.architecture,
         parameters=int(training.get("parameters") or parameters),
@@ -216,6 +217,7 @@ def compare_runs(
     seed: int = 0,
     level: Level = "auto",
     aggregation: Aggregation = "mean",
+    row_names: Sequence[str] | None = None,
 ) -> Comparison:
     """Evaluate ``runs`` on the same items and write ``comparison.{html,md,csv,json}`` plus one
     prediction grid per run into ``out_dir`` (default: ``comparisons/`` beside the first run).
@@ -224,10 +226,13 @@ def compare_runs(
     report) when their splits have none. ``level="patient"`` aggregates each run's items per patient
     (``aggregation`` "mean" or "max" of the probabilities) before aligning, ranking and testing, so
     runs with different slice stacks of the same scans can be compared; ``"auto"`` (default) picks it
-    when the items are volume stacks.
+    when the items are volume stacks. ``row_names`` labels the rows, pairs and grids (default: each run
+    directory's name); a study table gives two checkpoints of one run distinct names.
     """
     if len(runs) < 2:
         raise UsageError("compare needs at least two runs")
+    if row_names is not None and (len(row_names) != len(runs) or len(set(row_names)) != len(row_names)):
+        raise UsageError(f"row_names must name each run once, distinctly; got {list(row_names)} for {len(runs)} runs")
     if level not in LEVELS:
         raise UsageError(f"level must be one of {LEVELS}, got {level!r}")
     if aggregation not in ("mean", "max"):
@@ -253,7 +258,8 @@ def compare_runs(
     positive = reference.positive_index
     y_true = aligned[0].y_true
 
-    rows = [_run_row(evaluation, _level_metrics(evaluation, level)[0]) for evaluation in evaluations]
+    labels = list(row_names) if row_names is not None else [_run_dir(e).name for e in evaluations]
+    rows = [_run_row(e, _level_metrics(e, level)[0], label) for e, label in zip(evaluations, labels)]
     rows.sort(key=lambda row: _descending(row.metrics[metric].value))
     for rank, row in enumerate(rows, start=1):
         row.rank = rank
@@ -261,9 +267,7 @@ def compare_runs(
     out = (
         Path(out_dir)
         if out_dir is not None
-        else _run_dir(evaluations[0]).parent
-        / "comparisons"
-        / (f"{reference.split}-" + "-vs-".join(_run_dir(e).name for e in evaluations)[:120])
+        else _run_dir(evaluations[0]).parent / "comparisons" / (f"{reference.split}-" + "-vs-".join(labels)[:120])
     )
     out.mkdir(parents=True, exist_ok=True)
     predicted = [predict_labels(a.proba, positive) for a in aligned]
@@ -274,16 +278,15 @@ def compare_runs(
         )
         pairs.append(
             PairComparison(
-                _run_dir(evaluations[i]).name,
-                _run_dir(evaluations[j]).name,
+                labels[i],
+                labels[j],
                 tests,
                 _differences(a, b, positive, n_bootstrap, seed),
             )
         )
     grids = {}
     shown = evaluations if level == "item" else []  # a patient is several images: none to show
-    for evaluation in shown:
-        name = _run_dir(evaluation).name
+    for evaluation, name in zip(shown, labels):
         grid = prediction_grid(evaluation, out / f"grid-{name}.png", grid_size, seed)
         if grid is not None:
             grids[name] = grid.name

@@ -78,9 +78,9 @@ def _grid_items(evaluation: Evaluation, size: int, seed: int) -> list[int]:
 
 def prediction_grid(evaluation: Evaluation, path: Path, size: int = 16, seed: int = 0) -> Path | None:
     """Study D's grid of test images titled predicted vs true label; None when the items are not
-    2D images (slice stacks of scans) or cannot be read."""
+    2D images (slice stacks of scans) or cannot be read, or ``size`` is 0 (no grid asked for)."""
     predictions, names = evaluation.predictions, evaluation.predictions.class_names
-    if any(STACK_SEPARATOR in p for p in predictions.paths):
+    if size < 1 or any(STACK_SEPARATOR in p for p in predictions.paths):
         return None
     items = _grid_items(evaluation, size, seed)
     try:
