@@ -398,6 +398,12 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def build_from_plain(cls: Any, value: Any, key: str = "") -> Any:
+    """Build any config-style dataclass (or annotated type) from plain YAML data, with the same
+    checks and key-naming errors as a run config; other file formats (study files) use it too."""
+    return _build(cls, value, key)
+
+
 def _build(cls: Any, value: Any, key: str) -> Any:
     """Turn plain YAML data into the annotated type, naming ``key`` on any mismatch."""
     origin = typing.get_origin(cls)

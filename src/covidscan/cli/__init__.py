@@ -34,6 +34,7 @@ VERBS = (
     "ensemble",
     "convert",
     "sweep",
+    "study",
     "runs",
 )
 

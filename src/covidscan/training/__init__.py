@@ -9,6 +9,8 @@ from covidscan.training.callbacks import (
     HistoryWriter,
     LastCheckpoint,
     Monitor,
+    PhaseCheckpoints,
+    phase_checkpoint_name,
 )
 from covidscan.training.loop import TrainingLoop
 from covidscan.training.loss import ClassificationLoss, balanced_class_weights
@@ -24,10 +26,12 @@ __all__ = [
     "HistoryWriter",
     "LastCheckpoint",
     "Monitor",
+    "PhaseCheckpoints",
     "RunSummary",
     "TestEvaluation",
     "TrainResult",
     "TrainingLoop",
     "balanced_class_weights",
+    "phase_checkpoint_name",
     "train",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import nn
@@ -265,6 +266,34 @@ class EMA(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restored = state["average"]
+
+
+class PhaseCheckpoints(Callback):
+    """``checkpoints/phase-N.pt``: a copy of ``best.pt`` as it stood when phase N ended, so a
+    two-phase run (study E: head only, then fine-tuned) can report the model of each phase.
+
+    Stateless: the copy is made when the next phase starts fresh, before its first epoch can replace
+    ``best.pt``; a resumed run finds the files of its finished phases in place. The last phase needs
+    no copy: its model is ``best.pt`` itself.
+    """
+
+    def on_phase_start(self, loop: TrainingLoop) -> None:
+        if loop.phase_index == 0 or loop.phase_epochs_done > 0:
+            return
+        best = loop.run_dir / "checkpoints" / BEST_NAME
+        if not best.is_file():
+            logger.warning(
+                "phase %d ended without a best checkpoint; no %s",
+                loop.phase_index,
+                phase_checkpoint_name(loop.phase_index),
+            )
+            return
+        shutil.copyfile(best, loop.run_dir / "checkpoints" / phase_checkpoint_name(loop.phase_index))
+
+
+def phase_checkpoint_name(phase: int) -> str:
+    """The file :class:`PhaseCheckpoints` writes for phase ``phase`` (counted from 1)."""
+    return f"phase-{phase}.pt"
 
 
 def save_model_checkpoint(
