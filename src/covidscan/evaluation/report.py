@@ -50,9 +50,11 @@ def data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def _environment() -> Environment:
+def template_environment(package: str = "covidscan.evaluation") -> Environment:
+    """The Jinja environment of the reports (metric/value/data_uri filters, metric labels), loading
+    templates from ``package``'s ``templates`` folder."""
     env = Environment(
-        loader=PackageLoader("covidscan.evaluation", "templates"),
+        loader=PackageLoader(package, "templates"),
         autoescape=select_autoescape(["html"]),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -63,7 +65,7 @@ def _environment() -> Environment:
 
 
 def render(template: str, **context: Any) -> str:
-    return _environment().get_template(template).render(**context)
+    return template_environment().get_template(template).render(**context)
 
 
 def _grid_items(evaluation: Evaluation, size: int, seed: int) -> list[int]:

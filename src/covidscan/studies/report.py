@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
-
 from covidscan.data import list_inputs
 from covidscan.data.splits import load_splits
 from covidscan.errors import UsageError
 from covidscan.evaluation import evaluate_run
 from covidscan.evaluation.compare import compare_runs
 from covidscan.evaluation.metrics import METRIC_LABELS, MetricValue
-from covidscan.evaluation.report import data_uri, format_metric, format_value
+from covidscan.evaluation.report import format_value, template_environment
 from covidscan.evaluation.results import BootstrapInfo, Comparison
 from covidscan.evaluation.stats import TestResult
 from covidscan.runtime import atomic_path, write_json, write_text
@@ -365,18 +363,6 @@ def write_submission(context: StudyContext, tables: list[StudyTable], unlabeled:
     }
 
 
-def _environment() -> Environment:
-    env = Environment(
-        loader=PackageLoader("covidscan.studies", "templates"),
-        autoescape=select_autoescape(["html"]),
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters.update(metric=format_metric, value=format_value, data_uri=data_uri)
-    env.globals["labels"] = METRIC_LABELS
-    return env
-
-
 def _write_csv(path: Path, report: StudyReport) -> None:
     """One line per table row: its columns, each metric with CI and published value, the test."""
     header = ["table", "row", "label", "run_dir", "checkpoint", "config", "substitution", "split", "level"]
@@ -419,7 +405,7 @@ def _write_csv(path: Path, report: StudyReport) -> None:
 def write_report(report: StudyReport) -> None:
     """``report.{html,md,csv,json}`` in the study directory."""
     out = report.out_dir
-    env = _environment()
+    env = template_environment("covidscan.studies")
     context = {"s": report, "out_dir": out}
     write_text(out / "report.html", env.get_template("study.html.j2").render(**context))
     write_text(out / "report.md", env.get_template("study.md.j2").render(**context))
