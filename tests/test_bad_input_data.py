@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from covidscan.cli import main
-from covidscan.data import DataWarning, load_samples
+from covidscan.data import DataWarning, Sample, checks, load_samples
+from covidscan.data.checks import verify_readable
 from covidscan.data.synthetic import write_dicom_slice
 from helpers import (
     bomb_png_bytes,
@@ -85,6 +86,14 @@ def test_loading_refuses_bad_files_naming_them_or_skips_and_lists_them(mixed_fol
     assert "RescaleSlope 'abc' is not a number" in reasons["slope-abc.dcm"]  # never a bare float() error
     assert main(["data", "info", str(mixed_folder), "--skip-bad"]) == 0
     assert "skipped:  5" in capsys.readouterr().out
+
+
+def test_files_checked_in_worker_processes_give_the_same_verdicts(mixed_folder, monkeypatch):
+    samples = [Sample(str(path), None) for path in sorted(mixed_folder.rglob("*.*"))]
+    serial = verify_readable(samples, decode=True, progress=False, workers=1)
+    monkeypatch.setattr(checks, "PARALLEL_MIN_FILES", 2)
+    assert verify_readable(samples, decode=True, progress=False, workers=2) == serial
+    assert {Path(path).name for path, _ in serial[1]} == set(BAD_FILES) and len(serial[0]) == 16
 
 
 def test_predict_writes_an_error_row_per_bad_file_and_no_nan(mixed_folder, tmp_path, capsys):

@@ -98,6 +98,15 @@ def test_a_2d_model_predicts_every_slice_in_position_order_and_aggregates(predic
     assert predict_study(predictor, tmp_path / "study", aggregation="topk", top_k=2).aggregation == "top-2 mean"
 
 
+def test_a_series_with_a_missing_slice_says_so_in_its_verdict(predictor, tmp_path):
+    files = write_series(tmp_path / "study", 7)
+    middle = sorted(files, key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))[3]
+    middle.unlink()
+    result = predict_study(predictor, tmp_path / "study")
+    assert len(result.items) == 6
+    assert any("uneven slice spacing" in warning for warning in result.warnings)
+
+
 def test_aggregation_rules():
     p = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])
     np.testing.assert_allclose(aggregate(p, "mean"), [0.5, 0.5])

@@ -31,7 +31,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from covidscan.config import SplitConfig
 from covidscan.data.records import DataError, Sample, SampleSet
@@ -121,6 +120,8 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray:
 
 def _two_way(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     """Boolean mask of the ``share`` part, stratified when every class can be split."""
+    from sklearn.model_selection import train_test_split  # ~100 MB: only splitting needs it, not inference
+
     index = np.arange(len(labels))
     if share <= 0 or len(labels) == 0:
         return np.zeros(len(labels), bool)
@@ -167,6 +168,8 @@ def _ratio_split(labels: np.ndarray, ratios: Sequence[float], seed: int, groups:
 
 
 def _kfold_split(samples: Sequence[Sample], config: SplitConfig, seed: int) -> list[str]:
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     labels = _labels(samples, config.stratify_by_source)
     has_groups = any(s.patient_id for s in samples)
     groups = _groups(samples) if has_groups else None

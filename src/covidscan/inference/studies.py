@@ -15,12 +15,15 @@ study's by a recorded rule:
 
 Patient identifiers are never in an output unless asked for (``include_identifiers=True``). Items
 whose model output is not finite are left out of the aggregate with a warning (never given a
-label); a study none of whose items is usable is refused. Every verdict carries the research-use
+label); a study none of whose items is usable is refused. Data warnings raised while the study is
+read (uneven slice spacing: slices may be missing) go into the verdict's warnings, where a reader of
+the result sees them, not only into a log. Every verdict carries the research-use
 warning and the model's provenance (id, version, checkpoint SHA-256, engine, TTA).
 """
 
 from __future__ import annotations
 
+import warnings as py_warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +31,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from covidscan.data import LUNG_WINDOW, DataError, Sample, SeriesInfo, apply_window, read_image, read_volume
+from covidscan.data import (
+    LUNG_WINDOW,
+    DataError,
+    DataWarning,
+    Sample,
+    SeriesInfo,
+    apply_window,
+    read_image,
+    read_volume,
+)
 from covidscan.data.readers import get_reader
 from covidscan.data.readers.base import check_finite
 from covidscan.data.studies import StudySource, ZipLimits, open_study
@@ -165,18 +177,27 @@ def predict_study(
     aggregate(np.full((1, 2), 0.5), aggregation, top_k)  # validates the rule before any file is read
     warnings: list[str] = [RESEARCH_USE_NOTICE]
     unit: Literal["slice", "stack"] = "slice" if predictor.spatial_dims == 2 else "stack"
-    with open_study(study, limits=predictor.config.data.limits, zip_limits=zip_limits) as opened:
-        given, scan = opened.given, opened.scan
-        try:
-            if unit == "slice":
-                items, spacing, slices = _predict_slices(predictor, scan, opened.kind, every, batch_size)
-            else:
-                if every != 1:
-                    warnings.append(f"every={every} applies to 2D models; this 3D model predicts all its slice stacks")
-                items, spacing, slices = _predict_stacks(predictor, scan, batch_size)
-                every = 1
-        except DataError as exc:
-            raise DataError(str(exc).replace(str(scan), str(given)) if scan != given else str(exc)) from None
+    with py_warnings.catch_warnings(record=True) as raised:
+        py_warnings.simplefilter("always", DataWarning)
+        with open_study(study, limits=predictor.config.data.limits, zip_limits=zip_limits) as opened:
+            given, scan = opened.given, opened.scan
+            try:
+                if unit == "slice":
+                    items, spacing, slices = _predict_slices(predictor, scan, opened.kind, every, batch_size)
+                else:
+                    if every != 1:
+                        warnings.append(
+                            f"every={every} applies to 2D models; this 3D model predicts all its slice stacks"
+                        )
+                    items, spacing, slices = _predict_stacks(predictor, scan, batch_size)
+                    every = 1
+            except DataError as exc:
+                raise DataError(str(exc).replace(str(scan), str(given)) if scan != given else str(exc)) from None
+    for caught in raised:  # data warnings belong to this verdict; anything else is passed on unchanged
+        if issubclass(caught.category, DataWarning):
+            warnings.append(str(caught.message).replace(str(scan), str(given)))
+        else:
+            py_warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     if opened.skipped:
         names_left_out = ", ".join(member["name"] for member in opened.skipped[:5])
         warnings.append(f"{len(opened.skipped)} system files of the zip were left out ({names_left_out})")
