@@ -11,8 +11,9 @@ cost of a forward pass), so it runs offline anywhere:
 Targets on 2 cores (issue #13): the 2D model with ONNX Runtime <= 30 s per study; peak RSS <= one
 decoded volume (300 x 512 x 512 float32 = 300 MiB) + 500 MB.
 
-API rows: `POST /v1/studies` is measured the same way (in a fresh process, an in-process TestClient
-posting the series as one zip), with the ONNX export of each model.
+API rows: `POST /v1/studies` to a real ``covidscan serve --onnx`` process on loopback (the ONNX export
+of each model), the series posted as one zip; peak RSS is the server's own (the client's copy of
+the upload is not counted).
 """
 
 from __future__ import annotations
@@ -106,39 +107,79 @@ def predict_child(model: str, series: str, threads: int) -> dict:
     }
 
 
-def api_child(model: str, series: str, threads: int) -> dict:
-    """`POST /v1/studies` of the series as a zip, through the app in this process."""
-    import torch
-
-    from covidscan.serving import create_app
-
-    torch.set_num_threads(threads)
-    onnx = model.endswith(".onnx")
-    app = create_app(onnx=model, threads=threads) if onnx else create_app(model, threads=threads)
-    from fastapi.testclient import TestClient
-
-    with tempfile.TemporaryDirectory() as folder:
-        archive = Path(folder) / "study.zip"
-        with zipfile.ZipFile(archive, "w") as handle:
-            for file in sorted(Path(series).iterdir()):
-                handle.write(file, file.name)
-        with TestClient(app) as client:
-            start = time.perf_counter()
-            with archive.open("rb") as body:
-                response = client.post("/v1/studies", files={"file": ("study.zip", body, "application/zip")})
-            elapsed = time.perf_counter() - start
-    return {"status": response.status_code, "request_s": elapsed, "peak_rss_mib": peak_rss_mib()}
+def peak_rss_of(pid: int) -> float:
+    """Peak resident memory (VmHWM) of another live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-def run_child(kind: str, model: Path, series: Path, threads: int) -> dict:
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def api_row(model: Path, series: Path, threads: int, folder: Path) -> dict:
+    """`POST /v1/studies` of the series as one zip to a real `covidscan serve` process, as deployed.
+
+    The server's own peak RSS is read from /proc after the answer, so the client's copy of the
+    upload is not counted; "request s" is upload + decode + predict + answer, on loopback."""
+    import httpx
+
+    archive = folder / "study.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for file in sorted(series.iterdir()):
+            handle.write(file, file.name)
+    port = free_port()
+    command = [sys.executable, "-m", "covidscan", "serve", "--onnx", str(model), "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"covidscan serve exited: {server.stderr.read()[-3000:] if server.stderr else ''}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("covidscan serve did not start within 120 s")
+            time.sleep(0.5)
+        idle_mib = peak_rss_of(server.pid)
+        start = time.perf_counter()
+        with archive.open("rb") as body:
+            response = httpx.post(
+                f"{url}/v1/studies", files={"file": ("study.zip", body, "application/zip")}, timeout=600
+            )
+        elapsed = time.perf_counter() - start
+        return {
+            "status": response.status_code,
+            "request_s": elapsed,
+            "peak_rss_mib": peak_rss_of(server.pid),
+            "idle_rss_mib": idle_mib,
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def run_child(model: Path, series: Path, threads: int) -> dict:
     completed = subprocess.run(
-        [sys.executable, __file__, "--child", kind, str(model), str(series), "--threads", str(threads)],
+        [sys.executable, __file__, "--child", str(model), str(series), "--threads", str(threads)],
         capture_output=True,
         text=True,
         check=False,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"{kind} child failed:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(f"predict child failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -151,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model3d", default="resnet3d_18")
     parser.add_argument("--size", type=int, default=224, help="model input side, 2D and 3D")
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "SERIES"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "SERIES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        kind, model, series = args.child
-        print(json.dumps((predict_child if kind == "predict" else api_child)(model, series, args.threads)))
+        model, series = args.child
+        print(json.dumps(predict_child(model, series, args.threads)))
         return 0
 
     import covidscan  # noqa: F401
@@ -181,18 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, run in models.items():
             onnx = export_model(run, "onnx", root / f"{run.name}.onnx").path
             for source in (run, onnx):
-                row = run_child("predict", source, series, args.threads)
+                row = run_child(source, series, args.threads)
                 print(
                     f"| {name} | {row['engine']} | {row['items']} | {row['study_s']:.1f} | {row['load_s']:.1f} | "
                     f"{row['total_s']:.1f} | {row['peak_rss_mib']:.0f} |",
                     flush=True,
                 )
-            api_rows.append((name, run_child("api", onnx, series, args.threads)))
+            api_rows.append((name, api_row(onnx, series, args.threads, root)))
         print()
         for name, row in api_rows:
             print(
                 f"API, {name}, ONNX Runtime: HTTP {row['status']}, {row['request_s']:.1f} s per study, "
-                f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+                f"server peak RSS {row['peak_rss_mib']:.0f} MiB (started and idle: {row['idle_rss_mib']:.0f} MiB)"
             )
     return 0
 

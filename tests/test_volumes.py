@@ -197,6 +197,19 @@ def test_lung_crop_and_mask_modes(tmp_path: Path) -> None:
         )[0]
 
 
+@pytest.mark.parametrize("lung", ["none", "mask", "crop"])
+def test_scans_preprocessed_a_few_slices_at_a_time_equal_the_whole_volume_at_once(tmp_path, monkeypatch, lung):
+    hu, _ = phantom()
+    stacked = np.concatenate([hu, hu, hu])
+    folder = write_dicom_series(tmp_path / "p", stacked + 7.0 * np.arange(len(stacked))[:, None, None])
+    config = data_config(image_size=20, volume={"lung": lung, "z_spacing": 3.0})
+    header = VolumeStackDataset([Sample(str(folder), "COVID")], ["COVID"], config, train=False).headers[0]
+    monkeypatch.setattr(volumes, "SLICES_PER_CHUNK", 10_000)
+    whole = volumes.load_scan(folder, config, header)
+    monkeypatch.setattr(volumes, "SLICES_PER_CHUNK", 3)
+    torch.testing.assert_close(volumes.load_scan(folder, config, header), whole, rtol=0, atol=0)
+
+
 def test_augmentation_only_when_training(tmp_path: Path) -> None:
     scan = [Sample(str(write_dicom_series(tmp_path / "p", phantom(4, 32)[0])), "COVID")]
     config = data_config(augment=AugmentConfig(rotation=20, zoom=0.2, hflip=True), normalize="sample")

@@ -109,14 +109,23 @@ def stack_starts(num_slices: int, depth: int, stride: int) -> list[int]:
     return starts
 
 
+SLICES_PER_CHUNK = 16  # slices windowed and resized at once: memory is the decoded scan plus this many
+
+
 def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch.Tensor:
-    """Decode and preprocess one scan to a float32 (D', S, S) tensor in [0, 1]."""
+    """Decode and preprocess one scan to a float32 (D', S, S) tensor in [0, 1].
+
+    The decoded scan is the only full-resolution array held: windowing, lung masking / cropping and
+    the in-plane resize run :data:`SLICES_PER_CHUNK` slices at a time into the (small) output, so a
+    300-slice 512x512 series peaks at its decoded volume, not at three or four copies of it.
+    """
     path = Path(path)
     if header.is_hu:
         volume = read_volume(path, limits=config.limits).hu
     else:
         volume = np.stack([read_image(f, limits=config.limits) for f in slice_image_files(path)])
     lung = config.volume.lung
+    mask = None
     if lung != "none":
         if not header.is_hu:
             raise DataError(
@@ -129,19 +138,21 @@ def load_scan(path: str | Path, config: DataConfig, header: ScanHeader) -> torch
                 f"{path}: no lung region found (air below {LUNG_THRESHOLD_HU:g} HU inside the body); "
                 "is this a chest CT? Set data.volume.lung: none to use the full slices"
             )
-    if header.is_hu:
-        volume = apply_window(volume, config.window or LUNG_WINDOW)
-    if lung == "mask":
-        volume = np.where(mask, volume, 0.0)  # lung-segmented slices: black outside the lungs
-    elif lung == "crop":
-        rows, cols = lung_box(mask)
-        volume = volume[:, rows, cols]
-    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+    rows, cols = lung_box(mask) if mask is not None and lung == "crop" else (slice(None), slice(None))
     size = config.image_size
-    if tensor.shape[1:] != (size, size):
-        tensor = F.interpolate(
-            tensor[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )[:, 0]
+    tensor = torch.empty((volume.shape[0], size, size), dtype=torch.float32)
+    for first in range(0, volume.shape[0], SLICES_PER_CHUNK):
+        chunk = slice(first, first + SLICES_PER_CHUNK)
+        part = apply_window(volume[chunk], config.window or LUNG_WINDOW) if header.is_hu else volume[chunk]
+        if mask is not None and lung == "mask":
+            part = np.where(mask[chunk], part, 0.0)  # lung-segmented slices: black outside the lungs
+        slices = torch.from_numpy(np.ascontiguousarray(part[:, rows, cols], dtype=np.float32))
+        if slices.shape[1:] != (size, size):
+            slices = F.interpolate(
+                slices[:, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[:, 0]
+        tensor[chunk] = slices
+    del volume, mask
     depth = resampled_slice_count(header, config.volume.z_spacing, str(path))
     if depth != tensor.shape[0]:
         tensor = F.interpolate(tensor[None, None], size=(depth, size, size), mode="trilinear", align_corners=False)[
