@@ -38,6 +38,19 @@ def test_max_per_class_caps_each_source_so_every_source_stays(two_sources):
     }
 
 
+def test_max_per_class_draws_across_patients_not_the_first_files(tmp_path):
+    root = write_image_folder(tmp_path / "data", {"COVID": 40, "normal": 40}, size=8)
+    rows = ["path,label,patient_id"]
+    for label in ("COVID", "normal"):
+        rows += [f"{label}/{label} ({i}).png,{label},{label}-p{i // 10}" for i in range(40)]  # 4 patients x 10
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    capped = load_samples(str(root / "meta.csv"), max_per_class=10)
+    assert Counter(s.label for s in capped.samples) == {"COVID": 10, "normal": 10}
+    assert len({s.patient_id for s in capped.samples if s.label == "COVID"}) > 1  # not one patient's slices
+    again = load_samples(str(root / "meta.csv"), max_per_class=10)
+    assert [s.path for s in again.samples] == [s.path for s in capped.samples]  # the same subset every time
+
+
 def test_config_accepts_a_list_of_sources_and_keeps_the_string_form():
     single = config_from_dict({"data": {"source": "data/x.csv"}}).data
     assert single.source == "data/x.csv" and [(s.name, s.path) for s in single.sources] == [("data", "data/x.csv")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import logging
+import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,6 +241,21 @@ def _source_entries(source: SourceConfig, *, skip_bad: bool) -> tuple[list[Entry
     return tagged, skipped
 
 
+def cap_per_class(samples: Sequence[Sample], cap: int, seed: int = 0) -> list[Sample]:
+    """At most ``cap`` samples per class within each source (capping across sources would keep only
+    the first source's files), drawn at random with a fixed seed and kept in their input order. Not
+    the first ``cap`` in path order: slices of one patient sort together, so those would often be a
+    handful of patients."""
+    kept: Counter[tuple[str | None, str]] = Counter()
+    chosen = []
+    for index in random.Random(seed).sample(range(len(samples)), len(samples)):
+        key = (samples[index].source, samples[index].label or "")
+        kept[key] += 1
+        if kept[key] <= cap:
+            chosen.append(index)
+    return [samples[index] for index in sorted(chosen)]
+
+
 def load_samples(
     source: SourceLike | Sequence[SourceLike],
     *,
@@ -295,15 +311,7 @@ def load_samples(
     else:
         class_names = present
     if max_per_class is not None:
-        # per class within each source: capping across sources would keep only the first source's files
-        kept: Counter[tuple[str | None, str]] = Counter()
-        capped = []
-        for s in samples:
-            key = (s.source, s.label or "")
-            kept[key] += 1
-            if kept[key] <= max_per_class:
-                capped.append(s)
-        samples = capped
+        samples = cap_per_class(samples, max_per_class)
     check_files = check_files or ("decode" if skip_bad else "header")
     if check_files != "none":
         samples, unreadable = verify_readable(samples, decode=check_files == "decode", limits=limits)
