@@ -17,7 +17,7 @@ from PIL import Image
 from covidscan.data import LUNG_WINDOW, apply_window
 from covidscan.data.synthetic import write_dicom_series
 from covidscan.inference import load_predictor, predict_study
-from helpers import make_checkpoint
+from helpers import CLASSES, make_checkpoint
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
@@ -193,5 +193,10 @@ def test_a_3d_model_answers_stacks_and_the_viewer_still_shows_every_slice(tmp_pa
             assert body["unit"] == "stack" and body["series"]["slices"] == 7
             assert [(item["index"], item["last_index"]) for item in body["items"]] == [(0, 3), (3, 6)]
             assert client3d.get(f"/v1/studies/{body['study_id']}/slices/6").status_code == 200
-            cam = client3d.get(f"/v1/studies/{body['study_id']}/slices/6/cam").json()
-            assert cam["error"] == "explain_unavailable" and "covidscan explain" in cam["detail"]
+            cam = client3d.get(f"/v1/studies/{body['study_id']}/slices/6/cam")
+            assert cam.status_code == 200 and cam.headers["content-type"] == "image/png"
+            assert Image.open(io.BytesIO(cam.content)).size == (24, 24)  # the slice's own size, not the model's
+            assert cam.headers["X-Predicted-Label"] in CLASSES
+            first = client3d.get(f"/v1/studies/{body['study_id']}/slices/0/cam").content
+            assert first != cam.content  # each slice gets its own plane of the whole-scan map
+            assert client3d.get(f"/v1/studies/{body['study_id']}/slices/7/cam").status_code == 400

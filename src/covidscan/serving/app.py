@@ -33,7 +33,14 @@ from covidscan.inference import RESEARCH_USE_NOTICE, NonFiniteOutputError, Predi
 from covidscan.serving.studies import StudyStore
 from covidscan.serving.study_routes import study_router
 from covidscan.serving.study_upload import StudyLimits
-from covidscan.serving.upload import DecodedImage, UploadError, UploadLimits, decode_upload, to_png
+from covidscan.serving.upload import (
+    DecodedImage,
+    UploadError,
+    UploadLimits,
+    decode_upload,
+    require_explainable,
+    to_png,
+)
 
 log = logging.getLogger(__name__)
 STATIC_DIR = Path(str(resources.files("covidscan.serving") / "static"))
@@ -184,12 +191,7 @@ def create_app(
         target: str | None = Query(None, description="class to explain (default: the predicted one)"),
     ) -> Response:
         served: ServedModel = request.app.state.served
-        if not served.predictor.explainable:
-            raise UploadError(
-                409,
-                "explain_unavailable",
-                "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM",
-            )
+        require_explainable(served.predictor)
         if method not in CAM_METHODS:
             raise UploadError(400, "invalid_argument", f"method must be one of {list(CAM_METHODS)}, got {method!r}")
         if target is not None and target not in served.predictor.card.class_names:

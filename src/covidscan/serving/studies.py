@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -32,6 +32,9 @@ from covidscan.data.readers.dicom import DicomSeriesReader, read_dicom_header
 from covidscan.data.volumes import slice_image_files
 from covidscan.inference import StudyPrediction
 from covidscan.serving.upload import UploadError
+
+if TYPE_CHECKING:
+    from covidscan.explain import Explanation
 
 WINDOWS = {
     "lung": LUNG_WINDOW,
@@ -87,6 +90,7 @@ class StoredStudy:
     slices: StudySlices
     answer: dict[str, Any]
     created: float = field(default_factory=time.monotonic)
+    scan_cams: dict[tuple[str, str | None], Explanation] = field(default_factory=dict)  # 3D: (method, class)
 
 
 class StudyStore:

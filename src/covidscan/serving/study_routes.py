@@ -6,7 +6,8 @@ is :meth:`StudyPrediction.to_dict` (study probabilities, the aggregation rule, p
 probabilities, series metadata with patient identifiers only when ``include_identifiers=true``, model
 provenance, the research-use warning), named after the uploaded file rather than the server's folder.
 With ``keep=true`` the study stays on the server briefly (:class:`~covidscan.serving.studies.StudyStore`)
-for the viewer: slices in a CT window and the Grad-CAM heatmap of a chosen slice.
+for the viewer: slices in a CT window and the Grad-CAM heatmap of a chosen slice (a 3D model's
+whole-scan map, computed once per study, method and class, cut at that slice).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
@@ -25,7 +27,7 @@ from covidscan.explain import CAM_METHODS, CamMethod, explain_image
 from covidscan.inference import AGGREGATIONS, Predictor, StudyPrediction, predict_study
 from covidscan.serving.studies import StudySlices, StudyStore, gray_png, heatmap_png, window_by_name
 from covidscan.serving.study_upload import StudyLimits, cleanup, store_study, study_refusal
-from covidscan.serving.upload import UploadError
+from covidscan.serving.upload import UploadError, require_explainable
 
 STUDY_SUFFIXES = (".nii.gz", ".nii", ".zip")
 
@@ -131,39 +133,43 @@ def study_router(limits: StudyLimits, store: StudyStore) -> APIRouter:
         study_id: str,
         index: int,
         method: str = Query("gradcam", description="gradcam, gradcampp or smoothgradcampp"),
-        target: str | None = Query(None, description="class to explain (default: the slice's predicted class)"),
+        target: str | None = Query(None, description="class to explain (default: the predicted class)"),
     ):
         served = request.app.state.served
         predictor = served.predictor
-        _require_2d_explainable(predictor)
+        require_explainable(predictor)
         if method not in CAM_METHODS:
             raise UploadError(400, "invalid_argument", f"method must be one of {list(CAM_METHODS)}, got {method!r}")
         if target is not None and target not in predictor.class_names:
             raise UploadError(400, "invalid_argument", f"target must be one of {predictor.class_names}, got {target!r}")
-        slices = store.get(study_id).slices
+        stored = store.get(study_id)
+        slices = stored.slices
         window = predictor.members[0].preprocessing.window or LUNG_WINDOW  # as predict_study reads slices
         pixels = await anyio.to_thread.run_sync(slices.windowed, index, window)
-        explanation = await anyio.to_thread.run_sync(
-            partial(explain_image, predictor, pixels, method=cast(CamMethod, method), target_class=target),
-            limiter=served.limiter,
-        )
-        png = await anyio.to_thread.run_sync(heatmap_png, explanation.map, pixels.shape)
+        if predictor.spatial_dims == 3:
+            # the whole-scan map (every stack, stitched), computed once per study, method and class
+            key = (method, target)
+            explanation = stored.scan_cams.get(key)
+            if explanation is None:
+                explanation = await anyio.to_thread.run_sync(
+                    partial(explain_image, predictor, slices.scan, method=cast(CamMethod, method), target_class=target),
+                    limiter=served.limiter,
+                )
+                stored.scan_cams[key] = explanation
+            cam = scan_map_slice(explanation.map, index, slices.count)
+        else:
+            explanation = await anyio.to_thread.run_sync(
+                partial(explain_image, predictor, pixels, method=cast(CamMethod, method), target_class=target),
+                limiter=served.limiter,
+            )
+            cam = explanation.map
+        png = await anyio.to_thread.run_sync(heatmap_png, cam, pixels.shape)
         return Response(png, media_type="image/png", headers={"X-Predicted-Label": explanation.predicted})
 
     return router
 
 
-def _require_2d_explainable(predictor: Predictor) -> None:
-    if not predictor.explainable:
-        raise UploadError(
-            409,
-            "explain_unavailable",
-            "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM",
-        )
-    if predictor.spatial_dims != 2:
-        raise UploadError(
-            409,
-            "explain_unavailable",
-            "per-slice heatmaps need a 2D model; for a 3D model run `covidscan explain --checkpoint RUN --input "
-            "STUDY` (a whole-scan CAM)",
-        )
+def scan_map_slice(scan_map: np.ndarray, index: int, slices: int) -> np.ndarray:
+    """The plane of a 3D model's (D', S, S) whole-scan map that covers slice ``index`` of the study's
+    ``slices``: D' differs from the slice count when the pipeline resamples along z."""
+    return scan_map[min(scan_map.shape[0] - 1, int((index + 0.5) * scan_map.shape[0] / slices))]

@@ -21,6 +21,7 @@ from covidscan.data import DataError, read_image
 from covidscan.data.readers import LimitError, NoPixelDataError
 from covidscan.data.readers.base import SKIP_HINT
 from covidscan.errors import UsageError
+from covidscan.inference import Predictor
 
 ACCEPTED_CONTENT_TYPES = frozenset(
     {
@@ -136,3 +137,13 @@ def to_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def require_explainable(predictor: Predictor) -> None:
+    """Grad-CAM needs the PyTorch model: 409 for an ONNX model served without its checkpoint."""
+    if not predictor.explainable:
+        raise UploadError(
+            409,
+            "explain_unavailable",
+            "serving an ONNX model without its checkpoint; restart with --checkpoint for Grad-CAM",
+        )
