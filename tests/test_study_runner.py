@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from covidscan.config import ConfigError
+from covidscan.models import create_model_from_config
 from covidscan.studies import list_studies, load_study, plan_runs, run_study
 from covidscan.studies.spec import expand_grid
 from helpers import write_image_folder
@@ -160,6 +161,15 @@ def test_study_file_errors_name_the_key(study_file):
         load_study(study_file)
     with pytest.raises(ConfigError, match="no study 'Z'"):
         load_study("Z")
+
+
+@pytest.mark.parametrize("study", ["A", "B", "C", "D", "E"])
+def test_every_quick_run_of_a_shipped_study_builds_its_model(study, monkeypatch, tmp_path):
+    """`study run X --quick` must not stop at a model that cannot take the quick input size."""
+    monkeypatch.chdir(ROOT)
+    spec = load_study(study)
+    for run in plan_runs(spec, tmp_path, quick=True).values():
+        create_model_from_config(run.config, 3, load_weights=False)
 
 
 def test_shipped_studies_load_and_study_c_quick_keeps_its_grid_subset(monkeypatch, tmp_path):
