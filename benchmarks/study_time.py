@@ -46,12 +46,16 @@ from covidscan.training.data import load_run_splits
 
 
 def items_per_epoch(config: RunConfig) -> int:
-    """Training + validation items one epoch of ``config`` goes through (stacks for 3D data)."""
+    """Training + validation items one epoch of ``config`` goes through: images for 2D data, slice
+    stacks for 3D data (counted by the volume dataset, which reads only the scans' headers)."""
     splits = load_run_splits(config)
     total = 0
     for split, is_train in (("train", True), ("val", False)):
-        dataset = build_dataset(config.data, splits.subset(split).samples, splits.class_names, train=is_train)
-        total += len(cast(Sized, dataset))
+        samples = splits.subset(split).samples
+        if config.data.spatial_dims == 2:
+            total += len(samples)
+        else:
+            total += len(cast(Sized, build_dataset(config.data, samples, splits.class_names, train=is_train)))
     return total
 
 
