@@ -109,6 +109,20 @@ def test_a_changed_member_checkpoint_is_refused(runs, tmp_path):
         load_predictor(ensemble)
 
 
+def test_the_same_split_written_in_an_older_layout_is_shared(runs, tmp_path):
+    """A run from before splits.csv had its `source` column holds the same split: the ensemble keeps it."""
+    older = make_checkpoint(tmp_path, seed=3, name="older")
+    rows = list(csv.DictReader((runs[0] / "splits.csv").open()))
+    with (older / "splits.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["path", "label", "patient_id", "split"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert (older / "splits.csv").read_bytes() != (runs[0] / "splits.csv").read_bytes()
+    ensemble = make_ensemble([runs[0], older], tmp_path / "e")
+    assert (ensemble / "splits.csv").is_file()
+    assert evaluate(ensemble, n_bootstrap=0, write=False).report.n_items == 4
+
+
 def test_members_with_different_splits_leave_the_ensemble_without_a_test_split(runs, images, tmp_path):
     other = make_checkpoint(tmp_path, seed=3, name="c")
     samples = [s.with_split("test") for s in load_samples(images).samples]

@@ -26,6 +26,7 @@ import torch
 
 from covidscan import __version__
 from covidscan.checkpoint import ModelFileError, resolve_checkpoint
+from covidscan.data.splits import load_splits
 from covidscan.errors import UsageError
 from covidscan.inference.card import ModelCard, file_sha256
 from covidscan.inference.predictor import Member, Predictor, load_checkpoint_member
@@ -153,9 +154,16 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 def _shared_splits(members: Sequence[Member]) -> Path | None:
-    """The members' common ``splits.csv``, or None when any lacks one or they differ."""
+    """The members' common ``splits.csv``, or None when any lacks one or they assign differently.
+
+    Compared by what they assign (path, label, patient, split), not byte for byte: a run written
+    before ``splits.csv`` gained its ``source`` column holds the same split in another layout."""
     files = [m.run_dir / "splits.csv" if m.run_dir else None for m in members]
     if any(f is None or not f.is_file() for f in files):
         return None
-    contents = {f.read_bytes() for f in files if f is not None}
-    return files[0] if len(contents) == 1 else None
+    assignments = {
+        frozenset((s.path, s.label, s.patient_id, s.split) for s in load_splits(f).samples)
+        for f in files
+        if f is not None
+    }
+    return files[0] if len(assignments) == 1 else None
