@@ -21,7 +21,9 @@ study E's head, one head-only epoch then all layers, 224 px, study E's light aug
 lever changes one thing (the ``--set`` overrides are printed with the table): lung crop / mask
 (``data.lung``), robust augmentation + CLAHE (``data.augment.preset: robust``, ``data.intensity``),
 the backbone (EfficientNet-Lite0/1), test-time augmentation (``tta``), an ensemble of the three
-backbones (``covidscan.inference.make_ensemble``), training on both sources. ``combined`` takes,
+backbones (``covidscan.inference.make_ensemble``), training on both sources. ``harmonized`` turns on
+every source-invariance lever at once (lung mask, CLAHE, robust augmentation); ``long`` spends more
+compute (224 px, about twice the epochs, cosine decay) to see how far the in-source figures move. ``combined`` takes,
 per lever group, the option with the best mean **validation** AUC of the single-source runs (never
 an external test set) and is trained like the others.
 
@@ -123,6 +125,7 @@ class Recipe:
     group: str | None = None  # lever group the combined recipe chooses in (one option per group)
     tta: bool = False  # evaluate the plain run with test-time augmentation (no training)
     ensemble_of: tuple[str, ...] = ()  # evaluate an ensemble of these recipes' runs (no training)
+    full_epochs: dict[str, int] = field(default_factory=dict)  # all-layers epochs per training set, if not FULL_EPOCHS
 
     @property
     def trains(self) -> bool:
@@ -149,9 +152,20 @@ RECIPES = {
         ),
         Recipe(
             "lite1",
-            "EfficientNet-Lite1 (ImageNet) at 240 px",
+            "EfficientNet-Lite1 (ImageNet) instead of MobileNetV2",
             ("model.name=efficientnet_lite1", "data.normalize=inception"),
             group="backbone",
+        ),
+        Recipe(
+            "harmonized",
+            "every source-invariance lever at once: lung mask + CLAHE + robust augmentation",
+            ("data.lung=mask", "data.intensity=clahe", "data.augment.preset=robust"),
+        ),
+        Recipe(
+            "long",
+            "plain at 224 px, about twice the epochs, cosine learning-rate decay",
+            ("data.image_size=224", "training.phases.1.scheduler.name=cosine"),
+            full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
         ),
         Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
         Recipe("ensemble", "mean of plain + robust-aug + lite0", ensemble_of=("plain", "robust-aug", "lite0")),
@@ -220,13 +234,20 @@ def base_config(training_set: str, settings: Settings) -> dict[str, Any]:
     }
 
 
-def recipe_config(recipe: Recipe, training_set: str, settings: Settings, extra: tuple[str, ...] = ()) -> RunConfig:
+def recipe_overrides(recipe: Recipe, training_set: str, settings: Settings) -> list[str]:
+    """The ``--set`` overrides of ``recipe`` on the plain recipe for one training set."""
+    overrides = list(recipe.overrides)
+    if settings.quick:  # the quick size and epochs whatever the recipe says
+        return [o for o in overrides if not o.startswith("data.image_size=")]
+    if recipe.full_epochs:
+        overrides.append(f"training.phases.1.epochs={recipe.full_epochs[training_set]}")
+    return overrides
+
+
+def recipe_config(recipe: Recipe, training_set: str, settings: Settings) -> RunConfig:
     raw = base_config(training_set, settings)
     raw["name"] = run_id(recipe.name, training_set)
-    overrides = [*recipe.overrides, *extra]
-    if settings.quick:  # the image size stays the quick one whatever the recipe says
-        overrides = [o for o in overrides if not o.startswith("data.image_size=")]
-    return config_from_dict(raw, overrides)
+    return config_from_dict(raw, recipe_overrides(recipe, training_set, settings))
 
 
 # --------------------------------------------------------------------------------------------- test sets
@@ -386,7 +407,7 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
         recipe = Recipe("combined", "best option per lever group on validation", combined_overrides(settings))
     else:
         recipe = RECIPES[recipe_name]
-    record["overrides"] = list(recipe.overrides)
+    record["overrides"] = recipe_overrides(recipe, training_set, settings)
     if recipe.tta:
         model = settings.out / "runs" / run_id("plain", training_set)
     elif recipe.ensemble_of:

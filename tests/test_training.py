@@ -62,6 +62,21 @@ def test_step_schedule_multiplies_by_gamma_every_step_size_epochs():
     assert lrs == pytest.approx([1e-3] * 3 + [1e-4] * 3 + [1e-5])
 
 
+def test_cosine_schedule_anneals_to_min_lr_over_the_phase():
+    param = torch.nn.Parameter(torch.zeros(1))
+    phase = PhaseConfig(epochs=4, lr=1e-3, scheduler=SchedulerConfig(name="cosine", min_lr=1e-5))
+    optimizer = build_optimizer(phase, [param])
+    schedule = build_schedule(phase.scheduler, optimizer, phase.epochs)
+    lrs = []
+    for _ in range(phase.epochs + 1):
+        _steps(optimizer, schedule, 2)  # per-epoch schedules ignore steps
+        lrs.append(optimizer.param_groups[0]["lr"])
+        schedule.step_epoch()
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(5)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(1e-5)
+
+
 def test_early_stopping_waits_patience_epochs_after_the_best():
     stopper = EarlyStopping("val_loss", patience=2, mode="min", min_delta=0.05)
     losses = [1.0, 0.9, 0.88, 0.87]  # 0.88 and 0.87 improve by less than min_delta

@@ -303,17 +303,19 @@ class ModelConfig:
 class SchedulerConfig:
     """Learning-rate schedule; ``exponential`` decays per optimisation step as Keras does."""
 
-    name: Literal["constant", "step", "exponential"] = "constant"
+    name: Literal["constant", "step", "exponential", "cosine"] = "constant"
     step_size: int = 10  # epochs between x gamma for "step"
     gamma: float = 0.1
     decay_steps: int = 100_000  # for "exponential": lr * rate ** (step / decay_steps)
     decay_rate: float = 0.96
+    min_lr: float = 0.0  # for "cosine": the rate reached after the phase's last epoch
 
     def __post_init__(self) -> None:
         _check(self.step_size >= 1, "scheduler.step_size must be >= 1")
         _check(0 < self.gamma <= 1, "scheduler.gamma must be in (0, 1]")
         _check(self.decay_steps >= 1, "scheduler.decay_steps must be >= 1")
         _check(0 < self.decay_rate <= 1, "scheduler.decay_rate must be in (0, 1]")
+        _check(self.min_lr >= 0, "scheduler.min_lr must be >= 0")
 
 
 @dataclass

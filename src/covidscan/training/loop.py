@@ -261,7 +261,7 @@ class TrainingLoop:
             forward_model = cast(nn.Module, torch.compile(forward_model))
         self.forward_model = forward_model
         self.optimizer = build_optimizer(phase, (p for p in self.model.parameters() if p.requires_grad))
-        self.schedule = build_schedule(phase.scheduler, self.optimizer)
+        self.schedule = build_schedule(phase.scheduler, self.optimizer, phase.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
         if resume is not None:
             self.optimizer.load_state_dict(resume["optimizer"])

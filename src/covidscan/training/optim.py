@@ -3,7 +3,8 @@
 Schedules are plain ``torch.optim.lr_scheduler`` objects so their state round-trips through a
 checkpoint. ``exponential`` follows Keras' ``ExponentialDecay`` (study B): it is stepped once per
 optimisation step and gives ``lr * decay_rate ** (step / decay_steps)``; ``step`` multiplies by
-``gamma`` every ``step_size`` epochs (study C) and is stepped once per epoch.
+``gamma`` every ``step_size`` epochs (study C) and is stepped once per epoch; ``cosine`` anneals from
+``lr`` to ``min_lr`` over the phase's epochs (stepped per epoch), the usual fine-tuning schedule.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, StepLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, StepLR
 
 from covidscan.config import ConfigError, PhaseConfig, SchedulerConfig
 
@@ -61,11 +62,14 @@ class Schedule:
             self.scheduler.step()
 
 
-def build_schedule(config: SchedulerConfig, optimizer: torch.optim.Optimizer) -> Schedule:
+def build_schedule(config: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int = 1) -> Schedule:
+    """The schedule of a phase of ``epochs`` epochs (only ``cosine`` depends on the length)."""
     if config.name == "exponential":
         return Schedule(LambdaLR(optimizer, ExponentialDecay(config.decay_steps, config.decay_rate)), per_step=True)
     if config.name == "step":
         return Schedule(StepLR(optimizer, step_size=config.step_size, gamma=config.gamma), per_step=False)
+    if config.name == "cosine":
+        return Schedule(CosineAnnealingLR(optimizer, T_max=epochs, eta_min=config.min_lr), per_step=False)
     if config.name == "constant":
         return Schedule(LambdaLR(optimizer, lambda epoch: 1.0), per_step=False)
     raise ConfigError(f"unknown scheduler {config.name!r}")
