@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -121,6 +122,25 @@ def test_leave_one_source_out_matrix_gap_report_and_resume(sources, tmp_path):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 1 and "gap" in html and "held out" in html
     assert "auc_matrix.png" in (out / "report.md").read_text() and (out / "auc_matrix.png").stat().st_size > 0
+
+
+def test_each_fold_evaluates_its_test_split_once_with_crossvals_options(sources, tmp_path, monkeypatch):
+    evaluation = importlib.import_module("covidscan.evaluation.evaluate")  # the module, not the function
+    loaded: list[str] = []  # every evaluation loads its model once
+    real = evaluation.load_predictor
+
+    def counting(run, *args, **kwargs):
+        loaded.append(Path(run).name)
+        return real(run, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "load_predictor", counting)
+    two = {name: sources[name] for name in ("a", "b")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LeakageWarning)
+        cross_validate(loso_config(two, tmp_path, epochs=1), tmp_path / "cv", n_bootstrap=20, seed=7)
+    assert sorted(loaded) == ["holdout-a", "holdout-b"]
+    saved = json.loads((tmp_path / "cv" / "holdout-a" / "evaluation" / "test" / "metrics.json").read_text())
+    assert (saved["bootstrap"]["n_resamples"], saved["bootstrap"]["seed"]) == (20, 7)
 
 
 def test_crossval_needs_several_sources_and_no_fixed_test_source(sources, tmp_path, capsys):

@@ -5,7 +5,7 @@ fold per source: the fold holds that source out, trains on the others (with thei
 split, as the config says) and evaluates on every training source's test part (*in-source*) and on
 the held-out source in full (*out-of-source*). Each fold is an ordinary run directory, made by the
 public trainer (:func:`covidscan.training.train`) with the held-out source as ``data.test_source``,
-and evaluated by :func:`~covidscan.evaluation.evaluate.evaluate`, whose per-source metrics fill one
+and evaluated once, by the trainer's own test evaluation with crossval's options, whose per-source metrics fill one
 row of the train-sources x test-source matrix: ROC AUC, and sensitivity / specificity at the
 threshold chosen on the fold's own validation split, each with its bootstrap 95% CI.
 
@@ -32,8 +32,9 @@ import numpy as np
 
 from covidscan.config import ConfigError, RunConfig, load_config
 from covidscan.data.sources import load_samples, select_sources
-from covidscan.evaluation.evaluate import Evaluation, evaluate
+from covidscan.evaluation.evaluate import evaluate_run
 from covidscan.evaluation.metrics import METRIC_LABELS, MetricValue
+from covidscan.evaluation.results import EvaluationReport
 from covidscan.evaluation.transfer import transfer_verdict
 from covidscan.runtime import write_json, write_text
 from covidscan.tracking.callbacks import flatten
@@ -161,17 +162,15 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def _cells(evaluation: Evaluation, held_out: str) -> dict[str, CrossValCell]:
+def _cells(report: EvaluationReport, held_out: str) -> dict[str, CrossValCell]:
     """The fold's test split, one cell per source (``per_source``; the pooled metrics when the split
-    holds one source only)."""
-    report = evaluation.report
+    holds one source only: the held-out one, which is always in it)."""
     parts: dict[str, tuple[int, dict[str, MetricValue], dict[str, MetricValue] | None]] = {
         name: (part.n_items, part.metrics, part.at_threshold) for name, part in report.per_source.items()
     }
     if not parts:
-        (only,) = {source or "(no source)" for source in evaluation.sources}
         at_threshold = report.operating_point.metrics if report.operating_point else None
-        parts[only] = (report.n_items, report.metrics, at_threshold)
+        parts[held_out] = (report.n_items, report.metrics, at_threshold)
     cells = {}
     for name, (n_items, metrics, at_threshold) in parts.items():
         chosen = at_threshold or metrics
@@ -197,13 +196,16 @@ def _fold(
     train_sources = [s for s in sources if s != held_out]
     fold_config = select_sources(config, train_sources, test=[held_out])
     fold_config.name = f"{config.name}-without-{held_out}"
+    report = None
     if not (fold_dir / "metrics.json").is_file():  # the trainer writes it last: training finished
         resume = (fold_dir / "checkpoints" / "last.pt").is_file()
         logger.info("crossval: %s fold without %s in %s", "resuming" if resume else "training", held_out, fold_dir)
-        train(fold_config, run_dir=fold_dir, callbacks=callbacks, resume=resume)
-    evaluation = evaluate(fold_dir, split="test", name="test", **options)
-    threshold = evaluation.report.operating_point.point.threshold if evaluation.report.operating_point else None
-    fold = CrossValFold(held_out, train_sources, str(fold_dir), threshold, _cells(evaluation, held_out))
+        # the trainer's own test evaluation, with crossval's options: the fold's test split is evaluated once
+        report = train(fold_config, fold_dir, callbacks, resume, evaluate_options=options).test_metrics
+    if report is None:  # trained before an interruption: evaluate the finished fold now
+        report = evaluate_run(fold_dir, split="test", **options)
+    threshold = report.operating_point.point.threshold if report.operating_point else None
+    fold = CrossValFold(held_out, train_sources, str(fold_dir), threshold, _cells(report, held_out))
     write_json(result_file, fold.to_dict())
     return fold
 

@@ -3,14 +3,14 @@
 
 This is where training depends on evaluation, and only here: the dependency runs one way
 (``covidscan.training`` -> ``covidscan.evaluation``; evaluation never imports training), and the
-loop and the other callbacks do not know it exists. ``TestEvaluation(evaluate=...)`` takes another
-evaluation function, e.g. a faster one in a benchmark.
+loop and the other callbacks do not know it exists. ``TestEvaluation(**options)`` passes evaluation
+options (``n_bootstrap``, ``target_sensitivity``, ...) through, so a caller that wants its own
+(``crossval``) does not evaluate the test split a second time.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +31,12 @@ class TestEvaluation(Callback):
 
     __test__ = False  # a class named Test* is not a pytest test class
 
-    def __init__(self, evaluate: Callable[..., EvaluationReport] = evaluate_run) -> None:
-        self.evaluate = evaluate
+    def __init__(self, **options: Any) -> None:
+        self.options = options  # evaluate_run's keyword arguments
         self.result: EvaluationReport | None = None
 
     def on_fit_end(self, loop: TrainingLoop) -> None:
-        self.result = self.evaluate(loop.run_dir, split="test")
+        self.result = evaluate_run(loop.run_dir, split="test", **self.options)
 
 
 class RunSummary(Callback):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,9 +59,16 @@ class TrainResult:
 
 
 def train(
-    config: RunConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), resume: bool = False
+    config: RunConfig,
+    run_dir: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = False,
+    evaluate_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``run_dir`` (a new timestamped directory when None).
+
+    ``evaluate_options`` go to the final test-split evaluation (:func:`~covidscan.evaluation.evaluate_run`'s
+    keyword arguments: ``n_bootstrap``, ``target_sensitivity``, ...).
 
     With ``resume=True``, ``run_dir`` is an interrupted run: its ``checkpoints/last.pt`` and
     ``splits.csv`` are reloaded and training continues after the last completed epoch; a config
@@ -74,7 +81,15 @@ def train(
     device = device_for(context, resolve_device(config.training.device))
     created = init_distributed(context, device)
     try:
-        return _train(config, Path(run_dir) if run_dir is not None else None, list(callbacks), resume, context, device)
+        return _train(
+            config,
+            Path(run_dir) if run_dir is not None else None,
+            list(callbacks),
+            resume,
+            context,
+            device,
+            dict(evaluate_options or {}),
+        )
     finally:
         shutdown(created)
 
@@ -86,6 +101,7 @@ def _train(
     resume: bool,
     context: DistContext,
     device: torch.device,
+    evaluate_options: dict[str, Any],
 ) -> TrainResult:
     started = time.perf_counter()
     check_plan(config, context)
@@ -107,7 +123,7 @@ def _train(
 
     training = config.training
     best = BestCheckpoint(training.checkpoint_monitor, training.checkpoint_mode)
-    evaluation = TestEvaluation() if splits.subset("test").samples else None
+    evaluation = TestEvaluation(**evaluate_options) if splits.subset("test").samples else None
     stopping = training.early_stopping
     builtins: list[Callback | None] = [
         EarlyStopping(stopping.monitor, stopping.patience, stopping.mode, stopping.min_delta) if stopping else None,
