@@ -161,6 +161,11 @@ def test_data_info_prints_per_source_counts(two_sources, tmp_path, capsys):
     assert "source:   hospital-a + b" in out
     assert "hospital-a      20  (COVID: 12, non-COVID: 8; no patient ids)" in out
     assert "b               20  (COVID: 10, non-COVID: 10; 5 patients)" in out
+    config.write_text(config.read_text() + "  max_per_class: 9\n")  # what the run trains on
+    assert main(["data", "info", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "samples:  35 (data.max_per_class: 9 per class and source)" in out
+    assert "hospital-a      17  (COVID: 9, non-COVID: 8; no patient ids)" in out
 
 
 @pytest.mark.integration

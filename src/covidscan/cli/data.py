@@ -148,7 +148,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _source_spec(args: argparse.Namespace):
-    """The sources to load (paths, or a config's named sources), their label map and read limits."""
+    """The sources to load (paths, or a config's named sources), their label map, read limits and
+    per-class cap (a config's ``data.max_per_class``: the data verbs see what its run trains on)."""
     from covidscan.config import load_config
     from covidscan.data.sources import parse_label_map
     from covidscan.errors import UsageError
@@ -158,10 +159,10 @@ def _source_spec(args: argparse.Namespace):
         if args.source:
             raise UsageError("give either SOURCE ... or --config, not both")
         data = load_config(args.config).data
-        return data.source, {**data.label_map, **label_map}, data.limits
+        return data.source, {**data.label_map, **label_map}, data.limits, data.max_per_class
     if not args.source:
         raise UsageError("give a data source (folder, manifest or 'sample') or --config FILE")
-    return (args.source[0] if len(args.source) == 1 else args.source), label_map, None
+    return (args.source[0] if len(args.source) == 1 else args.source), label_map, None, None
 
 
 def _load(args: argparse.Namespace, check_files: Literal["none", "header", "decode"] | None = None):
@@ -169,10 +170,17 @@ def _load(args: argparse.Namespace, check_files: Literal["none", "header", "deco
     from covidscan.data.records import DataWarning
     from covidscan.data.sources import load_samples
 
-    source, label_map, limits = _source_spec(args)
+    source, label_map, limits, cap = _source_spec(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
-        return load_samples(source, label_map=label_map, skip_bad=args.skip_bad, limits=limits, check_files=check_files)
+        return load_samples(
+            source,
+            label_map=label_map,
+            skip_bad=args.skip_bad,
+            max_per_class=cap,
+            limits=limits,
+            check_files=check_files,
+        )
 
 
 def _print_problems(data) -> None:
@@ -192,8 +200,9 @@ def _info(args: argparse.Namespace) -> int:
     from covidscan.data.splits import split_counts
 
     data = _load(args)
+    cap = _source_spec(args)[3]
     print(f"source:   {_source_text(args)}")
-    print(f"samples:  {len(data.samples)}")
+    print(f"samples:  {len(data.samples)}" + (f" (data.max_per_class: {cap} per class and source)" if cap else ""))
     for name, count in data.class_counts().items():
         print(f"  {name}: {count}")
     patients = {(s.source, s.patient_id) for s in data.samples if s.patient_id}

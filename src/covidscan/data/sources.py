@@ -276,8 +276,8 @@ def load_samples(
     sorted). Manifest problems are errors or :class:`~covidscan.data.records.DataWarning` naming the
     rows, and are kept in ``SampleSet.issues``.
 
-    ``max_per_class`` keeps the first that many samples of each class *in each source* (a quick
-    subset that still holds every source).
+    ``max_per_class`` keeps that many samples of each class *in each source*, a fixed-seed random
+    draw (:func:`cap_per_class`: a quick subset that still holds every source).
 
     Files are checked through their readers within ``limits`` (``check_files``): by default every
     header (cheap: a decompression bomb or an unreadable file is found before anything runs), and
