@@ -23,7 +23,8 @@ lever changes one thing (the ``--set`` overrides are printed with the table): lu
 the backbone (EfficientNet-Lite0/1), test-time augmentation (``tta``), an ensemble of the three
 backbones (``covidscan.inference.make_ensemble``), training on both sources. ``harmonized`` turns on
 every source-invariance lever at once (lung mask, CLAHE, robust augmentation); ``long`` spends more
-compute (224 px, about twice the epochs, cosine decay) to see how far the in-source figures move. ``combined`` takes,
+compute (224 px, about twice the epochs, cosine decay) to see how far the in-source figures move;
+``ensemble-top3`` averages the three trained recipes with the best validation AUC. ``combined`` takes,
 per lever group, the option with the best mean **validation** AUC of the single-source runs (never
 an external test set) and is trained like the others.
 
@@ -125,11 +126,12 @@ class Recipe:
     group: str | None = None  # lever group the combined recipe chooses in (one option per group)
     tta: bool = False  # evaluate the plain run with test-time augmentation (no training)
     ensemble_of: tuple[str, ...] = ()  # evaluate an ensemble of these recipes' runs (no training)
+    ensemble_top: int = 0  # ... or of the trained recipes with the best validation AUC on the training set
     full_epochs: dict[str, int] = field(default_factory=dict)  # all-layers epochs per training set, if not FULL_EPOCHS
 
     @property
     def trains(self) -> bool:
-        return not self.tta and not self.ensemble_of
+        return not self.tta and not self.ensemble_of and not self.ensemble_top
 
 
 RECIPES = {
@@ -169,6 +171,7 @@ RECIPES = {
         ),
         Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
         Recipe("ensemble", "mean of plain + robust-aug + lite0", ensemble_of=("plain", "robust-aug", "lite0")),
+        Recipe("ensemble-top3", "mean of the 3 trained recipes with the best validation AUC", ensemble_top=3),
     )
 }
 LEVER_GROUPS = ("lung", "augment", "backbone")
@@ -398,6 +401,18 @@ def _mean_val_auc(settings: Settings, recipe: str) -> float | None:
     return sum(values) / len(values)
 
 
+def best_on_validation(settings: Settings, training_set: str, count: int) -> tuple[str, ...]:
+    """The ``count`` trained recipes with the highest validation AUC on ``training_set`` (model
+    selection on in-source validation data only, never a test set)."""
+    scores = {}
+    for recipe in (r for r in RECIPES.values() if r.trains):
+        result = load_result(settings, run_id(recipe.name, training_set))
+        if result is None:
+            raise SystemExit(f"ensemble of the best {count}: run {run_id(recipe.name, training_set)} first")
+        scores[recipe.name] = result["evaluations"]["validation"]["roc_auc"]["value"]
+    return tuple(sorted(scores, key=lambda name: -scores[name])[:count])
+
+
 def execute(rid: str, settings: Settings) -> dict[str, Any]:
     """Train and evaluate one run (resumable); its record lands in results/<run>.json."""
     recipe_name, training_set = rid.split("--")
@@ -410,12 +425,12 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
     record["overrides"] = recipe_overrides(recipe, training_set, settings)
     if recipe.tta:
         model = settings.out / "runs" / run_id("plain", training_set)
-    elif recipe.ensemble_of:
+    elif recipe.ensemble_of or recipe.ensemble_top:
         model = settings.out / "ensembles" / rid
+        chosen = recipe.ensemble_of or best_on_validation(settings, training_set, recipe.ensemble_top)
         if not (model / "ensemble.json").is_file():
-            members = [settings.out / "runs" / run_id(member, training_set) for member in recipe.ensemble_of]
-            make_ensemble(members, model)
-        record["members"] = list(recipe.ensemble_of)
+            make_ensemble([settings.out / "runs" / run_id(member, training_set) for member in chosen], model)
+        record["members"] = list(chosen)
     else:
         model = settings.out / "runs" / rid
         train_run(recipe_config(recipe, training_set, settings), model, record)
