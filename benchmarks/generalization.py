@@ -23,7 +23,8 @@ lever changes one thing (the ``--set`` overrides are printed with the table): lu
 the backbone (EfficientNet-Lite0/1), test-time augmentation (``tta``), an ensemble of the three
 backbones (``covidscan.inference.make_ensemble``), training on both sources. ``harmonized`` turns on
 every source-invariance lever at once (lung mask, CLAHE, robust augmentation); ``long`` spends more
-compute (224 px, about twice the epochs, cosine decay) to see how far the in-source figures move;
+compute (224 px, about twice the epochs, cosine decay) to see how far the in-source figures move
+(``long-mask``: with the lung mask);
 ``ensemble-top3`` averages the three trained recipes with the best validation AUC. ``combined`` takes,
 per lever group, the option with the best mean **validation** AUC of the single-source runs (never
 an external test set) and is trained like the others.
@@ -167,6 +168,12 @@ RECIPES = {
             "long",
             "plain at 224 px, about twice the epochs, cosine learning-rate decay",
             ("data.image_size=224", "training.phases.1.scheduler.name=cosine"),
+            full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
+        ),
+        Recipe(
+            "long-mask",
+            "long + black outside the lungs (the best in-source and the best external lever together)",
+            ("data.image_size=224", "training.phases.1.scheduler.name=cosine", "data.lung=mask"),
             full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
         ),
         Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
