@@ -552,7 +552,10 @@ def recipes_legend(records: list[dict[str, Any]]) -> str:
         seen.add(name)
         recipe = RECIPES.get(name)
         what = recipe.description if recipe else "best option per lever group on validation AUC"
-        overrides = ", ".join(f"`{o}`" for o in record.get("overrides", [])) or "-"
+        epochs = "training.phases.1.epochs="  # differs per training set: listed once, below
+        overrides = ", ".join(f"`{o}`" for o in record.get("overrides", []) if not o.startswith(epochs)) or "-"
+        if recipe and recipe.full_epochs:
+            overrides += "; all-layers epochs " + ", ".join(f"{t} {n}" for t, n in recipe.full_epochs.items())
         lines.append(f"| {name} | {what}: {overrides} |")
     return "\n".join(lines)
 
