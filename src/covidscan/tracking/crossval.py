@@ -5,9 +5,9 @@ fold per source: the fold holds that source out, trains on the others (with thei
 split, as the config says) and evaluates on every training source's test part (*in-source*) and on
 the held-out source in full (*out-of-source*). Each fold is an ordinary run directory, made by the
 public trainer (:func:`covidscan.training.train`) with the held-out source as ``data.test_source``,
-and evaluated once, by the trainer's own test evaluation with crossval's options, whose per-source metrics fill one
-row of the train-sources x test-source matrix: ROC AUC, and sensitivity / specificity at the
-threshold chosen on the fold's own validation split, each with its bootstrap 95% CI.
+and evaluated once, by the trainer's own test evaluation run with crossval's options. Its per-source
+metrics fill one row of the train-sources x test-source matrix: ROC AUC, and sensitivity /
+specificity at the threshold chosen on the fold's own validation split, each with its bootstrap 95% CI.
 
 The headline is the gap between the mean in-source AUC and the mean out-of-source AUC: a model that
 learned the disease keeps it small; one that learned its sources (scanner, protocol, borders)
