@@ -445,8 +445,8 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
         record["evaluations"] = evaluate_all(model, sets, settings, tta=recipe.tta)
     record["model"] = str(model.relative_to(settings.out))
     record["date"] = date.today().isoformat()
-    record["commit"] = _commit()
-    record["machine"] = f"{platform.machine()}, {_cpus()} CPUs, torch threads {_threads()}"
+    record["commit"] = commit()
+    record["machine"] = machine()
     path = result_file(settings, rid)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
@@ -461,7 +461,7 @@ def plan() -> list[str]:
     return [*trained, run_id("plain", "both"), *derived, *combined]
 
 
-def _commit() -> str | None:
+def commit() -> str | None:
     """The covidscan commit the run was made with (None outside a git checkout)."""
     import subprocess
 
@@ -469,22 +469,19 @@ def _commit() -> str | None:
     return found.stdout.strip() or None
 
 
-def _cpus() -> int:
+def machine() -> str:
+    """The architecture, CPU count and torch threads a run was measured with."""
     import os
 
-    return os.cpu_count() or 0
-
-
-def _threads() -> int:
     import torch
 
-    return torch.get_num_threads()
+    return f"{platform.machine()}, {os.cpu_count() or 0} CPUs, torch threads {torch.get_num_threads()}"
 
 
 # --------------------------------------------------------------------------------------------- table
 
 
-def _auc(metric: dict[str, Any] | None) -> str:
+def auc_text(metric: dict[str, Any] | None) -> str:
     if not metric or metric.get("value") is None:
         return "-"
     if metric.get("ci_low") is None:
@@ -532,10 +529,10 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 record["recipe"],
                 str(record.get("epochs", "-")),
                 _minutes(record),
-                _auc(cells["validation"]["roc_auc"]),
+                auc_text(cells["validation"]["roc_auc"]),
             ]
             for name in names:
-                row += [_auc(cells[name]["roc_auc"]), _sens_spec(cells[name])]
+                row += [auc_text(cells[name]["roc_auc"]), _sens_spec(cells[name])]
             row.append(" / ".join(gaps) or "-")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -605,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(record: dict[str, Any], say: Callable[[str], None]) -> None:
     for name, cell in record["evaluations"].items():
-        say(f"   {name:<32} AUC {_auc(cell['roc_auc'])}  sens/spec {_sens_spec(cell)}")
+        say(f"   {name:<32} AUC {auc_text(cell['roc_auc'])}  sens/spec {_sens_spec(cell)}")
     if "training" in record:
         say(f"   training {_minutes(record)} min (wall / CPU), {record.get('epochs')} epochs")
 

@@ -62,6 +62,19 @@ def test_covidscan_model_state_dict_loads_and_head_keys_are_ignored(tmp_path):
         assert torch.equal(value, original), key
 
 
+def test_run_directory_as_weights_fine_tunes_its_backbone(tmp_path):
+    """``model.weights=RUN``: a trained run's backbone starts training on another site's data."""
+    source = create_model("sepconv", num_classes=3)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "run" / "checkpoints" / "best.pt")
+    model = create_model("sepconv", num_classes=2, weights=str(tmp_path / "run"))
+    for (key, value), original in zip(model.backbone.state_dict().items(), source.backbone.state_dict().values()):
+        assert torch.equal(value, original), key
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainedWeightsError, match="no checkpoints/best.pt"):
+        create_model("sepconv", num_classes=2, weights=str(tmp_path / "empty"))
+
+
 def test_rgb_weights_are_adapted_to_grayscale_input(tmp_path):
     net = _library_resnet18()
     path = tmp_path / "resnet18.pth"

