@@ -481,7 +481,7 @@ def machine() -> str:
 # --------------------------------------------------------------------------------------------- table
 
 
-def auc_text(metric: dict[str, Any] | None) -> str:
+def ci_text(metric: dict[str, Any] | None) -> str:
     if not metric or metric.get("value") is None:
         return "-"
     if metric.get("ci_low") is None:
@@ -529,10 +529,10 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 record["recipe"],
                 str(record.get("epochs", "-")),
                 _minutes(record),
-                auc_text(cells["validation"]["roc_auc"]),
+                ci_text(cells["validation"]["roc_auc"]),
             ]
             for name in names:
-                row += [auc_text(cells[name]["roc_auc"]), _sens_spec(cells[name])]
+                row += [ci_text(cells[name]["roc_auc"]), _sens_spec(cells[name])]
             row.append(" / ".join(gaps) or "-")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(record: dict[str, Any], say: Callable[[str], None]) -> None:
     for name, cell in record["evaluations"].items():
-        say(f"   {name:<32} AUC {auc_text(cell['roc_auc'])}  sens/spec {_sens_spec(cell)}")
+        say(f"   {name:<32} AUC {ci_text(cell['roc_auc'])}  sens/spec {_sens_spec(cell)}")
     if "training" in record:
         say(f"   training {_minutes(record)} min (wall / CPU), {record.get('epochs')} epochs")
 

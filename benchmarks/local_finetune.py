@@ -14,8 +14,8 @@ whole patients, so every smaller set is inside the larger ones). Each set trains
 
 Every run gets the same number of optimisation steps: with a fraction *f* of the training patients
 both phases run about 1/*f* times the epochs (early stopping on validation loss still applies). The
-table gives the covid-ct test split's ROC AUC with a 1,000-resample bootstrap 95% CI, and F1 at the
-threshold chosen on the validation split; ``learning_curve.png`` plots AUC against training patients.
+table gives the covid-ct test split's ROC AUC and F1 (predicted class = the most probable one), each
+with a 1,000-resample bootstrap 95% CI; ``learning_curve.png`` plots AUC against training patients.
 
 Results land in ``benchmarks/out/local-finetune/`` (git-ignored), one run directory and one
 ``results/<run>.json`` per run; finished runs are skipped on a rerun, an interrupted one resumes.
@@ -49,8 +49,8 @@ from generalization import (
     SPLIT_RATIOS,
     Settings,
     TestSet,
-    auc_text,
     base_config,
+    ci_text,
     commit,
     evaluate_all,
     execute,
@@ -140,12 +140,13 @@ def _cell(record: dict[str, Any] | None) -> list[str]:
     if record is None:
         return ["-", "-"]
     test = record["evaluations"][TEST.name]
-    f1 = test.get("f1_at_threshold") or {}
-    return [auc_text(test["roc_auc"]), f"{f1['value']:.3f}" if f1.get("value") is not None else "-"]
+    return [ci_text(test["roc_auc"]), ci_text(test["f1"])]
 
 
 def markdown(records: dict[str, dict[str, Any]]) -> str:
-    header = ["training patients (images)"] + [f"from {start}: {m}" for start in STARTS for m in ("AUC [95% CI]", "F1")]
+    header = ["training patients (images)"] + [
+        f"from {start}: {m}" for start in STARTS for m in ("AUC [95% CI]", "F1 [95% CI]")
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for percent in FRACTIONS:
         cells = [records.get(f"{start}--{percent}") for start in STARTS]

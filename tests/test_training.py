@@ -171,6 +171,20 @@ def test_head_only_phase_leaves_the_backbone_unchanged(image_folder, tmp_path):
     assert any(not torch.equal(second[k], third[k]) for k in backbone)  # trained in phase 2
 
 
+def test_a_run_directory_as_model_weights_starts_from_that_runs_backbone(image_folder, tmp_path):
+    """Fine-tuning at a new site: ``model.weights=RUN`` starts from the run's trained backbone (so a
+    head-only phase is no frozen *random* backbone) and a fresh head."""
+    shipped = train(tiny_config(image_folder, tmp_path), run_dir=tmp_path / "shipped")
+    trained = load_checkpoint(shipped.run_dir)["state_dict"]
+    overrides = [f"model.weights={shipped.run_dir}", "training.phases=[{epochs: 1, lr: 0.01, trainable: head}]"]
+    recorder = StateRecorder()
+    train(tiny_config(image_folder, tmp_path, overrides), callbacks=[recorder])
+    tuned = recorder.states[1]
+    backbone = [k for k in trained if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    assert backbone and all(torch.equal(tuned[k], trained[k]) for k in backbone)
+    assert any(not torch.equal(tuned[k], trained[k]) for k in tuned if k.startswith("head."))
+
+
 def test_early_stopping_ends_the_phase(image_folder, tmp_path):
     config = tiny_config(
         image_folder,
