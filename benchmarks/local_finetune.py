@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,7 @@ def run_config(rid: str, data: Path, shipped: Path, settings: Settings) -> Any:
 
 def shipped_model(settings: Settings, source_out: Path) -> Path:
     """The plain sarscov2-ct run of generalization.py, trained there first when missing."""
-    source = Settings(
-        settings.datasets, source_out, settings.quick, settings.bootstrap, settings.workers, settings.seed
-    )
+    source = replace(settings, out=source_out)
     if load_result(source, SHIPPED) is None:
         print(f"== {SHIPPED} (generalization.py, the model a site starts from)", flush=True)
         execute(SHIPPED, source)
