@@ -220,7 +220,11 @@ def plot(records: dict[str, dict[str, Any]], path: Path) -> None:
     axis.axhline(0.5, color="grey", linestyle=":", label="chance")
     axis.set(xlabel=f"{SITE} training patients", ylabel=f"{SITE} test ROC AUC (95% CI)", ylim=(0.3, 1.0))
     axis.set_title("Fine-tuning at a new site: local labelled data needed")
-    axis.legend(loc="lower right")
+    axis.set_xscale("log")  # sizes grow geometrically: equal steps on the page
+    ticks = sorted({r["train_patients"] for r in records.values()})
+    axis.set_xticks(ticks, [str(t) for t in ticks])
+    axis.minorticks_off()
+    axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
