@@ -151,3 +151,49 @@ def test_missing_pacs_extra(monkeypatch):
     _block(monkeypatch, "dicomweb_client", "dicomweb_client.api")
     with _expect_extra("pacs"):
         connect("http://127.0.0.1:8042/dicom-web")
+
+
+def test_a_library_log_message_shows_once_per_kind():
+    """Hundreds of "Invalid value for VR UI: '<uid>'" lines (one per file of a de-identified series)
+    become one, with its example; another kind of message still shows."""
+    import logging
+
+    from covidscan.notices import OncePerKindFilter
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("covidscan-test-once-per-kind")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.addFilter(OncePerKindFilter())
+    for uid in ("1bc8b288-610b", "896911bf-1143", "7afb0d48-ec01"):
+        logger.warning("Invalid value for VR UI: '%s'. Please see the standard", uid)
+    logger.warning("Invalid value for VR DS: '1,5'")
+    assert records == [
+        "Invalid value for VR UI: '1bc8b288-610b'. Please see the standard",
+        "Invalid value for VR DS: '1,5'",
+    ]
+
+
+def test_cli_prints_a_dicom_header_complaint_once_not_once_per_file(tmp_path):
+    import subprocess
+
+    import numpy as np
+    from pydicom import config as pydicom_config
+
+    from covidscan.data.synthetic import write_dicom_series
+
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE  # write a UUID as a UID, as exporters do
+    try:
+        for label, patient in (("COVID", "p1"), ("Normal", "p2")):
+            write_dicom_series(tmp_path / label / patient, np.zeros((3, 8, 8)), series_uid=f"{patient}-1bc8b288-610b")
+    finally:
+        pydicom_config.settings.writing_validation_mode = previous
+    done = subprocess.run(
+        [sys.executable, "-m", "covidscan", "data", "info", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    complaints = [line for line in done.stderr.splitlines() if "Invalid value for VR UI" in line]
+    assert len(complaints) == 1, done.stderr  # 6 files with invalid UIDs, each read at least once

@@ -9,6 +9,8 @@ depend on which test ran first, calls :func:`reset_warnings`.
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import warnings
 
@@ -40,6 +42,29 @@ class WarnOnce:
 
 
 warn_once = WarnOnce()
+
+
+class OncePerKindFilter(logging.Filter):
+    """Let a library's log message through once per kind (its text with quoted values blanked).
+
+    pydicom logs "Invalid value for VR UI: '<uid>'" for every file of a de-identified series whose
+    UIDs are UUIDs: hundreds of identical lines for one harmless fact. The first of each kind still
+    shows, with its example value; ``-v`` shows them all."""
+
+    _QUOTED = re.compile(r"'[^']*'")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self._QUOTED.sub("'...'", record.getMessage())
+        with self._lock:
+            if kind in self._seen:
+                return False
+            self._seen.add(kind)
+        return True
 
 
 def reset_warnings() -> None:

@@ -17,9 +17,11 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from covidscan import __version__
 from covidscan.errors import UserError
+from covidscan.notices import OncePerKindFilter
 
 VERBS = (
     "data",
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    if not args.verbose:  # one line per kind of DICOM header complaint, not one (or two) per file
+        logging.getLogger("pydicom").addFilter(OncePerKindFilter())
+        # pydicom both logs and warns each invalid value; the log line above already says it
+        warnings.filterwarnings("ignore", message="Invalid value for VR", module=r"pydicom\.")
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
