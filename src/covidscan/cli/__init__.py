@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:  # one line per kind of DICOM header complaint, not one (or two) per file
-        logging.getLogger("pydicom").addFilter(OncePerKindFilter())
-        # pydicom both logs and warns each invalid value; the log line above already says it
+        dicom_log = logging.getLogger("pydicom")
+        if not any(isinstance(f, OncePerKindFilter) for f in dicom_log.filters):
+            dicom_log.addFilter(OncePerKindFilter())
+        # pydicom both logs and warns each invalid value; its log line says it already
         warnings.filterwarnings("ignore", message="Invalid value for VR", module=r"pydicom\.")
     if not getattr(args, "handler", None):
         parser.print_help()

