@@ -15,9 +15,9 @@ whole patients, so every smaller set is inside the larger ones). Each set trains
 ``--draws N`` repeats the sizes below 100 % with other draws of patients (the spread says how much
 one draw's figure can be trusted). Every run gets the same number of optimisation steps: with a
 fraction *f* of the training patients both phases run about 1/*f* times the epochs (early stopping on
-validation loss still applies). The table gives the covid-ct test split's ROC AUC and F1 (predicted
-class = the most probable one), each with a 1,000-resample bootstrap 95% CI; ``learning_curve.png``
-plots AUC against training patients.
+validation loss still applies). The table starts with the shipped model as is (no local patients),
+then gives the covid-ct test split's ROC AUC and F1 (predicted class = the most probable one), each
+with a 1,000-resample bootstrap 95% CI; ``learning_curve.png`` plots AUC against training patients.
 
 Results land in ``benchmarks/out/local-finetune/`` (git-ignored), one run directory and one
 ``results/<run>.json`` per run; finished runs are skipped on a rerun, an interrupted one resumes.
@@ -46,6 +46,7 @@ from covidscan.config import SplitConfig, config_from_dict
 from covidscan.data import load_samples
 from covidscan.data.records import SampleSet
 from covidscan.data.splits import assign_splits, save_splits
+from covidscan.evaluation import evaluate
 from generalization import (
     DEFAULT_DATASETS,
     FULL_EPOCHS,
@@ -61,6 +62,7 @@ from generalization import (
     load_result,
     machine,
     run_id,
+    summarize,
     train_run,
 )
 
@@ -68,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "out" / "local-finetune"
 SITE = "covid-ct"  # the new hospital
 SHIPPED = run_id("plain", "sarscov2-ct")  # the model a site starts from
+AS_SHIPPED = "sarscov2-ct--0"  # that model as is, no local patients: where the curve starts
 FRACTIONS = (10, 25, 50, 100)  # % of the site's training patients
 STARTS = ("imagenet", "sarscov2-ct")
 TEST = TestSet(f"{SITE} (test split)", None, {}, True)
@@ -142,6 +145,26 @@ def shipped_model(settings: Settings, source_out: Path) -> Path:
     return source_out / "runs" / SHIPPED
 
 
+def write_record(record: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    record.update(date=date.today().isoformat(), commit=commit(), machine=machine())
+    path = settings.out / "results" / f"{record['run']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def evaluate_as_shipped(split: SampleSet, shipped: Path, settings: Settings) -> dict[str, Any]:
+    """The shipped model without any local patients, on the site's test split (an external set to it)."""
+    data = settings.out / "manifests" / "test.csv"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    save_splits(SampleSet([s for s in split.samples if s.split == "test"], split.class_names), data)
+    out = settings.out / "runs" / AS_SHIPPED / "evaluation" / "test"
+    report = evaluate(shipped, data, "test", out, {}, settings.bootstrap, external=True).report
+    record = {"run": AS_SHIPPED, "start": "sarscov2-ct", "percent": 0, "draw": 0, "train_patients": 0}
+    record.update(train_images=0, model=str(shipped), evaluations={TEST.name: summarize(report.to_dict())})
+    return write_record(record, settings)
+
+
 def execute_run(rid: str, split: SampleSet, shipped: Path, settings: Settings) -> dict[str, Any]:
     start, percent, draw = parse_run(rid)
     data, patients, images = manifest(split, percent, draw, settings)
@@ -150,13 +173,7 @@ def execute_run(rid: str, split: SampleSet, shipped: Path, settings: Settings) -
     model = settings.out / "runs" / rid
     train_run(run_config(rid, data, shipped, settings), model, record)
     record["evaluations"] = evaluate_all(model, [TEST], settings, tta=False)
-    record["date"] = date.today().isoformat()
-    record["commit"] = commit()
-    record["machine"] = machine()
-    path = settings.out / "results" / f"{rid}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
-    return record
+    return write_record(record, settings)
 
 
 def _cell(record: dict[str, Any] | None) -> list[str]:
@@ -187,12 +204,13 @@ def markdown(records: dict[str, dict[str, Any]]) -> str:
     columns = ("AUC [95% CI]", "F1 [95% CI]", "AUC over draws: mean (min-max)")
     header = ["training patients (images)"] + [f"from {start}: {c}" for start in STARTS for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for percent in FRACTIONS:
+    for percent in (0, *FRACTIONS):
         cells = [records.get(f"{start}--{percent}") for start in STARTS]
         some = next((c for c in cells if c), None)
         if some is None:
             continue
-        row = [f"{percent} %: {some['train_patients']} ({some['train_images']})"]
+        size = f"{percent} %: {some['train_patients']} ({some['train_images']})"
+        row = [size if percent else "0 (the sarscov2-ct model as shipped, not fine-tuned)"]
         for start, cell in zip(STARTS, cells):
             row += [*_cell(cell), _spread(_draws(records, start, percent))]
         lines.append("| " + " | ".join(row) + " |")
@@ -217,6 +235,9 @@ def plot(records: dict[str, dict[str, Any]], path: Path) -> None:
         axis.plot(x, means, "-", color=color, label=f"from {start} (mean over draws; band: first draw's CI)")
         every = [d for r in first for d in _draws(records, start, r["percent"])]
         axis.plot([d["train_patients"] for d in every], [_test_auc(d) for d in every], "o", color=color, ms=4)
+    if AS_SHIPPED in records:
+        auc = _test_auc(records[AS_SHIPPED])
+        axis.axhline(auc, color="tab:orange", linestyle="--", label=f"sarscov2-ct model as shipped ({auc:.2f})")
     axis.axhline(0.5, color="grey", linestyle=":", label="chance")
     axis.set(xlabel=f"{SITE} training patients", ylabel=f"{SITE} test ROC AUC (95% CI)", ylim=(0.3, 1.0))
     axis.set_title("Fine-tuning at a new site: local labelled data needed")
@@ -259,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         shipped = shipped_model(settings, source_out)
         split = site_split(settings)
+        if not (settings.out / "results" / f"{AS_SHIPPED}.json").is_file():
+            print(f"== {AS_SHIPPED}", flush=True)
+            print("  ", " | ".join(_cell(evaluate_as_shipped(split, shipped, settings))), flush=True)
         for rid in args.only or planned:
             if not (settings.out / "results" / f"{rid}.json").is_file():
                 print(f"== {rid}", flush=True)
