@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from covidscan.checkpoint import load_checkpoint
 from covidscan.config import ConfigError, PhaseConfig, SchedulerConfig, config_from_dict
 from covidscan.training import Callback, ClassificationLoss, EarlyStopping, balanced_class_weights, train
 from covidscan.training.optim import build_optimizer, build_schedule
+from covidscan.training.trainer import check_weights_run
 
 
 def tiny_config(source: Path, tmp_path: Path, overrides: list[str] = ()):  # type: ignore[assignment]
@@ -183,6 +185,19 @@ def test_a_run_directory_as_model_weights_starts_from_that_runs_backbone(image_f
     backbone = [k for k in trained if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
     assert backbone and all(torch.equal(tuned[k], trained[k]) for k in backbone)
     assert any(not torch.equal(tuned[k], trained[k]) for k in tuned if k.startswith("head."))
+
+
+def test_fine_tuning_a_run_with_other_preprocessing_warns_naming_each_difference(image_folder, tmp_path):
+    shipped = train(tiny_config(image_folder, tmp_path, ["data.intensity=clahe"]), run_dir=tmp_path / "shipped")
+    same = tiny_config(image_folder, tmp_path, [f"model.weights={shipped.run_dir}", "data.intensity=clahe"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same preprocessing: silent
+        check_weights_run(same)
+    other = tiny_config(image_folder, tmp_path, [f"model.weights={shipped.run_dir}", "data.normalize=imagenet"])
+    with pytest.warns(
+        UserWarning, match=r"data.normalize 'sample' there, 'imagenet' here; data.intensity 'clahe' there"
+    ):
+        check_weights_run(other)
 
 
 def test_early_stopping_ends_the_phase(image_folder, tmp_path):

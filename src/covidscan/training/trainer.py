@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from covidscan.config import ConfigError, RunConfig
+from covidscan.config import ConfigError, RunConfig, load_config
 from covidscan.data import DataError, SampleSet
 from covidscan.errors import UsageError
 from covidscan.models import create_model_from_config
+from covidscan.notices import warn_once
 from covidscan.runtime import create_run_dir, resolve_device, seed_everything
 from covidscan.training.callbacks import BestCheckpoint, Callback, EarlyStopping, HistoryWriter, LastCheckpoint
 from covidscan.training.data import build_loaders, load_run_splits, norm_stats_for, write_split_files
@@ -163,6 +164,7 @@ def check_plan(config: RunConfig, context: DistContext) -> None:
             f"training.batch_size {training.batch_size} is the global batch and must be divisible "
             f"by the number of processes ({context.world_size})"
         )
+    check_weights_run(config)
     if model.pretrained or model.weights or model.allow_random_frozen:
         return
     for index, phase in enumerate(training.phases):
@@ -173,6 +175,35 @@ def check_plan(config: RunConfig, context: DistContext) -> None:
             "random weights (model.pretrained: false, no model.weights): the phase would train on frozen random "
             "features; set model.pretrained: true or model.weights: FILE, train 'all' first, or set "
             "model.allow_random_frozen: true if a frozen random backbone is what you want"
+        )
+
+
+# input preprocessing a backbone learns to see: fine-tuning with other settings feeds it other images
+PREPROCESSING_KEYS = ("channels", "window", "normalize", "intensity", "lung")
+
+
+def check_weights_run(config: RunConfig) -> None:
+    """Warn when ``model.weights`` is a run directory trained with other input preprocessing (a
+    shipped lung-masked, CLAHE or Inception-normalised model fine-tuned with a plain config)."""
+    weights = config.model.weights
+    saved_config = Path(weights).expanduser() / "config.yaml" if weights else None
+    if saved_config is None or not saved_config.is_file():
+        return
+    try:
+        saved = load_config(saved_config)
+    except (ConfigError, OSError):
+        return  # not a readable run config: the weights are still loaded and checked tensor by tensor
+    differences = [
+        f"data.{key} {getattr(saved.data, key)!r} there, {getattr(config.data, key)!r} here"
+        for key in PREPROCESSING_KEYS
+        if getattr(saved.data, key) != getattr(config.data, key)
+    ]
+    if differences:
+        warn_once(
+            f"weights-preprocessing:{saved_config}",
+            f"model.weights {weights} was trained with other input preprocessing ({'; '.join(differences)}): "
+            "its backbone will see images unlike those it learned from; set the same values unless that is "
+            "the point",
         )
 
 
