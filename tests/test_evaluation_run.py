@@ -398,6 +398,33 @@ def test_several_external_sets_in_one_report(runs, tmp_path):
     assert "| hospital-b | external |" in markdown and "| test | in-source |" in markdown
 
 
+def test_a_set_that_does_not_transfer_gets_the_fine_tuning_advice(runs, tmp_path):
+    from covidscan.evaluation.transfer import EvaluationSetSpec, evaluate_sets
+
+    home = evaluate_sets(runs["a"], [], out_dir=tmp_path / "home", n_bootstrap=30, grid_size=2)
+    assert not any("model.weights=" in note for note in home.notes)  # nothing external, nothing to advise
+    swapped = {"CT_COVID": "normal", "CT_NonCOVID": "COVID"}  # labels the wrong way round: cannot transfer
+    summary = evaluate_sets(
+        runs["a"], [EvaluationSetSpec(runs["external"], "site-b", swapped)], out_dir=tmp_path / "sets", n_bootstrap=30
+    )
+    assert summary.row("site-b").verdict.startswith("does not transfer")
+    advice = [note for note in summary.notes if "model.weights=" in note]
+    assert len(advice) == 1 and "site-b" in advice[0]
+    assert "model.weights=" in (tmp_path / "sets" / "report.md").read_text()
+
+
+def test_the_fine_tuning_advice_gives_the_exact_command_for_a_training_run(tmp_path):
+    from covidscan.evaluation.transfer import fine_tune_advice
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: run\n")
+    exact = fine_tune_advice(["site-b", "site-c"], str(run))
+    assert "site-b, site-c" in exact
+    assert f"--config {run}/config.yaml --set data.source=SITE_DATA --set model.weights={run}" in exact
+    assert "--config" not in fine_tune_advice(["site-b"], str(tmp_path / "ensemble"))  # no run config to reuse
+
+
 def test_cli_evaluates_several_external_sets_with_their_own_label_maps(runs, tmp_path, capsys):
     other = write_image_folder(tmp_path / "hospital-c", {"CT_COVID": 3, "CT_NonCOVID": 3}, seed=3)
     out = tmp_path / "cli"

@@ -219,17 +219,39 @@ def evaluate_sets(
         evaluation.out_dir = base / evaluation.name if base else default_out_dir(evaluation.predictor, evaluation.name)
         write_evaluation_files(evaluation, options.get("grid_size", 16), options.get("seed", 0))
     first = evaluations[0]
+    rows = [_row(e, in_source) for e in evaluations]
+    failing = [  # at chance, or far below in-source (the verdict says which)
+        row.name
+        for row in rows
+        if row.external and (_chance(row.roc_auc) or row.verdict.startswith("does not transfer"))
+    ]
+    if failing:
+        notes.append(fine_tune_advice(failing, first.report.run))
     summary = TransferReport(
         run=first.report.run or first.report.checkpoint,
         model=first.report.model,
         positive_class=first.report.positive_class,
         reference=in_source.name if in_source else None,
-        rows=[_row(e, in_source) for e in evaluations],
+        rows=rows,
         notes=notes,
         out_dir=base if base else default_out_dir(first.predictor, "summary"),
     )
     write_transfer_report(summary, evaluations)
     return summary
+
+
+def fine_tune_advice(failing: Sequence[str], run: str | None) -> str:
+    """What to do where the model does not transfer: the remedy measured in benchmarks/local_finetune.py
+    (the exact command when ``run`` is a training run directory, whose config and weights it reuses)."""
+    if run and (Path(run) / "config.yaml").is_file() and (Path(run) / "checkpoints").is_dir():
+        how = f"`covidscan train --config {run}/config.yaml --set data.source=SITE_DATA --set model.weights={run}`"
+    else:
+        how = "`--set model.weights=RUN` with the training run's directory"
+    return (
+        f"The model does not transfer to {', '.join(failing)}: do not use it there as it is. If that site can label "
+        f"some of its own patients, fine-tune on them ({how}) and evaluate on other patients of that site; see "
+        "docs/training.md, 'Starting from a trained run'."
+    )
 
 
 def _refuse_repeated(names: list[str]) -> None:
