@@ -125,14 +125,20 @@ class Recipe:
     description: str
     overrides: tuple[str, ...] = ()
     group: str | None = None  # lever group the combined recipe chooses in (one option per group)
-    tta: bool = False  # evaluate the plain run with test-time augmentation (no training)
+    tta: bool = False  # evaluate with test-time augmentation: the ensemble if any, else the plain run
     ensemble_of: tuple[str, ...] = ()  # evaluate an ensemble of these recipes' runs (no training)
     ensemble_top: int = 0  # ... or of the trained recipes with the best validation AUC on the training set
+    # a deep ensemble: the ensemble_of recipe trained again with these seeds on its own run's split
+    member_seeds: tuple[int, ...] = ()
     full_epochs: dict[str, int] = field(default_factory=dict)  # all-layers epochs per training set, if not FULL_EPOCHS
 
     @property
     def trains(self) -> bool:
         return not self.tta and not self.ensemble_of and not self.ensemble_top
+
+    @property
+    def ensembles(self) -> bool:
+        return bool(self.ensemble_of or self.ensemble_top)
 
 
 RECIPES = {
@@ -179,6 +185,19 @@ RECIPES = {
         Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
         Recipe("ensemble", "mean of plain + robust-aug + lite0", ensemble_of=("plain", "robust-aug", "lite0")),
         Recipe("ensemble-top3", "mean of the 3 trained recipes with the best validation AUC", ensemble_top=3),
+        Recipe(
+            "long-x5",
+            "deep ensemble: long trained with 5 seeds (42, 1-4) on seed 42's split, mean of the 5",
+            ensemble_of=("long",),
+            member_seeds=(1, 2, 3, 4),
+        ),
+        Recipe(
+            "long-x5-tta",
+            f"long-x5 with test-time augmentation ({TTA_VIEWS})",
+            ensemble_of=("long",),
+            member_seeds=(1, 2, 3, 4),
+            tta=True,
+        ),
     )
 }
 LEVER_GROUPS = ("lung", "augment", "backbone")
@@ -384,6 +403,37 @@ def train_run(config: RunConfig, run_dir: Path, record: dict[str, Any]) -> None:
     record["best_epoch"] = result.best_metrics
 
 
+def train_seed_members(
+    recipe: Recipe, training_set: str, seeds: tuple[int, ...], settings: Settings, record: dict[str, Any]
+) -> list[Path]:
+    """``recipe`` trained again with each of ``seeds`` on the split of its own run (``data.split.method:
+    file``), so the members differ in initialisation, batch order and augmentation only; run directories
+    are shared by every ensemble recipe that asks for them. Training time is summed into ``record``."""
+    base_run = settings.out / "runs" / run_id(recipe.name, training_set)
+    if not (base_run / "splits.csv").is_file():
+        raise SystemExit(f"{recipe.name} seeds: run {base_run.name} first (its split is the members' split)")
+    members, wall, cpu = [], 0.0, 0.0
+    for seed in seeds:
+        raw = base_config(training_set, settings)
+        raw["name"] = run_id(f"{recipe.name}-seed{seed}", training_set)
+        overrides = [
+            *recipe_overrides(recipe, training_set, settings),
+            f"seed={seed}",
+            "data.split.method=file",
+            f"data.split.file={base_run / 'splits.csv'}",
+        ]
+        run_dir = settings.out / "runs" / raw["name"]
+        member_record: dict[str, Any] = {}
+        train_run(config_from_dict(raw, overrides), run_dir, member_record)
+        if "training" in member_record:  # trained now; a finished member adds no time to this record
+            wall += member_record["training"]["wall_s"]
+            cpu += member_record["training"]["cpu_s"]
+        members.append(run_dir)
+    if wall:
+        record["training"] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "resumed": False}
+    return members
+
+
 def combined_overrides(settings: Settings) -> tuple[str, ...]:
     """Per lever group, the option with the best mean validation AUC over the single-source runs
     (the plain recipe when it ties or wins); only in-source validation data decides."""
@@ -430,14 +480,17 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
     else:
         recipe = RECIPES[recipe_name]
     record["overrides"] = recipe_overrides(recipe, training_set, settings)
-    if recipe.tta:
-        model = settings.out / "runs" / run_id("plain", training_set)
-    elif recipe.ensemble_of or recipe.ensemble_top:
+    if recipe.ensembles:
         model = settings.out / "ensembles" / rid
         chosen = recipe.ensemble_of or best_on_validation(settings, training_set, recipe.ensemble_top)
+        members = [settings.out / "runs" / run_id(member, training_set) for member in chosen]
+        if recipe.member_seeds:
+            members += train_seed_members(RECIPES[chosen[0]], training_set, recipe.member_seeds, settings, record)
         if not (model / "ensemble.json").is_file():
-            make_ensemble([settings.out / "runs" / run_id(member, training_set) for member in chosen], model)
-        record["members"] = list(chosen)
+            make_ensemble(members, model)
+        record["members"] = [member.name for member in members]
+    elif recipe.tta:
+        model = settings.out / "runs" / run_id("plain", training_set)
     else:
         model = settings.out / "runs" / rid
         train_run(recipe_config(recipe, training_set, settings), model, record)
