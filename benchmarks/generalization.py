@@ -25,7 +25,9 @@ backbones (``covidscan.inference.make_ensemble``), training on both sources. ``h
 every source-invariance lever at once (lung mask, CLAHE, robust augmentation); ``long`` spends more
 compute (224 px, about twice the epochs, cosine decay) to see how far the in-source figures move
 (``long-mask``: with the lung mask);
-``ensemble-top3`` averages the three trained recipes with the best validation AUC. ``combined`` takes,
+``ensemble-top3`` averages the three trained recipes with the best validation AUC; ``long-x5`` is a deep
+ensemble: ``long`` trained with four more seeds on the ``long`` run's own split (split method ``file``),
+the five averaged, so training randomness alone differs between members. ``combined`` takes,
 per lever group, the option with the best mean **validation** AUC of the single-source runs (never
 an external test set) and is trained like the others.
 
@@ -434,6 +436,13 @@ def train_seed_members(
     return members
 
 
+def _epochs_per_member(runs: list[Path]) -> str:
+    """``"5 x 14-15"``: how many runs and the range of their epoch counts (rows of history.csv)."""
+    counts = [len((run / "history.csv").read_text().splitlines()) - 1 for run in runs]
+    low, high = min(counts), max(counts)
+    return f"{len(counts)} x {low}" + (f"-{high}" if high != low else "")
+
+
 def combined_overrides(settings: Settings) -> tuple[str, ...]:
     """Per lever group, the option with the best mean validation AUC over the single-source runs
     (the plain recipe when it ties or wins); only in-source validation data decides."""
@@ -489,6 +498,8 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
         if not (model / "ensemble.json").is_file():
             make_ensemble(members, model)
         record["members"] = [member.name for member in members]
+        if recipe.member_seeds and not recipe.tta:  # the TTA variant reuses the members: no training of its own
+            record["epochs"] = _epochs_per_member(members)
     elif recipe.tta:
         model = settings.out / "runs" / run_id("plain", training_set)
     else:
@@ -604,6 +615,9 @@ def recipes_legend(records: list[dict[str, Any]]) -> str:
         what = recipe.description if recipe else "best option per lever group on validation AUC"
         epochs = "training.phases.1.epochs="  # differs per training set: listed once, below
         overrides = ", ".join(f"`{o}`" for o in record.get("overrides", []) if not o.startswith(epochs)) or "-"
+        if recipe and recipe.member_seeds:  # what each new member changes on the ensemble_of recipe's run
+            base = recipe.ensemble_of[0]
+            overrides = f"`seed=N`, `data.split.method=file`, `data.split.file=<{base} run>/splits.csv`"
         if recipe and recipe.full_epochs:
             overrides += "; all-layers epochs " + ", ".join(f"{t} {n}" for t, n in recipe.full_epochs.items())
         lines.append(f"| {name} | {what}: {overrides} |")
