@@ -212,3 +212,41 @@ def test_group_dicom_series_describes_each_series(tmp_path):
     with pytest.raises(DataError, match=r"junk\.dcm: not a readable DICOM"):
         group_dicom_series(folder)
     assert len(group_dicom_series(folder, skip_bad=True)) == 3
+
+
+def test_a_dicom_header_complaint_shows_once_through_the_python_api(tmp_path, caplog):
+    """De-identified exports carry UUIDs as UIDs, so pydicom logs and warns "Invalid value for VR UI" for
+    every file (here each file has its own). Read through the Python API, no CLI, it shows once, with the
+    first file's value, as a log line and as a warning; the same text warned by anyone else still shows."""
+    import uuid
+    import warnings
+
+    from pydicom import config as pydicom_config
+
+    from covidscan.notices import reset_warnings
+
+    folder = tmp_path / "deidentified"
+    folder.mkdir()
+    uids = [str(uuid.uuid4()) for _ in range(4)]
+    air = np.zeros((8, 8)) - 1000.0
+    previous = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE  # write a UUID as a UID, as exporters do
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # making the UID complains already
+            for k, uid in enumerate(uids):
+                write_dicom_slice(folder / f"s{k}.dcm", air, 2.0 * k, study_uid=uid, series_uid="1.2.3")
+    finally:
+        pydicom_config.settings.writing_validation_mode = previous
+    reset_warnings()  # making them went through the fold too, once a read had installed it
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # record every warning issued, not only the first of each text
+        assert read_dicom_series(folder).hu.shape == (4, 8, 8)
+        assert len(group_dicom_series(folder)) == 1
+        for _ in range(2):
+            warnings.warn("Invalid value for VR UI: 'not from pydicom'", UserWarning, stacklevel=1)
+    warned = [str(w.message) for w in caught if "Invalid value for VR" in str(w.message)]
+    logged = [r.getMessage() for r in caplog.records if "Invalid value for VR" in r.getMessage()]
+    assert len(logged) == 1 and uids[0] in logged[0]
+    assert warned == [logged[0], *["Invalid value for VR UI: 'not from pydicom'"] * 2]

@@ -21,7 +21,7 @@ import warnings
 
 from covidscan import __version__
 from covidscan.errors import UserError
-from covidscan.notices import OncePerKindFilter
+from covidscan.notices import dicom_notices
 
 VERBS = (
     "data",
@@ -61,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not args.verbose:  # one line per kind of DICOM header complaint, not one (or two) per file
-        dicom_log = logging.getLogger("pydicom")
-        if not any(isinstance(f, OncePerKindFilter) for f in dicom_log.filters):
-            dicom_log.addFilter(OncePerKindFilter())
-        # pydicom both logs and warns each invalid value; its log line says it already
+    # one line per kind of DICOM header complaint, not one (or two) per file (the DICOM reader installs it)
+    dicom_notices.enabled = not args.verbose
+    if not args.verbose:  # pydicom both logs and warns each invalid value; here its log line says it already
         warnings.filterwarnings("ignore", message="Invalid value for VR", module=r"pydicom\.")
     if not getattr(args, "handler", None):
         parser.print_help()

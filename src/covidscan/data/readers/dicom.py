@@ -37,6 +37,7 @@ from covidscan.data.readers.base import (
     check_path,
 )
 from covidscan.data.records import DataError, DataWarning
+from covidscan.notices import fold_dicom_notices
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def _dcmread(path: Path, *, pixels: bool):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    fold_dicom_notices()  # for Python-API users and scripts too, not only the CLI
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except FileNotFoundError:
@@ -180,8 +182,9 @@ def _numbers(path: Path, ds, keyword: str, count: int, *, strict: bool = True) -
 
 
 def _parse(path: Path, ds) -> DicomHeader:
-    """The header fields, validated. (pydicom may warn about an invalid value on its own; the
-    warnings filters are not touched here: they are process-wide, and the server reads in threads.)"""
+    """The header fields, validated. (pydicom logs and warns an invalid value on its own, folded to one
+    notice per kind by :func:`~covidscan.notices.fold_dicom_notices`; the warnings filters are not swapped
+    around a read here: they are process-wide, and the server reads in threads.)"""
     orientation = _numbers(path, ds, "ImageOrientationPatient", 6)
     position = None
     ipp = _numbers(path, ds, "ImagePositionPatient", 3)
