@@ -168,6 +168,18 @@ def test_data_info_prints_per_source_counts(two_sources, tmp_path, capsys):
     assert "hospital-a      17  (COVID: 9, non-COVID: 8; no patient ids)" in out
 
 
+def test_data_info_reads_its_config_once(two_sources, tmp_path, monkeypatch, capsys):
+    import covidscan.config
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  source: {two_sources[0]}\n  max_per_class: 9\n")
+    read, load = [], covidscan.config.load_config
+    monkeypatch.setattr(covidscan.config, "load_config", lambda path: read.append(path) or load(path))
+    assert main(["data", "info", "--config", str(config)]) == 0
+    assert "(data.max_per_class: 9 per class and source)" in capsys.readouterr().out
+    assert read == [str(config)]
+
+
 @pytest.mark.integration
 def test_real_datasets_as_two_sources(shared_datasets, tmp_path):
     sources = [

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from covidscan.config import ReadLimits, SourceSpec
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,9 +150,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.set_defaults(handler=_sample)
 
 
-def _source_spec(args: argparse.Namespace):
+class _SourceSpec(NamedTuple):
+    source: SourceSpec
+    label_map: dict[str, str]
+    limits: ReadLimits | None  # None: the defaults
+    max_per_class: int | None
+
+
+def _source_spec(args: argparse.Namespace) -> _SourceSpec:
     """The sources to load (paths, or a config's named sources), their label map, read limits and
-    per-class cap (a config's ``data.max_per_class``: the data verbs see what its run trains on)."""
+    per-class cap (a config's ``data.max_per_class``: the data verbs see what its run trains on).
+    Each verb resolves it once (``--config`` read once) and passes it on."""
     from covidscan.config import load_config
     from covidscan.data.sources import parse_label_map
     from covidscan.errors import UsageError
@@ -159,26 +170,25 @@ def _source_spec(args: argparse.Namespace):
         if args.source:
             raise UsageError("give either SOURCE ... or --config, not both")
         data = load_config(args.config).data
-        return data.source, {**data.label_map, **label_map}, data.limits, data.max_per_class
+        return _SourceSpec(data.source, {**data.label_map, **label_map}, data.limits, data.max_per_class)
     if not args.source:
         raise UsageError("give a data source (folder, manifest or 'sample') or --config FILE")
-    return (args.source[0] if len(args.source) == 1 else args.source), label_map, None, None
+    return _SourceSpec((args.source[0] if len(args.source) == 1 else args.source), label_map, None, None)
 
 
-def _load(args: argparse.Namespace, check_files: Literal["none", "header", "decode"] | None = None):
+def _load(args: argparse.Namespace, spec: _SourceSpec, check_files: Literal["none", "header", "decode"] | None = None):
     """Load the sources; the data verbs print the manifest issues themselves, once, after their output."""
     from covidscan.data.records import DataWarning
     from covidscan.data.sources import load_samples
 
-    source, label_map, limits, cap = _source_spec(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataWarning)
         return load_samples(
-            source,
-            label_map=label_map,
+            spec.source,
+            label_map=spec.label_map,
             skip_bad=args.skip_bad,
-            max_per_class=cap,
-            limits=limits,
+            max_per_class=spec.max_per_class,
+            limits=spec.limits,
             check_files=check_files,
         )
 
@@ -190,18 +200,19 @@ def _print_problems(data) -> None:
         print(f"warning:  {issue.message}")
 
 
-def _source_text(args: argparse.Namespace) -> str:
+def _source_text(spec: _SourceSpec) -> str:
     from covidscan.data.sources import source_label
 
-    return source_label(_source_spec(args)[0])
+    return source_label(spec.source)
 
 
 def _info(args: argparse.Namespace) -> int:
     from covidscan.data.splits import split_counts
 
-    data = _load(args)
-    cap = _source_spec(args)[3]
-    print(f"source:   {_source_text(args)}")
+    spec = _source_spec(args)
+    data = _load(args, spec)
+    cap = spec.max_per_class
+    print(f"source:   {_source_text(spec)}")
     print(f"samples:  {len(data.samples)}" + (f" (data.max_per_class: {cap} per class and source)" if cap else ""))
     for name, count in data.class_counts().items():
         print(f"  {name}: {count}")
@@ -236,7 +247,7 @@ def _split(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("data.split.", "--")) from None
-    data = _load(args)
+    data = _load(args, _source_spec(args))
     result = assign_splits(data, config, args.seed)
     path = save_splits(result, args.out)
     print(f"wrote {path}: {split_counts(result)}")
@@ -250,14 +261,15 @@ def _audit(args: argparse.Namespace) -> int:
     from covidscan.data.splits import assign_splits
     from covidscan.runtime import write_json
 
-    data = _load(args, check_files="none")  # the audit reads every file itself and lists the unreadable ones
+    spec = _source_spec(args)
+    data = _load(args, spec, check_files="none")  # the audit reads every file itself and lists the unreadable ones
     if args.splits:
         data = assign_splits(data, SplitConfig(method="file", file=args.splits), seed=0)
     plot = Path(args.out).with_suffix(".png") if args.out else None
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = audit_samples(data, threshold=args.threshold, hash_size=args.hash_size, plot_path=plot)
-    report.source, report.splits_file = _source_text(args), args.splits
+    report.source, report.splits_file = _source_text(spec), args.splits
     if args.out:
         write_json(args.out, report.to_dict())
     print(format_report(report))
@@ -275,7 +287,11 @@ def _shortcuts(args: argparse.Namespace) -> int:
     from covidscan.runtime import write_json, write_text
 
     report = audit_shortcuts(
-        _load(args), signals=args.signals, folds=args.folds, n_bootstrap=args.bootstrap, seed=args.seed
+        _load(args, _source_spec(args)),
+        signals=args.signals,
+        folds=args.folds,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
     )
     report = {"source": str(args.source), **report}
     if args.cam_run:
