@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import shutil
 import socket
 
 import pytest
@@ -102,6 +103,41 @@ def test_pretrained_offline_fails_fast_with_instructions(name, offline):
     message = str(excinfo.value)
     assert "model.weights=PATH" in message and "model.pretrained=false" in message
     assert "torch-home" in message  # names the cache folder where the file is expected
+
+
+def test_torchvision_offline_error_comes_without_torch_hub_downloading_line(offline, capfd):
+    """torch.hub prints "Downloading: URL to FILE" before it tries: offline, that line reads as progress
+    just above our error saying the file could not be had."""
+    with pytest.raises(PretrainedWeightsError, match=r"put the file resnet18-f37072fd\.pth"):
+        create_model("resnet18", num_classes=2, pretrained=True)
+    printed = capfd.readouterr()
+    assert "Downloading" not in printed.out + printed.err
+    assert offline  # the download was tried (and refused), not skipped
+
+
+def test_torchvision_weights_are_fetched_once_into_the_hub_cache_and_loaded_from_it(offline, monkeypatch, tmp_path):
+    """Network working (a fake download): the file lands in the torch hub cache and torchvision's own
+    code loads it; the next model finds it there and downloads nothing."""
+    from torchvision.models import ResNet18_Weights
+
+    net = _library_resnet18()
+    served = tmp_path / "served.pth"
+    torch.save(net.state_dict(), served)
+    fetched: list[tuple[str, str | None]] = []
+
+    def download(url: str, dst: str, hash_prefix: str | None = None, progress: bool = True) -> None:
+        fetched.append((url, hash_prefix))
+        shutil.copyfile(served, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for _ in range(2):
+        model = create_model("resnet18", num_classes=2, pretrained=True)
+        for key, value in model.backbone.state_dict().items():
+            assert torch.equal(value, net.state_dict()[key]), key
+    url = ResNet18_Weights.DEFAULT.url
+    assert fetched == [(url, "f37072fd")]  # once, with the hash prefix of its file name checked
+    assert (tmp_path / "torch-home" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+    assert offline == []  # no connection besides the (fake) download
 
 
 @pytest.mark.skipif(

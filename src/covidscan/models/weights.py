@@ -3,7 +3,9 @@
 ``pretrained=True`` runs the library's own loading code (torchvision ``weights=`` enums through
 ``torch.hub``, timm's ``pretrained=True``). Offline, with nothing cached, that fails; we turn the
 failure into a :class:`PretrainedWeightsError` within seconds saying where the file is expected and
-how to provide one instead (``--set model.weights=PATH``, or ``model.pretrained=false``).
+how to provide one instead (``--set model.weights=PATH``, or ``model.pretrained=false``). A torchvision
+file is fetched into the torch hub cache by covidscan, without torch.hub's "Downloading: ..." line
+(misleading when offline), and then loaded by torchvision from there.
 
 Before downloading, torchvision weights are looked up in the torch hub cache and in pip packages
 that ship torchvision's own files (:data:`OFFLINE_WEIGHT_PACKAGES`), e.g.
@@ -109,7 +111,8 @@ def find_offline_file(filename: str) -> Path | None:
 
 def torchvision_pretrained_state(model_name: str, weights_enum: Any) -> dict[str, torch.Tensor]:
     """ImageNet state dict for a torchvision architecture: a local copy of any of its weight
-    versions (default first) if there is one, else torchvision's download, failing fast offline."""
+    versions (default first) if there is one, else a download into the torch hub cache that torchvision
+    loads, failing fast offline."""
     default = weights_enum.DEFAULT
     candidates = [default] + [w for w in weights_enum if w is not default]
     for weights in candidates:
@@ -119,13 +122,25 @@ def torchvision_pretrained_state(model_name: str, weights_enum: Any) -> dict[str
     target = hub_checkpoint_dir() / _url_filename(default.url)
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-            return default.get_state_dict(progress=False, check_hash=True)
+            _download_to_hub_cache(default.url, target)
+        return default.get_state_dict(progress=False, check_hash=True)  # torchvision's own loading, from the cache
     except Exception as exc:
         raise PretrainedWeightsError(
             f"ImageNet weights for {model_name!r} ({weights_enum.__name__}.{default.name}) could not be loaded: "
             f"{exc}. Offline, put the file {_url_filename(default.url)} (from {default.url}) at {target}. "
             + _fix_hint(model_name)
         ) from exc
+
+
+def _download_to_hub_cache(url: str, target: Path) -> None:
+    """Fetch ``url`` to ``target`` as ``torch.hub.load_state_dict_from_url`` would (hash prefix from the
+    file name checked, no partial file left), minus its "Downloading: ..." line: printed before the
+    attempt, it reads as progress on an offline machine, just above our error saying nothing came."""
+    if target.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(target.name)
+    torch.hub.download_url_to_file(url, str(target), match.group(1) if match else None, progress=False)
 
 
 def packaged_pretrained_state(model_name: str, filename: str) -> dict[str, torch.Tensor]:
