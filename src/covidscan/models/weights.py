@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import re
 import socket
 import warnings
 from collections.abc import Iterator, Mapping
@@ -118,12 +119,13 @@ def torchvision_pretrained_state(model_name: str, weights_enum: Any) -> dict[str
     for weights in candidates:
         local = find_offline_file(_url_filename(weights.url))
         if local is not None:
-            return _read_state(local)
+            return current_keys(_read_state(local))
     target = hub_checkpoint_dir() / _url_filename(default.url)
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             _download_to_hub_cache(default.url, target)
-        return default.get_state_dict(progress=False, check_hash=True)  # torchvision's own loading, from the cache
+        # torchvision's own loading, from the cache
+        return current_keys(default.get_state_dict(progress=False, check_hash=True))
     except Exception as exc:
         raise PretrainedWeightsError(
             f"ImageNet weights for {model_name!r} ({weights_enum.__name__}.{default.name}) could not be loaded: "
@@ -223,6 +225,19 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise PretrainedWeightsError(f"cannot read weights file {path}: {exc}") from exc
 
 
+# torchvision's DenseNet files predate '.'-free module names: 'denselayer1.norm.1.weight' is today's
+# 'denselayer1.norm1.weight'. torchvision renames them in its private densenet._load_state_dict; so do we,
+# with its pattern, since we load the file into the network ourselves.
+_LEGACY_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def current_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with legacy torchvision key names (DenseNet's ``norm.1``) renamed to today's."""
+    return {_LEGACY_DENSENET_KEY.sub(r"\1\2", key): tensor for key, tensor in state.items()}
+
+
 def _strip_wrappers(key: str) -> str:
     stripped = True
     while stripped:
@@ -250,7 +265,7 @@ def load_backbone_state(
     mismatched: list[str] = []
     head_keys = ("head.", "fc.", "classifier.")  # covidscan head, torchvision/timm classifiers
     for raw_key, tensor in state.items():
-        key = _strip_wrappers(raw_key)
+        key = _LEGACY_DENSENET_KEY.sub(r"\1\2", _strip_wrappers(raw_key))
         if key not in own:
             (report.ignored if key.startswith(classifier_prefixes + head_keys) else unexpected).append(raw_key)
         elif tensor.shape == own[key].shape:
