@@ -50,6 +50,7 @@ per run; a finished run is skipped when the script is run again, an interrupted 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import platform
 import resource
@@ -112,6 +113,7 @@ TRAINING_SETS: dict[str, tuple[str, ...]] = {
     "both": ("sarscov2-ct", "covid-ct"),  # the multi-source lever: external is covid-ct-md-sample only
 }
 SINGLE_SOURCE = ("sarscov2-ct", "covid-ct")  # the leave-one-source-out pairs every lever is run on
+OTHER_SOURCE = {"sarscov2-ct": "covid-ct", "covid-ct": "sarscov2-ct"}  # the site a single-source model adapts to
 # epochs of the all-layers phase after the 1 head-only epoch, per training set (a few idle CPU-minutes each)
 FULL_EPOCHS = {"sarscov2-ct": 2, "covid-ct": 6, "both": 2}
 SPLIT_RATIOS = [0.6, 0.1, 0.3]
@@ -132,6 +134,8 @@ class Recipe:
     ensemble_top: int = 0  # ... or of the trained recipes with the best validation AUC on the training set
     # a deep ensemble: the ensemble_of recipe trained again with these seeds on its own run's split
     member_seeds: tuple[int, ...] = ()
+    # domain-adversarial training towards the other single source's training-split images (unlabelled)
+    adapt: bool = False
     full_epochs: dict[str, int] = field(default_factory=dict)  # all-layers epochs per training set, if not FULL_EPOCHS
 
     @property
@@ -183,6 +187,11 @@ RECIPES = {
             "long + black outside the lungs (the best in-source and the best external lever together)",
             ("data.image_size=224", "training.phases.1.scheduler.name=cosine", "data.lung=mask"),
             full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
+        ),
+        Recipe(
+            "dann",
+            "plain + domain-adversarial training (DANN) towards the other source's unlabelled training-split images",
+            adapt=True,
         ),
         Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
         Recipe("ensemble", "mean of plain + robust-aug + lite0", ensemble_of=("plain", "robust-aug", "lite0")),
@@ -269,9 +278,12 @@ def recipe_overrides(recipe: Recipe, training_set: str, settings: Settings) -> l
     """The ``--set`` overrides of ``recipe`` on the plain recipe for one training set."""
     overrides = list(recipe.overrides)
     if settings.quick:  # the quick size and epochs whatever the recipe says
-        return [o for o in overrides if not o.startswith("data.image_size=")]
-    if recipe.full_epochs:
+        overrides = [o for o in overrides if not o.startswith("data.image_size=")]
+    elif recipe.full_epochs:
         overrides.append(f"training.phases.1.epochs={recipe.full_epochs[training_set]}")
+    if recipe.adapt:
+        target = split_manifest(OTHER_SOURCE[training_set], "train", settings)
+        overrides.append(f"training.domain_adaptation={{target: {target}}}")
     return overrides
 
 
@@ -309,6 +321,31 @@ def external_data(source: Source, settings: Settings) -> Path:
         manifest.parent.mkdir(parents=True, exist_ok=True)
         save_splits(samples, manifest)
     return manifest
+
+
+def split_manifest(source: str, split: str, settings: Settings) -> Path:
+    """One part of ``source``'s split in the plain run (seed 42's patients), as a manifest: the
+    adapting recipes' unlabelled target images (``train``) and the held-out patients they are
+    evaluated on (``test``), so no image a model adapted to is among those it is scored on."""
+    splits = settings.out / "runs" / run_id("plain", source) / "splits.csv"
+    if not splits.is_file():
+        raise SystemExit(f"run {run_id('plain', source)} first: its split decides the adaptation and test images")
+    manifest = settings.out / "manifests" / f"{source}-{split}-split.csv"
+    if not manifest.is_file():
+        with splits.open(newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["split"] == split]
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        with manifest.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "label", "patient_id"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return manifest
+
+
+def held_out_set(training_set: str, settings: Settings) -> TestSet:
+    """The other source's own test split: patients an adapting recipe never saw, labelled or not."""
+    other = OTHER_SOURCE[training_set]
+    return TestSet(f"{other}-test-split", split_manifest(other, "test", settings), {}, False)
 
 
 def test_sets(training_set: str, settings: Settings) -> list[TestSet]:
@@ -505,6 +542,10 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
     else:
         model = settings.out / "runs" / rid
         train_run(recipe_config(recipe, training_set, settings), model, record)
+    if recipe.adapt:  # scored on unseen target patients too, beside the plain run on the same images
+        sets.append(held_out_set(training_set, settings))
+        plain = settings.out / "runs" / run_id("plain", training_set)
+        record["baseline"] = evaluate_all(plain, sets[-1:], settings, tta=False)
     with measured(record, "evaluation"):
         record["evaluations"] = evaluate_all(model, sets, settings, tta=recipe.tta)
     record["model"] = str(model.relative_to(settings.out))
@@ -618,10 +659,44 @@ def recipes_legend(records: list[dict[str, Any]]) -> str:
         if recipe and recipe.member_seeds:  # what each new member changes on the ensemble_of recipe's run
             base = recipe.ensemble_of[0]
             overrides = f"`seed=N`, `data.split.method=file`, `data.split.file=<{base} run>/splits.csv`"
+        if recipe and recipe.adapt:
+            overrides = "`training.domain_adaptation.target=<the other source's training split>`"
         if recipe and recipe.full_epochs:
             overrides += "; all-layers epochs " + ", ".join(f"{t} {n}" for t, n in recipe.full_epochs.items())
         lines.append(f"| {name} | {what}: {overrides} |")
     return "\n".join(lines)
+
+
+def adaptation_table(records: list[dict[str, Any]]) -> str:
+    """Each adapting run beside the plain run on the same held-out target patients."""
+    rows = [r for r in records if "baseline" in r]
+    if not rows:
+        return ""
+    lines = [
+        "| trained on | adapted to (unlabelled) | model | in-source test AUC | target's held-out test split: AUC "
+        "[95% CI] | sens / spec | target source in full (incl. adaptation images) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in rows:
+        training_set, other = record["training_set"], OTHER_SOURCE[record["training_set"]]
+        held_out = f"{other}-test-split"
+        home = next(n for n, c in record["evaluations"].items() if c["in_source"] and n != "validation")
+        plain = load_result_for(records, run_id("plain", training_set))
+        for name, cells, full in (
+            ("plain", record["baseline"], plain["evaluations"][other] if plain else None),
+            (record["recipe"], record["evaluations"], record["evaluations"][other]),
+        ):
+            in_source = plain["evaluations"][home] if name == "plain" and plain else record["evaluations"][home]
+            lines.append(
+                f"| {training_set} | {other} training split | {name} | {ci_text(in_source['roc_auc'])} | "
+                f"{ci_text(cells[held_out]['roc_auc'])} | {_sens_spec(cells[held_out])} | "
+                f"{ci_text(full['roc_auc']) if full else '-'} |"
+            )
+    return "\n".join(lines)
+
+
+def load_result_for(records: list[dict[str, Any]], rid: str) -> dict[str, Any] | None:
+    return next((r for r in records if r["run"] == rid), None)
 
 
 def finished(settings: Settings) -> list[dict[str, Any]]:
@@ -661,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
                 _report(execute(rid, settings), print)
     records = finished(settings)
     text = markdown(records) + "\n" + recipes_legend(records)
+    if adaptation := adaptation_table(records):
+        text += "\n\n" + adaptation
     (settings.out / "results.md").parent.mkdir(parents=True, exist_ok=True)
     (settings.out / "results.md").write_text(text + "\n")
     print(text)

@@ -352,6 +352,34 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class DomainAdaptationConfig:
+    """Domain-adversarial training (DANN) towards unlabelled images of the site a model will serve.
+
+    ``target``: folders of unlabelled images (searched recursively), single images, or CSV manifests
+    (their labels, if any, are ignored). Keep the patients you will evaluate on out of it.
+    """
+
+    target: str | list[str]
+    weight: float = 1.0  # the largest gradient-reversal coefficient (ramped up from 0 over the run)
+    hidden: int = 256  # width of the domain classifier's hidden layer
+    lr: float = 1e-3  # Adam learning rate of the domain classifier
+
+    def __post_init__(self) -> None:
+        targets = [self.target] if isinstance(self.target, str) else self.target
+        _check(
+            bool(targets) and all(str(t).strip() for t in targets),
+            "training.domain_adaptation.target needs at least one folder, image or manifest of unlabelled images",
+        )
+        _check(self.weight > 0, f"training.domain_adaptation.weight must be > 0, got {self.weight}")
+        _check(self.hidden >= 1, f"training.domain_adaptation.hidden must be >= 1, got {self.hidden}")
+        _check(self.lr > 0, f"training.domain_adaptation.lr must be > 0, got {self.lr}")
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+
+@dataclass
 class TrainingConfig:
     batch_size: int = 32
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
@@ -367,6 +395,7 @@ class TrainingConfig:
     device: str = "auto"
     deterministic: bool = True
     strict_leakage: bool = False  # refuse to train when test shares near-duplicates with train
+    domain_adaptation: DomainAdaptationConfig | None = None  # DANN towards unlabelled target-site images
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"training.batch_size must be >= 1, got {self.batch_size}")

@@ -112,22 +112,27 @@ def discover_folder(root: str | Path, *, skip_bad: bool = False) -> tuple[list[S
     return samples, skipped
 
 
-def read_manifest(path: str | Path, *, skip_bad: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
+def read_manifest(
+    path: str | Path, *, skip_bad: bool = False, labelled: bool = True
+) -> tuple[list[Sample], list[tuple[str, str]]]:
     """CSV with columns ``path,label[,patient_id][,split]``; relative paths are relative to the CSV.
 
     NaN-like labels and patient ids (``""``, ``NaN``, ``NA``, ``null``...: what pandas writes for a
-    missing value) are read as missing, never as a class called "NaN".
+    missing value) are read as missing, never as a class called "NaN". ``labelled=False``: the label
+    column may be absent (unlabelled images, e.g. a target site for domain adaptation).
     """
-    entries, skipped = _manifest_entries(Path(path), skip_bad=skip_bad)
+    entries, skipped = _manifest_entries(Path(path), skip_bad=skip_bad, labelled=labelled)
     return [entry.sample for entry in entries], skipped
 
 
-def _manifest_entries(path: Path, *, skip_bad: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
+def _manifest_entries(
+    path: Path, *, skip_bad: bool, labelled: bool = True
+) -> tuple[list[Entry], list[tuple[str, str]]]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        rename = _manifest_columns(path, reader.fieldnames or [])
+        rename = _manifest_columns(path, reader.fieldnames or [], required=("path", "label") if labelled else ("path",))
         entries, skipped = [], []
         for line, row in enumerate(reader, start=2):
             row = {rename.get((k or "").strip(), ""): (v or "").strip() for k, v in row.items()}
@@ -147,13 +152,13 @@ def _manifest_entries(path: Path, *, skip_bad: bool) -> tuple[list[Entry], list[
                     raise DataError(f"{path}, line {line}: {problem}; fix the row or pass --skip-bad")
                 skipped.append((str(file), problem))
                 continue
-            label = None if is_missing(row["label"]) else row["label"]
+            label = None if is_missing(row.get("label") or "") else row["label"]
             patient = None if is_missing(row.get("patient_id") or "") else row["patient_id"]
             entries.append(Entry(Sample(str(file), label, patient, split), f"{path.name} line {line}"))
     return entries, skipped
 
 
-def _manifest_columns(path: Path, header: Sequence[str]) -> dict[str, str]:
+def _manifest_columns(path: Path, header: Sequence[str], required: Sequence[str] = ("path", "label")) -> dict[str, str]:
     """Map the CSV's own column names to path/label/patient_id/split (see ``COLUMN_ALIASES``)."""
     lowered = {name.strip().lower(): name.strip() for name in header if name}
     rename = {}
@@ -161,7 +166,7 @@ def _manifest_columns(path: Path, header: Sequence[str]) -> dict[str, str]:
         match = next((lowered[a] for a in aliases if a in lowered), None)
         if match is not None:
             rename[match] = column
-    missing = [c for c in ("path", "label") if c not in rename.values()]
+    missing = [c for c in required if c not in rename.values()]
     if missing:
         raise DataError(
             f"{path}: manifest lacks column(s) {missing}; expected header "

@@ -18,6 +18,7 @@ import math
 import shutil
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -35,9 +36,10 @@ class Callback:
     """Subclass and override the hooks you need; each receives the loop.
 
     Order of calls: ``on_fit_start`` once; per phase ``on_phase_start`` (also for the phase a resumed
-    run continues); per epoch ``on_epoch_start``, ``on_train_batch_end`` after every optimisation
-    step, ``on_epoch_end`` with the epoch's history row; ``on_fit_end`` once after the last epoch;
-    ``on_exception`` instead when training raises (then the error propagates).
+    run continues); per epoch ``on_epoch_start``, ``training_loss`` after every forward pass,
+    ``on_train_batch_end`` after every optimisation step, ``epoch_metrics`` for the history row,
+    ``on_epoch_end`` with that row; ``on_fit_end`` once after the last epoch; ``on_exception``
+    instead when training raises (then the error propagates).
 
     To stop, call ``loop.stop(reason)`` (training ends after this epoch; a resume would continue) or
     ``loop.stop_phase(reason)`` (the phase ends, as early stopping does, and stays ended on resume).
@@ -78,6 +80,19 @@ class Callback:
         Keep it cheap: it runs in the hot loop. Never read ``loss.item()`` here (it waits for the
         device); the loop calls this hook only on callbacks that override it.
         """
+
+    def training_loss(self, loop: TrainingLoop, images: torch.Tensor) -> torch.Tensor | None:
+        """A term to add to the loss of the batch ``images`` the model has just seen (an auxiliary
+        objective such as domain-adversarial training), or None.
+
+        Called in the hot loop, inside the step's autocast context, only on callbacks that override
+        it; parameters it trains outside the model are the callback's to step (``on_train_batch_end``).
+        """
+        return None
+
+    def epoch_metrics(self, loop: TrainingLoop) -> dict[str, float]:
+        """Extra columns for the epoch's history row (read once per epoch, before ``on_epoch_end``)."""
+        return {}
 
     def on_epoch_end(self, loop: TrainingLoop, metrics: dict[str, float]) -> None:
         """After each epoch, with its history row (loss, accuracy, val_loss, ..., lr, seconds)."""

@@ -16,21 +16,24 @@ from typing import cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
 from covidscan.config import ConfigError, RunConfig, SplitConfig
 from covidscan.data import (
     DataError,
     NormStats,
+    Sample,
     SampleSet,
     build_dataset,
     fit_norm_stats,
+    list_inputs,
     load_samples,
     read_image,
     uses_dataset_stats,
 )
 from covidscan.data.audit import check_split_leakage
 from covidscan.data.shortcuts import warn_cheap_shortcuts
+from covidscan.data.sources import read_manifest
 from covidscan.data.splits import assign_splits, save_splits
 from covidscan.runtime import write_json
 from covidscan.training.distributed import DistContext
@@ -139,13 +142,52 @@ def build_loaders(
     return Loaders(train, val, len(cast(Sized, train_set)))
 
 
+def build_target_loader(
+    config: RunConfig, class_names: list[str], stats: NormStats | None, device: torch.device
+) -> DataLoader:
+    """Unlabelled images of the target site for ``training.domain_adaptation``, preprocessed and
+    augmented like the training images, in a seeded random order."""
+    adaptation = config.training.domain_adaptation
+    if adaptation is None:
+        raise ConfigError("training.domain_adaptation is not set")
+    samples = target_samples(adaptation.targets, config)
+    dataset = build_dataset(config.data, samples, class_names, train=True, stats=stats)
+    batch_size = config.training.batch_size
+    generator = torch.Generator().manual_seed(config.seed)
+    sampler = RandomSampler(dataset, generator=generator)
+    logger.info("domain adaptation: %d unlabelled target image(s) from %s", len(samples), adaptation.targets)
+    return _loader(config, dataset, batch_size, device, sampler=sampler, drop_last=len(samples) % batch_size == 1)
+
+
+def target_samples(targets: list[str], config: RunConfig) -> list[Sample]:
+    """Unlabelled samples from folders (recursively), image files and CSV manifests (labels dropped)."""
+    samples: list[Sample] = []
+    for target in targets:
+        path = Path(target).expanduser()
+        if path.suffix.lower() == ".csv":
+            found, _ = read_manifest(path, skip_bad=config.data.skip_bad, labelled=False)
+            samples += [Sample(s.path, None, s.patient_id) for s in found]
+        else:
+            try:
+                files = list_inputs([path])
+            except DataError as exc:
+                raise DataError(f"training.domain_adaptation.target: {exc}") from exc
+            samples += [Sample(str(f), None) for f in files]
+    if len(samples) < 2:
+        raise DataError(
+            f"training.domain_adaptation.target {targets} holds {len(samples)} image(s); give at least a batch of the "
+            "target site's unlabelled images"
+        )
+    return samples
+
+
 def _loader(
     config: RunConfig,
     dataset: Dataset,
     batch_size: int,
     device: torch.device,
     *,
-    sampler: DistributedSampler | None,
+    sampler: Sampler | None,
     drop_last: bool,
 ) -> DataLoader:
     workers = config.data.num_workers

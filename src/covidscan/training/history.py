@@ -15,9 +15,11 @@ HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accura
 
 
 def write_history(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Write all rows (temp file + rename): a crash mid-write never loses earlier epochs."""
+    """Write all rows (temp file + rename): a crash mid-write never loses earlier epochs. Columns a
+    callback adds (``Callback.epoch_metrics``) follow the standard ones."""
+    extra = [key for key in dict.fromkeys(key for row in rows for key in row) if key not in HISTORY_COLUMNS]
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=[*HISTORY_COLUMNS, *extra], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -105,10 +105,9 @@ class TrainingLoop:
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
             raise UsageError(f"callbacks share the state_key(s) {duplicates}; give each a distinct state_key")
-        # the per-step hook goes only to callbacks that override it: none means no cost in the hot loop
-        self.batch_callbacks = [
-            c for c in self.callbacks if type(c).on_train_batch_end is not Callback.on_train_batch_end
-        ]
+        # the per-step hooks go only to callbacks that override them: none means no cost in the hot loop
+        self.batch_callbacks = _overriding(self.callbacks, "on_train_batch_end")
+        self.loss_callbacks = _overriding(self.callbacks, "training_loss")
         self.history: list[dict[str, float]] = []
         self.epoch = 0  # global epochs completed (the running one, inside an epoch)
         self.step = 0  # optimisation steps taken over all phases
@@ -304,7 +303,8 @@ class TrainingLoop:
             targets = targets.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = model(images)
-            loss = self.criterion(logits, targets) + self._penalty()
+                terms = [term for c in self.loss_callbacks if (term := c.training_loss(self, images)) is not None]
+            loss = self.criterion(logits, targets) + self._penalty() + sum(terms)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if clip is not None:
@@ -332,6 +332,7 @@ class TrainingLoop:
             "loss": sums[0] / max(sums[2], 1),
             "accuracy": sums[1] / max(sums[2], 1),
             **self.validate(),
+            **{key: value for c in self.callbacks for key, value in c.epoch_metrics(self).items()},
             "lr": lr,
         }
         row["seconds"] = time.perf_counter() - start
@@ -375,6 +376,11 @@ class TrainingLoop:
             "val_accuracy": float((probs.argmax(1) == y).mean()),
             "val_auc": roc_auc(y, probs),
         }
+
+
+def _overriding(callbacks: Sequence[Callback], hook: str) -> list[Callback]:
+    """The callbacks whose class overrides ``hook`` (the others would only cost time in the hot loop)."""
+    return [c for c in callbacks if getattr(type(c), hook) is not getattr(Callback, hook)]
 
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:

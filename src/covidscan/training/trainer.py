@@ -29,7 +29,13 @@ from covidscan.models import create_model_from_config
 from covidscan.notices import warn_once
 from covidscan.runtime import create_run_dir, resolve_device, seed_everything
 from covidscan.training.callbacks import BestCheckpoint, Callback, EarlyStopping, HistoryWriter, LastCheckpoint
-from covidscan.training.data import build_loaders, load_run_splits, norm_stats_for, write_split_files
+from covidscan.training.data import (
+    build_loaders,
+    build_target_loader,
+    load_run_splits,
+    norm_stats_for,
+    write_split_files,
+)
 from covidscan.training.distributed import (
     DistContext,
     broadcast_object,
@@ -38,6 +44,7 @@ from covidscan.training.distributed import (
     init_distributed,
     shutdown,
 )
+from covidscan.training.domain import NOT_DISTRIBUTED, DomainAdversarial
 from covidscan.training.loop import TrainingLoop
 from covidscan.training.loss import ClassificationLoss, balanced_class_weights
 from covidscan.training.reporting import RunSummary, TestEvaluation
@@ -126,7 +133,16 @@ def _train(
     best = BestCheckpoint(training.checkpoint_monitor, training.checkpoint_mode)
     evaluation = TestEvaluation(**evaluate_options) if splits.subset("test").samples else None
     stopping = training.early_stopping
+    adaptation = training.domain_adaptation
     builtins: list[Callback | None] = [
+        DomainAdversarial(
+            build_target_loader(config, splits.class_names, stats, device),
+            weight=adaptation.weight,
+            hidden=adaptation.hidden,
+            lr=adaptation.lr,
+        )
+        if adaptation
+        else None,
         EarlyStopping(stopping.monitor, stopping.patience, stopping.mode, stopping.min_delta) if stopping else None,
         best,
         HistoryWriter(),
@@ -165,6 +181,11 @@ def check_plan(config: RunConfig, context: DistContext) -> None:
             f"by the number of processes ({context.world_size})"
         )
     check_weights_run(config)
+    if training.domain_adaptation is not None:
+        if config.data.spatial_dims != 2:
+            raise ConfigError("training.domain_adaptation works on 2D images (data.spatial_dims: 2) for now")
+        if context.enabled:
+            raise ConfigError(f"training.domain_adaptation: {NOT_DISTRIBUTED}")
     if model.pretrained or model.weights or model.allow_random_frozen:
         return
     for index, phase in enumerate(training.phases):
