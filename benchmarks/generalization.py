@@ -134,8 +134,10 @@ class Recipe:
     ensemble_top: int = 0  # ... or of the trained recipes with the best validation AUC on the training set
     # a deep ensemble: the ensemble_of recipe trained again with these seeds on its own run's split
     member_seeds: tuple[int, ...] = ()
-    # domain-adversarial training towards the other single source's training-split images (unlabelled)
+    # domain-adversarial training towards the other single source's training-split images (unlabelled),
+    # compared with the recipe it adds the adaptation to
     adapt: bool = False
+    baseline: str = "plain"
     full_epochs: dict[str, int] = field(default_factory=dict)  # all-layers epochs per training set, if not FULL_EPOCHS
 
     @property
@@ -198,6 +200,7 @@ RECIPES = {
             "long + domain-adversarial training (DANN) towards the other source's unlabelled training-split images",
             ("data.image_size=224", "training.phases.1.scheduler.name=cosine"),
             adapt=True,
+            baseline="long",
             full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
         ),
         Recipe("tta", f"plain, test-time augmentation ({TTA_VIEWS})", tta=True),
@@ -549,10 +552,11 @@ def execute(rid: str, settings: Settings) -> dict[str, Any]:
     else:
         model = settings.out / "runs" / rid
         train_run(recipe_config(recipe, training_set, settings), model, record)
-    if recipe.adapt:  # scored on unseen target patients too, beside the plain run on the same images
+    if recipe.adapt:  # scored on unseen target patients too, beside its unadapted recipe on the same images
         sets.append(held_out_set(training_set, settings))
-        plain = settings.out / "runs" / run_id("plain", training_set)
-        record["baseline"] = evaluate_all(plain, sets[-1:], settings, tta=False)
+        unadapted = settings.out / "runs" / run_id(recipe.baseline, training_set)
+        record["baseline_recipe"] = recipe.baseline
+        record["baseline"] = evaluate_all(unadapted, sets[-1:], settings, tta=False)
     with measured(record, "evaluation"):
         record["evaluations"] = evaluate_all(model, sets, settings, tta=recipe.tta)
     record["model"] = str(model.relative_to(settings.out))
@@ -691,14 +695,18 @@ def adaptation_table(records: list[dict[str, Any]]) -> str:
         training_set, other = record["training_set"], OTHER_SOURCE[record["training_set"]]
         held_out = f"{other}-test-split"
         home = next(n for n, c in record["evaluations"].items() if c["in_source"] and n != "validation")
-        plain = load_result_for(records, run_id("plain", training_set))
+        base = record.get("baseline_recipe", "plain")
+        unadapted = load_result_for(records, run_id(base, training_set))
         for name, cells, full in (
-            ("plain", record["baseline"], plain["evaluations"][other] if plain else None),
+            (base, record["baseline"], unadapted["evaluations"][other] if unadapted else None),
             (record["recipe"], record["evaluations"], record["evaluations"][other]),
         ):
-            in_source = plain["evaluations"][home] if name == "plain" and plain else record["evaluations"][home]
+            if name == base:
+                in_source = unadapted["evaluations"][home]["roc_auc"] if unadapted else None
+            else:
+                in_source = record["evaluations"][home]["roc_auc"]
             lines.append(
-                f"| {training_set} | {other} training split | {name} | {ci_text(in_source['roc_auc'])} | "
+                f"| {training_set} | {other} training split | {name} | {ci_text(in_source)} | "
                 f"{ci_text(cells[held_out]['roc_auc'])} | {_sens_spec(cells[held_out])} | "
                 f"{ci_text(full['roc_auc']) if full else '-'} |"
             )
