@@ -128,6 +128,7 @@ def test_train_adapts_to_a_folder_and_a_manifest_resumes_and_saves_a_plain_model
     assert [row["epoch"] for row in resumed.history] == [1, 2]
     history = read_history(run_dir / "history.csv")
     assert all(0.0 <= row["domain_accuracy"] <= 1.0 for row in history)
+    assert (run_dir / "plots" / "callback_metrics.png").is_file()  # the domain columns, plotted
     assert not any(key.startswith("domain") for key in predictor.torch_model.state_dict())
 
 

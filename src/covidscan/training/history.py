@@ -17,7 +17,7 @@ HISTORY_COLUMNS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accura
 def write_history(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write all rows (temp file + rename): a crash mid-write never loses earlier epochs. Columns a
     callback adds (``Callback.epoch_metrics``) follow the standard ones."""
-    extra = [key for key in dict.fromkeys(key for row in rows for key in row) if key not in HISTORY_COLUMNS]
+    extra = extra_columns(rows)
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*HISTORY_COLUMNS, *extra], extrasaction="ignore")
         writer.writeheader()
@@ -32,28 +32,50 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
         ]
 
 
-def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]:
-    """``accuracy.png`` and ``loss.png``: train vs validation per epoch, phase changes dashed."""
-    from covidscan.plotting import new_figure, save_figure
+def extra_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Columns callbacks added to the rows (``Callback.epoch_metrics``), in order of appearance."""
+    return [key for key in dict.fromkeys(key for row in rows for key in row) if key not in HISTORY_COLUMNS]
 
+
+def plot_history(rows: list[dict[str, Any]], plot_dir: str | Path) -> list[Path]:
+    """``accuracy.png`` and ``loss.png``: train vs validation per epoch, phase changes dashed; and
+    ``callback_metrics.png`` with the columns callbacks added (e.g. domain-adversarial training's)."""
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
-    epochs = [row["epoch"] for row in rows]
-    phase_starts = [row["epoch"] - 0.5 for prev, row in itertools.pairwise(rows) if row["phase"] != prev["phase"]]
     written = []
     for metric, label in (("accuracy", "Accuracy"), ("loss", "Loss")):
-        fig = new_figure(figsize=(6, 4), layout="tight")
-        ax = fig.subplots()
-        ax.plot(epochs, [row[metric] for row in rows], marker="o", label="train")
-        val = [row.get(f"val_{metric}", math.nan) for row in rows]
-        if any(not math.isnan(v) for v in val):
-            ax.plot(epochs, val, marker="o", label="validation")
-        for x in phase_starts:
-            ax.axvline(x, color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("Epoch")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        written.append(save_figure(fig, plot_dir / f"{metric}.png", dpi=100))
+        curves = {
+            "train": [row[metric] for row in rows],
+            "validation": [row.get(f"val_{metric}", math.nan) for row in rows],
+        }
+        written.append(_plot_curves(rows, curves, label, f"{label} vs epoch", plot_dir / f"{metric}.png"))
+    extra = extra_columns(rows)
+    if extra:
+        curves = {key: [row.get(key, math.nan) for row in rows] for key in extra}
+        written.append(
+            _plot_curves(rows, curves, "Value", "Callback metrics vs epoch", plot_dir / "callback_metrics.png")
+        )
     return written
+
+
+def _plot_curves(
+    rows: list[dict[str, Any]], curves: dict[str, list[float]], ylabel: str, title: str, path: Path
+) -> Path:
+    """One line per curve that has any value, against the epoch; phase changes dashed."""
+    from covidscan.plotting import new_figure, save_figure
+
+    epochs = [row["epoch"] for row in rows]
+    fig = new_figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
+    for name, values in curves.items():
+        if any(not math.isnan(v) for v in values):
+            ax.plot(epochs, values, marker="o", label=name)
+    for prev, row in itertools.pairwise(rows):
+        if row["phase"] != prev["phase"]:
+            ax.axvline(row["epoch"] - 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path, dpi=100)
