@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from covidscan.checkpoint import load_checkpoint
-from covidscan.config import ConfigError, PhaseConfig, RunConfig, config_from_dict
+from covidscan.config import ConfigError, PhaseConfig, RunConfig, config_from_dict, load_config
 from covidscan.data import DataError
 from covidscan.inference import load_predictor
 from covidscan.models import ClassifierModel
@@ -146,3 +146,18 @@ def test_bad_adaptation_settings_are_refused_with_the_key_and_the_fix(image_fold
     volumes.data.spatial_dims = 3
     with pytest.raises(ConfigError, match="2D images"):
         train(volumes)
+
+
+def test_the_cli_adapts_to_the_folders_given_with_adapt_to(image_folder, tmp_path):
+    from covidscan.cli import main
+
+    target = write_image_folder(tmp_path / "site-b", {"unsorted": 8}, seed=5)
+    config_file = tmp_path / "run.yaml"
+    adaptation_config(image_folder, "unused", tmp_path).save(config_file)  # the section's hidden width stays
+    run_dir = tmp_path / "cli-run"
+    with registered_model("tiny_dann_net", tiny_net):
+        code = main(["train", "--config", str(config_file), "--run-dir", str(run_dir), "--adapt-to", str(target)])
+    assert code == 0
+    saved = load_config(run_dir / "config.yaml").training.domain_adaptation
+    assert saved is not None and saved.targets == [str(target)] and saved.hidden == 8
+    assert "domain_accuracy" in read_history(run_dir / "history.csv")[-1]

@@ -35,6 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refuse to train when val/test share patients or near-duplicate images with train",
     )
+    parser.add_argument(
+        "--adapt-to",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="unlabelled images of the site the model will serve (folders, images or manifests): "
+        "domain-adversarial training towards them (sets training.domain_adaptation.target; keep the "
+        "patients you will evaluate on out of it)",
+    )
     from covidscan.tracking.options import add_tracking_arguments
 
     add_tracking_arguments(parser)  # --track mlflow|tensorboard, --tracking-uri, --experiment
@@ -56,6 +65,16 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(config_path, args.overrides)
     if args.strict:
         config.training.strict_leakage = True
+    if args.adapt_to:  # the config's weight / hidden / lr stay when it has the section
+        from dataclasses import replace
+
+        from covidscan.config import DomainAdaptationConfig
+
+        section = config.training.domain_adaptation
+        targets = list(args.adapt_to)
+        config.training.domain_adaptation = (
+            replace(section, target=targets) if section else DomainAdaptationConfig(target=targets)
+        )
     from covidscan.tracking import callbacks_from_args
 
     trackers = callbacks_from_args(args)  # a failed or interrupted run ends its tracked runs (on_exception)
