@@ -191,6 +191,17 @@ RECIPES = {
             full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
         ),
         Recipe(
+            "lite2-long",
+            "long with EfficientNet-Lite2 (ImageNet), the largest offline backbone, at its native 260 px",
+            (
+                "model.name=efficientnet_lite2",
+                "data.normalize=inception",
+                "data.image_size=260",
+                "training.phases.1.scheduler.name=cosine",
+            ),
+            full_epochs={"sarscov2-ct": 4, "covid-ct": 14, "both": 4},
+        ),
+        Recipe(
             "dann",
             "plain + domain-adversarial training (DANN) towards the other source's unlabelled training-split images",
             adapt=True,
