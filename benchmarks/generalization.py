@@ -224,6 +224,12 @@ RECIPES = {
             member_seeds=(1, 2, 3, 4),
         ),
         Recipe(
+            "long-x5-lite2",
+            "long-x5 + lite2-long: six members, two architectures and input sizes, mean of the 6",
+            ensemble_of=("long", "lite2-long"),
+            member_seeds=(1, 2, 3, 4),
+        ),
+        Recipe(
             "long-x5-tta",
             f"long-x5 with test-time augmentation ({TTA_VIEWS})",
             ensemble_of=("long",),
