@@ -6,6 +6,7 @@ import base64
 import csv
 import json
 import shutil
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -396,6 +397,44 @@ def test_several_external_sets_in_one_report(runs, tmp_path):
     assert 'href="hospital-b/report.html"' in text and "CT_NonCOVID &rarr; normal" in text
     markdown = (tmp_path / "sets" / "report.md").read_text()
     assert "| hospital-b | external |" in markdown and "| test | in-source |" in markdown
+
+
+def test_the_combined_report_shows_each_sets_grad_cam_share_outside_the_lungs(runs, tmp_path, monkeypatch):
+    from covidscan.evaluation.transfer import EvaluationSetSpec, evaluate_sets
+    from covidscan.explain.lung_check import summarize_shares
+
+    calls = []
+
+    def measured(predictor, samples, max_images, seed):  # lungs found in the run's own images only
+        calls.append(len(samples))
+        share = float("nan") if "external" in samples[0].path else 0.25
+        return {"method": "gradcam", "data_lung": "none", **summarize_shares([share] * min(len(samples), max_images))}
+
+    # the module, which the package's evaluate() function shadows as an attribute
+    monkeypatch.setattr(sys.modules["covidscan.evaluation.evaluate"], "cam_lung_check", measured)
+    mapping = {"CT_COVID": "COVID", "CT_NonCOVID": "normal"}
+    summary = evaluate_sets(
+        runs["a"],
+        [EvaluationSetSpec(runs["external"], "site-b", mapping)],
+        out_dir=tmp_path / "sets",
+        n_bootstrap=0,
+        grid_size=0,
+        cam_lung=3,
+    )
+    saved = json.loads((tmp_path / "sets" / "summary.json").read_text())
+    for row in saved["rows"]:  # the per-set result, not measured again
+        assert row["cam_lung"] == json.loads((tmp_path / "sets" / row["name"] / "metrics.json").read_text())["cam_lung"]
+    assert (
+        len(calls) == 2
+        and summary.row("test").cam_lung["n_measured"] == 3
+        and summary.row("site-b").cam_lung["n_measured"] == 0
+    )
+    markdown = (tmp_path / "sets" / "report.md").read_text()
+    assert "Grad-CAM outside lungs |" in markdown
+    assert "| 0.250 (3 of 3 images) |" in markdown and "| - |" in markdown
+    assert "<th>Grad-CAM outside lungs</th>" in (tmp_path / "sets" / "report.html").read_text()
+    plain = evaluate_sets(runs["a"], [], out_dir=tmp_path / "plain", n_bootstrap=0, grid_size=0)
+    assert plain.rows[0].cam_lung is None and "Grad-CAM" not in (tmp_path / "plain" / "report.md").read_text()
 
 
 def test_a_set_that_does_not_transfer_gets_the_fine_tuning_advice(runs, tmp_path):

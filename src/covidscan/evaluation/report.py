@@ -45,13 +45,21 @@ def format_metric(metric: MetricValue, digits: int = 3) -> str:
     return text
 
 
+def format_cam_share(cam_lung: dict[str, Any] | None) -> str:
+    """A lung check (:func:`covidscan.explain.lung_check.cam_lung_check`) in one table cell:
+    ``0.250 (3 of 4 images)``, or ``-`` when not measured or no image could be measured."""
+    if cam_lung is None or cam_lung["mean_outside_share"] is None:
+        return "-"
+    return f"{format_value(cam_lung['mean_outside_share'])} ({cam_lung['n_measured']} of {cam_lung['n_images']} images)"
+
+
 def data_uri(path: Path) -> str:
     """A PNG as a data URI, so the HTML report is one self-contained file."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def template_environment(package: str = "covidscan.evaluation") -> Environment:
-    """The Jinja environment of the reports (metric/value/data_uri filters, metric labels), loading
+    """The Jinja environment of the reports (metric/value/data_uri/cam_share filters, metric labels), loading
     templates from ``package``'s ``templates`` folder."""
     env = Environment(
         loader=PackageLoader(package, "templates"),
@@ -59,7 +67,7 @@ def template_environment(package: str = "covidscan.evaluation") -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(metric=format_metric, value=format_value, data_uri=data_uri)
+    env.filters.update(metric=format_metric, value=format_value, data_uri=data_uri, cam_share=format_cam_share)
     env.globals["labels"] = METRIC_LABELS
     return env
 

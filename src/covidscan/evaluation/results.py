@@ -292,8 +292,8 @@ class Comparison:
 @dataclass
 class TransferRow:
     """One evaluated set in a multi-set report: its AUC (CI), sensitivity/specificity at the threshold
-    chosen on the run's own val split (``threshold`` None: arg-max), the AUC drop from in-source and
-    the verdict."""
+    chosen on the run's own val split (``threshold`` None: arg-max), the AUC drop from in-source,
+    the verdict and, when asked for, where the model looks (so a shortcut shows beside the AUC)."""
 
     name: str
     dataset: str
@@ -307,6 +307,7 @@ class TransferRow:
     threshold: float | None
     auc_drop: float | None  # in-source AUC minus this set's; None for the reference or when undefined
     verdict: str
+    cam_lung: dict[str, Any] | None = None  # the set's own Grad-CAM lung check (cam_lung=N), when measured
 
     def to_dict(self) -> dict[str, Any]:
         result = asdict(self)

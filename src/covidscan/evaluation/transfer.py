@@ -157,6 +157,7 @@ def _row(evaluation: Evaluation, reference: Evaluation | None) -> TransferRow:
         threshold=threshold,
         auc_drop=drop,
         verdict=verdict,
+        cam_lung=report.cam_lung,
     )
 
 
