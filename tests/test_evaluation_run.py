@@ -437,6 +437,38 @@ def test_the_combined_report_shows_each_sets_grad_cam_share_outside_the_lungs(ru
     assert plain.rows[0].cam_lung is None and "Grad-CAM" not in (tmp_path / "plain" / "report.md").read_text()
 
 
+def test_only_the_runs_own_split_is_labelled_in_source(runs, tmp_path, capsys):
+    from covidscan.evaluation.transfer import EvaluationSetSpec, evaluate_sets
+
+    mapping = {"CT_COVID": "COVID", "CT_NonCOVID": "normal"}
+    given = [EvaluationSetSpec(runs["images"], "a", external=False), EvaluationSetSpec(runs["external"], "b", mapping)]
+    summary = evaluate_sets(runs["a"], given, out_dir=tmp_path / "home", n_bootstrap=0, grid_size=0)
+    assert [row.kind for row in summary.rows] == ["in-source", "given (--data)", "external"]
+    # no own test split (like an ensemble of runs split differently): no set is in-source
+    run = _train_val_only(runs["a"], runs["images"], tmp_path / "train-val")
+    out = tmp_path / "cli"
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(run),
+        "--data",
+        f"a={runs['images']}",
+        "--external",
+        f"b={runs['external']}",
+    ]
+    labels = ["--label-map", "CT_COVID=COVID", "CT_NonCOVID=normal"]
+    assert main([*argv, *labels, "--bootstrap", "0", "--grid-size", "0", "--out", str(out)]) == 0
+    assert "given (--data)" in capsys.readouterr().out
+    assert [row["kind"] for row in json.loads((out / "summary.json").read_text())["rows"]] == [
+        "given (--data)",
+        "external",
+    ]
+    markdown = (out / "report.md").read_text()
+    assert "in-source reference: none" in markdown and "| a | given (--data) |" in markdown
+    assert "in-source" not in markdown.split("## a:")[1].splitlines()[0]
+    assert "<td>given (--data)</td>" in (out / "report.html").read_text()
+
+
 def test_a_set_that_does_not_transfer_gets_the_fine_tuning_advice(runs, tmp_path):
     from covidscan.evaluation.transfer import EvaluationSetSpec, evaluate_sets
 

@@ -179,10 +179,10 @@ def run(args: argparse.Namespace) -> int:
     for note in summary.notes:
         print(f"note: {note}")
     width = max(len(row.name) for row in summary.rows)
+    kind_width = max(len(row.kind) for row in summary.rows)
     for row in summary.rows:
-        kind = "external" if row.external else "in-source"
         print(
-            f"  {row.name:<{width}}  {kind:<9}  n={row.n_items:<6} AUC {format_metric(row.roc_auc)}  "
+            f"  {row.name:<{width}}  {row.kind:<{kind_width}}  n={row.n_items:<6} AUC {format_metric(row.roc_auc)}  "
             f"sensitivity {format_metric(row.sensitivity)}  specificity {format_metric(row.specificity)}  "
             f"{row.verdict}"
         )

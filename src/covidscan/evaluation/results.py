@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from covidscan.evaluation.metrics import MetricValue
 from covidscan.evaluation.operating_point import OperatingPoint
 from covidscan.evaluation.stats import TestResult
 
 Metrics = dict[str, MetricValue]
+# what a set of a multi-set evaluation is to the model: its own split (the reference), a set marked as
+# never seen, or a set merely given (--data, not marked external: it may or may not share the training source)
+SetKind = Literal["in-source", "external", "given (--data)"]
 
 
 def metrics_to_dict(metrics: Metrics) -> dict[str, dict[str, Any]]:
@@ -299,6 +302,7 @@ class TransferRow:
     dataset: str
     split: str
     external: bool
+    kind: SetKind  # "in-source" only for the run's own split, the reference the others are compared with
     n_items: int
     n_patients: int | None
     roc_auc: MetricValue

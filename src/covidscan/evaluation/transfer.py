@@ -34,7 +34,7 @@ from covidscan.evaluation.evaluate import (
     write_evaluation_files,
 )
 from covidscan.evaluation.metrics import METRIC_LABELS, MetricValue
-from covidscan.evaluation.results import TransferReport, TransferRow
+from covidscan.evaluation.results import SetKind, TransferReport, TransferRow
 from covidscan.runtime import write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ def _row(evaluation: Evaluation, reference: Evaluation | None) -> TransferRow:
     report = evaluation.report
     sensitivity, specificity, threshold = _at_threshold(evaluation)
     auc = report.metrics["roc_auc"]
+    kind: SetKind = "in-source" if evaluation is reference else "external" if report.external else "given (--data)"
     if reference is None or evaluation is reference:
         verdict = transfer_verdict(None, auc)
         if evaluation is reference:
@@ -149,6 +150,7 @@ def _row(evaluation: Evaluation, reference: Evaluation | None) -> TransferRow:
         dataset=report.dataset,
         split=report.split,
         external=report.external,
+        kind=kind,
         n_items=report.n_items,
         n_patients=report.n_patients,
         roc_auc=auc,
