@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 import sys
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -54,8 +55,17 @@ def assert_embedded_pngs(images: list[str], expected: int) -> None:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(root: Path, name: str, model: str, images: Path, classes=("COVID", "normal"), seed: int = 0) -> Path:
-    """A checkpoint of an untrained tiny model plus a splits.csv (alternate images to val / test)."""
+def make_run(
+    root: Path,
+    name: str,
+    model: str,
+    images: Path,
+    classes=("COVID", "normal"),
+    seed: int = 0,
+    zero_weights: bool = False,
+) -> Path:
+    """A checkpoint of an untrained tiny model plus a splits.csv (alternate images to val / test);
+    ``zero_weights``: every parameter zero, so the model gives every image the same score."""
     config = config_from_dict(
         {
             "name": name,
@@ -65,10 +75,14 @@ def make_run(root: Path, name: str, model: str, images: Path, classes=("COVID", 
         }
     )
     torch.manual_seed(seed)
+    network = create_model(model, len(classes), in_channels=1)
+    if zero_weights:
+        for parameter in network.parameters():
+            torch.nn.init.zeros_(parameter)
     run = root / name
     save_checkpoint(
         run / "checkpoints" / "best.pt",
-        model=create_model(model, len(classes), in_channels=1),
+        model=network,
         config=config,
         class_names=list(classes),
         norm_stats=None,
@@ -467,6 +481,23 @@ def test_only_the_runs_own_split_is_labelled_in_source(runs, tmp_path, capsys):
     assert "in-source reference: none" in markdown and "| a | given (--data) |" in markdown
     assert "in-source" not in markdown.split("## a:")[1].splitlines()[0]
     assert "<td>given (--data)</td>" in (out / "report.html").read_text()
+
+
+def test_a_model_giving_every_image_the_same_score_is_warned_about(runs, tmp_path):
+    flat = make_run(tmp_path, "flat", "cnn1", runs["images"], zero_weights=True)
+    with pytest.warns(UserWarning, match="same score"):
+        report = evaluate_run(flat, n_bootstrap=20, grid_size=0, out_dir=tmp_path / "flat")
+    assert report.metrics["roc_auc"].value == 0.5  # what reads like a measurement without the warning
+    warning = next(w for w in report.warnings if "same score" in w)
+    assert "all 8 items" in warning and "AUC is meaningless" in warning
+    assert warning in (tmp_path / "flat" / "report.md").read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = evaluate_run(flat, n_bootstrap=0, grid_size=0, out_dir=tmp_path / "again")
+    assert not [w for w in caught if "same score" in str(w.message)]  # once per model and process
+    assert any("same score" in w for w in again.warnings)  # ... but every report says it
+    ranked = evaluate_run(runs["a"], n_bootstrap=0, grid_size=0, out_dir=tmp_path / "ranked")
+    assert not any("same score" in w for w in ranked.warnings)
 
 
 def test_a_set_that_does_not_transfer_gets_the_fine_tuning_advice(runs, tmp_path):

@@ -57,6 +57,7 @@ from covidscan.evaluation.results import (
 )
 from covidscan.explain.lung_check import CAM_OUTSIDE_WARNING, cam_lung_check
 from covidscan.inference import NON_FINITE_OUTPUT, Predictor, load_predictor
+from covidscan.notices import warn_once
 from covidscan.progress import progress
 from covidscan.runtime import atomic_path, write_json
 
@@ -68,6 +69,8 @@ EXTERNAL_WARNING = (
     "well internally but not here may have learned shortcuts (source-specific text, borders, image "
     "statistics) rather than disease."
 )
+
+SAME_SCORE_RANGE = 1e-6  # positive-class scores spread less than this: the model ranks nothing
 
 
 class EmptySplitError(DataError):
@@ -271,9 +274,28 @@ def _validation_predictions(predictor: Predictor, batch_size: int | None) -> Pre
     return predict(predictor, samples, batch_size, desc="validation") if samples else None
 
 
-def _warnings(chosen: EvaluationSet, predictions: PredictionSet) -> list[str]:
-    """What a reader must know before trusting the numbers of this set."""
+def _same_score_warning(predictions: PredictionSet, positive: int) -> str | None:
+    """Why the metrics mean nothing when the model gives every item the same score (an untrained or
+    collapsed model, a broken checkpoint): its AUC is 0.5 with a zero-width CI, which reads like a
+    measurement. None when the scores differ."""
+    scores = predictions.proba[:, positive]
+    if len(scores) < 2 or np.ptp(scores) >= SAME_SCORE_RANGE:
+        return None
+    return (
+        f"the model gave the same score (P({predictions.class_names[positive]}) = {scores[0]:.4f}) to all "
+        f"{len(scores)} items: its AUC is meaningless and its other metrics only say which class that score "
+        "falls on; check the checkpoint and its training"
+    )
+
+
+def _warnings(chosen: EvaluationSet, predictions: PredictionSet, positive: int, model: str) -> list[str]:
+    """What a reader must know before trusting the numbers of this set (the gravest also warned once
+    per ``model``, for Python-API users who never open the report)."""
     warnings = []
+    same_score = _same_score_warning(predictions, positive)
+    if same_score:
+        warnings.append(same_score)
+        warn_once(f"same-score:{model}", f"{model}: {same_score}")
     if chosen.external:
         warnings.append(EXTERNAL_WARNING)
     elif chosen.split == "all":
@@ -427,7 +449,7 @@ def evaluate(
         confusion_matrix=_confusion(predictions, positive),
         per_class=per_class_report(predictions, positive),
         calibration=calibration,
-        warnings=_warnings(chosen, predictions),
+        warnings=_warnings(chosen, predictions, positive, str(predictor.source)),
         skipped=list(chosen.skipped),
     )
 
